@@ -1,0 +1,383 @@
+"""Typed, nested run configuration, loaded from YAML and validated where each field lives.
+
+Every section is a small dataclass that owns its fields and checks their values in
+`__post_init__`; cross-field checks sit in the smallest section that holds both fields.
+Values arrive from YAML (`load_config`) and from `--set a.b.c=value` overrides; anything a
+user can get wrong raises `ConfigError` naming the field, the value and what is allowed,
+before any work starts.
+
+The dataclass defaults are the embedded default job (`moe-engine train` with no `--config`);
+`configs/default.yaml` spells the same values out, and a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from moe_engine.routing import ROUTER_TYPES
+
+
+class ConfigError(ValueError):
+    """A config value a user can fix: the message names the field, the value and what is allowed."""
+
+
+def _fail(path: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{path} = {value!r}: {allowed}")
+
+
+def _check_positive(section: str, **values: float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            _fail(f"{section}.{name}", value, "must be > 0")
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RouterConfig:
+    """How tokens choose experts (moe_engine.routing)."""
+
+    type: str = "softmax_topk"
+    top_k: int = 2
+    # Divide the k chosen weights by their sum (Mixtral, Qwen3-MoE) before scaling.
+    renormalize: bool = True
+    scaling_factor: float = 1.0
+    # Load-balancing loss: "switch" (over the batch), "seq_switch" (per sequence, averaged), "none".
+    aux_loss_type: Literal["switch", "seq_switch", "none"] = "switch"
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    # None: dropless. Otherwise each expert keeps ceil(capacity_factor * T * K / E) choices.
+    capacity_factor: float | None = None
+    # Which choices an over-full expert keeps: earliest (first choices before second) or highest weight.
+    drop_policy: Literal["position", "score"] = "position"
+
+    def __post_init__(self) -> None:
+        if self.type not in ROUTER_TYPES:
+            _fail("moe.router.type", self.type, f"allowed: {', '.join(ROUTER_TYPES)}")
+        if self.top_k < 1:
+            _fail("moe.router.top_k", self.top_k, "must be >= 1")
+        _check_positive("moe.router", scaling_factor=self.scaling_factor)
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            _fail("moe.router.capacity_factor", self.capacity_factor, "must be > 0, or null for dropless")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                _fail(f"moe.router.{name}", getattr(self, name), "must be >= 0")
+
+
+@dataclass
+class MoEConfig:
+    """The MoE feed-forward layer: experts and their router."""
+
+    num_experts: int = 8
+    # Hidden width F of each expert's MLP.
+    ffn_hidden: int = 96
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    # Dense experts every token passes through, added to the routed output (DeepSeek, Qwen2-MoE).
+    num_shared_experts: int = 0
+    # Qwen2-MoE's sigmoid gate on the shared experts' output.
+    shared_expert_gate: bool = False
+    # "auto": torch._grouped_mm where this torch supports it for the device and dtype, else the loop.
+    experts_impl: Literal["auto", "loop", "grouped_mm"] = "auto"
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            _fail("moe.num_experts", self.num_experts, "must be >= 1")
+        if self.router.top_k > self.num_experts:
+            _fail("moe.router.top_k", self.router.top_k, f"must be <= moe.num_experts ({self.num_experts})")
+        _check_positive("moe", ffn_hidden=self.ffn_hidden)
+        if self.num_shared_experts < 0:
+            _fail("moe.num_shared_experts", self.num_shared_experts, "must be >= 0")
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            _fail("moe.shared_expert_gate", True, "needs moe.num_shared_experts >= 1")
+
+
+@dataclass
+class ModelConfig:
+    """The multi-task transformer: patch tokens, a task token, MoE FFN in every `moe_every`-th block."""
+
+    d_model: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    # Hidden width of the dense FFN blocks.
+    ffn_hidden: int = 128
+    # Block i has an MoE FFN when (i + 1) % moe_every == 0: 2 gives MoE in alternate blocks.
+    moe_every: int = 2
+    # Image patches (patch_size x patch_size pixels) become tokens.
+    patch_size: int = 2
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            "model",
+            d_model=self.d_model,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            ffn_hidden=self.ffn_hidden,
+            moe_every=self.moe_every,
+            patch_size=self.patch_size,
+        )
+        if self.d_model % self.num_heads:
+            _fail("model.num_heads", self.num_heads, f"must divide model.d_model ({self.d_model})")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("model.dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass
+class ParallelConfig:
+    """How tokens reach experts. Process groups are built at run time, never stored here."""
+
+    dispatcher: Literal["local"] = "local"
+
+
+@dataclass
+class DataConfig:
+    """Multi-task data: the embedded digits tasks, or a local folder (see moe_engine.mtl.data)."""
+
+    name: Literal["digits"] = "digits"
+    tasks: list[str] = field(default_factory=lambda: ["digit", "parity", "left", "right"])
+    # A folder with train/test Parquet or JSON Lines files and tasks.json; null: build in memory.
+    path: str | None = None
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    eval_fraction: float = 0.2
+    pairs_per_task: int = 3000
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            _fail("data.tasks", self.tasks, "must name at least one task")
+        if len(set(self.tasks)) != len(self.tasks):
+            _fail("data.tasks", self.tasks, "must not repeat a task")
+        _check_positive(
+            "data", batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
+            pairs_per_task=self.pairs_per_task,
+        )
+        if not 0.0 < self.eval_fraction < 1.0:
+            _fail("data.eval_fraction", self.eval_fraction, "must be in (0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and a decay schedule."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    warmup_steps: int = 30
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # Fraction of lr the decay ends at.
+    min_lr_ratio: float = 0.05
+    # Clip the global gradient norm to this; null: no clipping.
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        _check_positive("optim", lr=self.lr, eps=self.eps)
+        if self.weight_decay < 0:
+            _fail("optim.weight_decay", self.weight_decay, "must be >= 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            _fail("optim.betas", self.betas, "must be two numbers in [0, 1)")
+        if self.warmup_steps < 0:
+            _fail("optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            _fail("optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            _fail("optim.grad_clip", self.grad_clip, "must be > 0, or null for no clipping")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop: length, device, precision, evaluation and checkpoints."""
+
+    max_steps: int = 600
+    seed: int = 0
+    # "auto": CUDA with bf16 autocast when a GPU is present, else CPU in fp32.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    eval_every: int = 200
+    checkpoint_every: int = 200
+    # How many step checkpoints to keep in out_dir/checkpoints (the newest ones).
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/default"
+    # Intra-op CPU threads; null: torch's default.
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            "train", max_steps=self.max_steps, eval_every=self.eval_every,
+            checkpoint_every=self.checkpoint_every, keep_checkpoints=self.keep_checkpoints,
+        )
+        if self.num_threads is not None and self.num_threads < 1:
+            _fail("train.num_threads", self.num_threads, "must be >= 1, or null for torch's default")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go: a CSV file and TensorBoard in out_dir, a progress bar on the terminal."""
+
+    log_every: int = 10
+    csv: bool = True
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _check_positive("logging", log_every=self.log_every)
+
+
+@dataclass
+class Config:
+    """One run: every section, each validated on construction."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Building sections from plain data, with type checks that name the field
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `path`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            _fail(path, value, f"must be a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}")
+        return _build(tp, value, path)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            _fail(path, value, f"allowed: {', '.join(repr(a) for a in typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(path, value, arg)
+            except ConfigError:
+                pass
+        _fail(path, value, f"must be {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            _fail(path, value, f"must be {_type_name(tp)}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(path, value, "must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(path, value, "must be an integer")
+        return value
+    if tp is float:
+        # PyYAML reads `1e-3` (no dot) as a string, a YAML 1.1 quirk users hit constantly.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                _fail(path, value, "must be a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(path, value, "must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(path, value, "must be a string")
+        return value
+    raise TypeError(f"config field {path} has an unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            _fail(path, value, f"unknown key{hint}; allowed: {', '.join(names)}")
+        kwargs[key] = _coerce(path, value, hints[key])
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from nested plain data (as YAML gives it)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(data).__name__}")
+    return _build(Config, data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings to nested plain data; values are parsed as YAML scalars."""
+    data = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. moe.num_experts=16")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return data
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (None: the embedded defaults), apply overrides, validate everything."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {str(path)!r}: no such file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {str(path)!r}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {str(path)!r}: must hold a mapping of sections, got {type(data).__name__}")
+    return config_from_dict(apply_overrides(data, overrides or []))

@@ -1,0 +1,104 @@
+"""Expert MLPs: `GroupedExperts` over rows grouped by expert, and the dense `MLP` (shared experts, dense blocks).
+
+Both support SwiGLU (silu(x W_gate^T) * (x W_up^T)) W_down^T and GELU (gelu(x W_up^T) W_down^T).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_engine.kernels.grouped_gemm import (
+    grouped_linear_grouped_mm,
+    grouped_linear_loop,
+    grouped_mm_unsupported_reason,
+)
+
+ACTIVATIONS = ("swiglu", "gelu")
+EXPERT_IMPLS = ("auto", "loop", "grouped_mm")
+
+
+def _activate(h_NH: torch.Tensor, activation: str) -> torch.Tensor:
+    """SwiGLU reads h as [gate | up] halves (gate first, as HF's fused gate_up_proj); GELU uses all of h."""
+    if activation == "swiglu":
+        gate, up = h_NH.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h_NH)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # torch._grouped_mm is not on autocast's op lists: cast by hand to what autocast would pick.
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class GroupedExperts(nn.Module):
+    """E independent MLPs applied to rows grouped by expert.
+
+    Parameters (nn.Linear's (out, in) layout per expert):
+        w_in:  (E, H, D), H = 2F for SwiGLU (gate rows, then up rows) or F for GELU.
+        w_out: (E, D, F).
+
+    forward(x_ND, tokens_per_expert_E) -> y_ND: x_ND (N, D) rows sorted by expert;
+    tokens_per_expert_E (E,) int64 sums to N (experts with 0 rows are fine).
+    """
+
+    def __init__(
+        self, num_experts: int, d_model: int, ffn_hidden: int, activation: str = "swiglu", impl: str = "auto"
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation = {activation!r}: allowed: {', '.join(ACTIVATIONS)}")
+        if impl not in EXPERT_IMPLS:
+            raise ValueError(f"impl = {impl!r}: allowed: {', '.join(EXPERT_IMPLS)}")
+        self.num_experts, self.d_model, self.ffn_hidden = num_experts, d_model, ffn_hidden
+        self.activation = activation
+        self.impl = impl
+        width_in = 2 * ffn_hidden if activation == "swiglu" else ffn_hidden
+        self.w_in = nn.Parameter(torch.empty(num_experts, width_in, d_model))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_model, ffn_hidden))
+        # nn.Linear's default init per expert, so a dense MLP and an expert start alike.
+        nn.init.uniform_(self.w_in, -1 / math.sqrt(d_model), 1 / math.sqrt(d_model))
+        nn.init.uniform_(self.w_out, -1 / math.sqrt(ffn_hidden), 1 / math.sqrt(ffn_hidden))
+
+    def resolve_impl(self, device: torch.device, dtype: torch.dtype) -> str:
+        """'loop' or 'grouped_mm' for inputs on `device` in `dtype`."""
+        reason = grouped_mm_unsupported_reason(device, dtype, (self.d_model, self.ffn_hidden, self.w_in.shape[1]))
+        if self.impl == "grouped_mm" and reason is not None:
+            raise ValueError(f"moe.experts_impl = 'grouped_mm' cannot run here: {reason}; use 'loop' or 'auto'")
+        if self.impl == "auto":
+            return "grouped_mm" if reason is None else "loop"
+        return self.impl
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x_ND)
+        linear = grouped_linear_grouped_mm if self.resolve_impl(x_ND.device, dtype) == "grouped_mm" else grouped_linear_loop
+        x_ND = x_ND.to(dtype)
+        h_NH = linear(x_ND, self.w_in.to(dtype), tokens_per_expert_E)
+        return linear(_activate(h_NH, self.activation), self.w_out.to(dtype), tokens_per_expert_E)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, d_model={self.d_model}, ffn_hidden={self.ffn_hidden}, "
+            f"activation={self.activation}, impl={self.impl}"
+        )
+
+
+class MLP(nn.Module):
+    """A dense MLP (one expert's shape): the shared experts of an MoE layer and the dense FFN blocks."""
+
+    def __init__(self, d_model: int, ffn_hidden: int, activation: str = "swiglu") -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation = {activation!r}: allowed: {', '.join(ACTIVATIONS)}")
+        self.activation = activation
+        self.w_in = nn.Linear(d_model, 2 * ffn_hidden if activation == "swiglu" else ffn_hidden, bias=False)
+        self.w_out = nn.Linear(ffn_hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., D) -> (..., D)."""
+        return self.w_out(_activate(self.w_in(x), self.activation))

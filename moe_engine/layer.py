@@ -1,0 +1,87 @@
+"""`MoELayer`: router -> dispatcher.dispatch -> experts -> dispatcher.combine (+ shared experts).
+
+The layer composes its three parts and does nothing else; where experts live is the
+dispatcher's business (see moe_engine.parallel), how tokens choose is the router's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from moe_engine.experts import MLP, GroupedExperts
+from moe_engine.parallel import LocalDispatcher, TokenDispatcher
+from moe_engine.routing import Routing, RoutingContext, build_router
+
+if TYPE_CHECKING:
+    from moe_engine.config import MoEConfig
+
+
+@dataclass(frozen=True)
+class MoEOutput:
+    """y: same shape and dtype as the layer's input. aux_loss: () float32, already weighted,
+    to be added to the training loss. tokens_per_expert_E: (E,) int64 rows each local expert got
+    (detached). routing: the router's full decision, for telemetry."""
+
+    y: torch.Tensor
+    aux_loss: torch.Tensor
+    tokens_per_expert_E: torch.Tensor
+    routing: Routing
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts feed-forward layer over tokens of width D.
+
+    Args:
+        router: (x_TD, ctx) -> Routing.
+        experts: (x_ND, tokens_per_expert_E) -> y_ND, e.g. GroupedExperts.
+        dispatcher: moves rows to experts and back; defaults to LocalDispatcher (all experts here).
+        shared_experts: a dense MLP every token also passes through, added to the routed output.
+        shared_expert_gate: (D -> 1) whose sigmoid scales the shared output per token (Qwen2-MoE).
+    """
+
+    def __init__(
+        self,
+        router: nn.Module,
+        experts: nn.Module,
+        dispatcher: TokenDispatcher | None = None,
+        shared_experts: nn.Module | None = None,
+        shared_expert_gate: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.router = router
+        self.experts = experts
+        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(experts.num_experts)
+        self.shared_experts = shared_experts
+        self.shared_expert_gate = shared_expert_gate
+
+    @classmethod
+    def from_config(cls, d_model: int, cfg: MoEConfig, dispatcher: TokenDispatcher | None = None) -> MoELayer:
+        shared = gate = None
+        if cfg.num_shared_experts:
+            shared = MLP(d_model, cfg.num_shared_experts * cfg.ffn_hidden, cfg.activation)
+            gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_expert_gate else None
+        return cls(
+            router=build_router(d_model, cfg.num_experts, cfg.router),
+            experts=GroupedExperts(cfg.num_experts, d_model, cfg.ffn_hidden, cfg.activation, cfg.experts_impl),
+            dispatcher=dispatcher,
+            shared_experts=shared,
+            shared_expert_gate=gate,
+        )
+
+    def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> MoEOutput:
+        """x: (..., D), any leading shape; ctx fields are per token of the flattened input."""
+        x_TD = x.reshape(-1, x.shape[-1])
+        routing = self.router(x_TD, ctx)
+        x_ND, tokens_per_expert_E, meta = self.dispatcher.dispatch(x_TD, routing)
+        y_ND = self.experts(x_ND, tokens_per_expert_E)
+        y_TD = self.dispatcher.combine(y_ND, meta)
+        if self.shared_experts is not None:
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_expert_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
+        return MoEOutput(y_TD.view(x.shape).to(x.dtype), routing.aux_loss, tokens_per_expert_E.detach(), routing)

@@ -1,0 +1,57 @@
+"""Token dispatchers: move token rows to their experts and the expert outputs back.
+
+A dispatcher is a strategy object handed to `MoELayer`: the layer calls
+`dispatch(x_TD, routing) -> (x_ND, tokens_per_expert_E, meta)` and later
+`combine(y_ND, meta) -> y_TD`, and never learns where the experts live. `LocalDispatcher`
+keeps every expert on this process; an all-to-all dispatcher for expert parallelism
+implements the same two methods, with `tokens_per_expert_E` counting its local experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from moe_engine.kernels.permute import expert_order, permute, unpermute
+from moe_engine.routing.types import Routing
+
+
+@dataclass(frozen=True)
+class LocalDispatchMeta:
+    """What `LocalDispatcher.combine` needs from its `dispatch`.
+
+    choice_N: (N,) int64, the flat choice index t*K + k of each dispatched row.
+    weights_TK: (T, K) float32, the routing weights (0 for dropped choices), with autograd graph.
+    """
+
+    choice_N: torch.Tensor
+    weights_TK: torch.Tensor
+
+
+class TokenDispatcher(Protocol):
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, object]: ...
+
+    def combine(self, y_ND: torch.Tensor, meta: object) -> torch.Tensor: ...
+
+
+class LocalDispatcher:
+    """All E experts on this process: a sort-based permute of rows by expert, and its weighted inverse."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, LocalDispatchMeta]:
+        """x_TD: (T, D). Returns x_ND (N, D) grouped by expert, tokens_per_expert_E (E,) int64, meta."""
+        if routing.num_experts != self.num_experts:
+            raise ValueError(f"routing over {routing.num_experts} experts given to a dispatcher of {self.num_experts}")
+        # Dropless routing has exactly T*K rows, so the row count needs no device-to-host sync.
+        num_rows = routing.experts_TK.numel() if routing.capacity is None else None
+        choice_N, tokens_per_expert_E = expert_order(routing.experts_TK, self.num_experts, num_rows)
+        x_ND = permute(x_TD, choice_N, routing.top_k)
+        return x_ND, tokens_per_expert_E, LocalDispatchMeta(choice_N, routing.weights_TK)
+
+    def combine(self, y_ND: torch.Tensor, meta: LocalDispatchMeta) -> torch.Tensor:
+        """y_ND: (N, D) expert outputs in dispatch order -> y_TD: (T, D), the weighted sum over choices."""
+        return unpermute(y_ND, meta.choice_N, meta.weights_TK, meta.weights_TK.shape[0])
