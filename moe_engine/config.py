@@ -159,6 +159,12 @@ class DataConfig:
             _fail("data.tasks", self.tasks, "must name at least one task")
         if len(set(self.tasks)) != len(self.tasks):
             _fail("data.tasks", self.tasks, "must not repeat a task")
+        if self.path is None:
+            from moe_engine.mtl.digits import DIGIT_TASKS  # the embedded tasks; a data.path brings its own
+
+            unknown = [t for t in self.tasks if t not in DIGIT_TASKS]
+            if unknown:
+                _fail("data.tasks", self.tasks, f"{unknown} unknown; the embedded digits tasks are {', '.join(DIGIT_TASKS)}")
         _check_positive(
             "data", batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
             pairs_per_task=self.pairs_per_task,

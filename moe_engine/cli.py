@@ -1,0 +1,110 @@
+"""`moe-engine`: the command line.
+
+    moe-engine train [--config PATH] [--set a.b.c=VALUE ...] [--resume [CHECKPOINT]] [--overwrite]
+    moe-engine config [--config PATH] [--set ...]      print the resolved config as YAML
+
+Errors a user can fix (a config value, a checkpoint that does not fit, a run directory in use)
+print one line naming the problem and exit with status 2, before any training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING
+
+from moe_engine.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from moe_engine.train import Trainer, TrainResult
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="PATH", help="YAML run config (default: the embedded default job)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config field, e.g. --set moe.num_experts=16 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-engine", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train the multi-task MoE model")
+    _add_config_args(train)
+    train.add_argument(
+        "--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+        help="continue from a checkpoint file or run directory; alone: the newest in train.out_dir, if any",
+    )
+    train.add_argument("--overwrite", action="store_true", help="start over in a train.out_dir that holds checkpoints")
+    show = commands.add_parser("config", help="print the resolved config as YAML")
+    _add_config_args(show)
+    return parser
+
+
+def format_report(cfg: Config, trainer: Trainer, result: TrainResult) -> str:
+    """The end-of-run summary: per-task results against chance, tokens per expert, where files went."""
+    lines = [f"\ntrained {result.step} steps in {result.wall_seconds:.1f} s on {trainer.device}"]
+    lines.append(f"{'task':<8} {'metric':<9} {'result':>7} {'chance':>7}  description")
+    for spec in trainer.data.tasks:
+        acc = result.eval_metrics[f"accuracy_{spec.name}"]
+        lines.append(f"{spec.name:<8} {'accuracy':<9} {acc:>7.3f} {spec.chance:>7.3f}  {spec.description}")
+    counts_LE = result.tokens_per_expert_LE
+    lines.append(f"\ntokens per expert on the test split (top-{cfg.moe.router.top_k} choices, {cfg.moe.num_experts} experts)")
+    for layer, counts_E in enumerate(counts_LE.tolist()):
+        total = max(sum(counts_E), 1)
+        imbalance = max(counts_E) / (total / len(counts_E))
+        cells = " ".join(f"{c:>6}" for c in counts_E)
+        lines.append(f"moe layer {layer}: {cells}   max/mean {imbalance:.2f}")
+    lines.append(f"\nrun directory: {trainer.out_dir} (train.csv, eval.csv, tensorboard/, checkpoints/, results.json)")
+    return "\n".join(lines)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from moe_engine.checkpoint import CheckpointMismatchError
+    from moe_engine.train import NonFiniteLossError, RunDirectoryError, Trainer, TrainingInterrupted
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (CheckpointMismatchError, RunDirectoryError, FileNotFoundError) as err:
+        print(f"moe-engine train: error: {err}", file=sys.stderr)
+        return 2
+    if trainer.step:
+        print(f"resuming from {trainer.last_checkpoint} at step {trainer.step}", file=sys.stderr)
+    try:
+        result = trainer.run()
+    except TrainingInterrupted as err:
+        print(f"moe-engine train: {err}", file=sys.stderr)
+        return 128 + err.signum
+    except NonFiniteLossError as err:
+        print(f"moe-engine train: error: {err}", file=sys.stderr)
+        return 1
+    report = {
+        "step": result.step,
+        "wall_seconds": result.wall_seconds,
+        "eval": result.eval_metrics,
+        "chance": {t.name: t.chance for t in trainer.data.tasks},
+        "tokens_per_expert": result.tokens_per_expert_LE.tolist(),
+        "checkpoint": str(result.checkpoint),
+    }
+    (trainer.out_dir / "results.json").write_text(json.dumps(report, indent=2))
+    print(format_report(cfg, trainer, result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "config":
+            print(load_config(args.config, args.overrides).to_yaml(), end="")
+            return 0
+        return _train(args)
+    except ConfigError as err:
+        print(f"moe-engine {args.command}: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""A small multi-task transformer with MoE feed-forward blocks: the default job's model.
+
+Images become patch tokens; a learned task token is prepended, so every layer (and every
+router, through `RoutingContext.task_ids_T`) knows which task a sequence serves; the task
+token's final state feeds that task's head. Blocks are pre-norm; block i uses an MoE FFN when
+(i + 1) % moe_every == 0, a dense MLP otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_engine.config import ModelConfig, MoEConfig
+from moe_engine.experts import MLP
+from moe_engine.layer import MoELayer
+from moe_engine.mtl.tasks import TaskSpec
+from moe_engine.parallel import TokenDispatcher
+from moe_engine.routing import Routing, RoutingContext
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over (B, S, D) with torch's fused scaled_dot_product_attention."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, S, D))
+
+
+@dataclass(frozen=True)
+class BlockOutput:
+    x: torch.Tensor
+    aux_loss: torch.Tensor | None
+    routing: Routing | None
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block whose FFN is a dense MLP or an MoELayer."""
+
+    def __init__(self, d_model: int, num_heads: int, ffn: nn.Module, dropout: float) -> None:
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(d_model)
+        self.attn = SelfAttention(d_model, num_heads, dropout)
+        self.norm_ffn = nn.LayerNorm(d_model)
+        self.ffn = ffn
+        self.dropout = nn.Dropout(dropout)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoELayer)
+
+    def forward(self, x_BSD: torch.Tensor, ctx: RoutingContext) -> BlockOutput:
+        x_BSD = x_BSD + self.dropout(self.attn(self.norm_attn(x_BSD)))
+        h_BSD = self.norm_ffn(x_BSD)
+        if not self.is_moe:
+            return BlockOutput(x_BSD + self.dropout(self.ffn(h_BSD)), None, None)
+        out = self.ffn(h_BSD, ctx)
+        return BlockOutput(x_BSD + self.dropout(out.y), out.aux_loss, out.routing)
+
+
+@dataclass(frozen=True)
+class MultiTaskOutput:
+    """features_BD: the task token's final state per example. aux_loss: () float32, summed over
+    MoE blocks. routings: one Routing per MoE block, tokens in (B*S) order."""
+
+    features_BD: torch.Tensor
+    aux_loss: torch.Tensor
+    routings: tuple[Routing, ...]
+
+
+class MultiTaskTransformer(nn.Module):
+    """Images (B, H, W) and task ids (B,) -> task-token features; `logits` applies a task's head.
+
+    make_dispatcher: builds each MoE block's token dispatcher (default: LocalDispatcher), the seam
+    through which expert parallelism attaches without the model calling a collective.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        moe_cfg: MoEConfig,
+        tasks: Sequence[TaskSpec],
+        image_shape: tuple[int, int],
+        make_dispatcher: Callable[[MoEConfig], TokenDispatcher] | None = None,
+    ) -> None:
+        super().__init__()
+        height, width = image_shape
+        p = cfg.patch_size
+        if height % p or width % p:
+            raise ValueError(f"model.patch_size = {p}: must divide the image shape {image_shape}")
+        self.patch_size = p
+        self.tasks = tuple(tasks)
+        num_patches = (height // p) * (width // p)
+        self.patch_embed = nn.Linear(p * p, cfg.d_model)
+        self.task_embed = nn.Embedding(len(tasks), cfg.d_model)
+        self.pos_embed = nn.Parameter(torch.zeros(1 + num_patches, cfg.d_model))
+        nn.init.normal_(self.pos_embed, std=0.02)
+        blocks = []
+        for i in range(cfg.num_layers):
+            if (i + 1) % cfg.moe_every == 0:
+                dispatcher = make_dispatcher(moe_cfg) if make_dispatcher else None
+                ffn: nn.Module = MoELayer.from_config(cfg.d_model, moe_cfg, dispatcher)
+            else:
+                ffn = MLP(cfg.d_model, cfg.ffn_hidden, moe_cfg.activation)
+            blocks.append(Block(cfg.d_model, cfg.num_heads, ffn, cfg.dropout))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.heads = nn.ModuleList(nn.Linear(cfg.d_model, t.num_classes) for t in tasks)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def patchify(self, images_BHW: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) -> (B, P, p*p), patches in row-major order."""
+        B, H, W = images_BHW.shape
+        p = self.patch_size
+        patches = images_BHW.reshape(B, H // p, p, W // p, p).permute(0, 1, 3, 2, 4)
+        return patches.reshape(B, (H // p) * (W // p), p * p)
+
+    def forward(self, images_BHW: torch.Tensor, task_ids_B: torch.Tensor) -> MultiTaskOutput:
+        tokens_BPD = self.patch_embed(self.patchify(images_BHW))
+        x_BSD = torch.cat([self.task_embed(task_ids_B)[:, None], tokens_BPD], dim=1) + self.pos_embed
+        B, S, _ = x_BSD.shape
+        ctx = RoutingContext(
+            task_ids_T=task_ids_B.repeat_interleave(S),
+            sequence_ids_T=torch.arange(B, device=x_BSD.device).repeat_interleave(S),
+        )
+        aux_loss = x_BSD.new_zeros((), dtype=torch.float32)
+        routings = []
+        for block in self.blocks:
+            out = block(x_BSD, ctx)
+            x_BSD = out.x
+            if out.routing is not None:
+                aux_loss = aux_loss + out.aux_loss
+                routings.append(out.routing)
+        return MultiTaskOutput(self.norm(x_BSD[:, 0]), aux_loss, tuple(routings))
+
+    def logits(self, features_BD: torch.Tensor, task: int) -> torch.Tensor:
+        """(B, D) -> (B, num_classes of `task`)."""
+        return self.heads[task](features_BD)
