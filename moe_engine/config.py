@@ -116,7 +116,7 @@ class ModelConfig:
     moe_every: int = 2
     # Image patches (patch_size x patch_size pixels) become tokens.
     patch_size: int = 2
-    dropout: float = 0.0
+    dropout: float = 0.1
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -206,13 +206,13 @@ class OptimConfig:
 class TrainConfig:
     """The training loop: length, device, precision, evaluation and checkpoints."""
 
-    max_steps: int = 600
+    max_steps: int = 1200
     seed: int = 0
     # "auto": CUDA with bf16 autocast when a GPU is present, else CPU in fp32.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    eval_every: int = 200
-    checkpoint_every: int = 200
+    eval_every: int = 400
+    checkpoint_every: int = 400
     # How many step checkpoints to keep in out_dir/checkpoints (the newest ones).
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"

@@ -20,7 +20,14 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from moe_engine.checkpoint import CheckpointManager, load_checkpoint, resolve_checkpoint, rng_state, set_rng_state
+from moe_engine.checkpoint import (
+    CheckpointManager,
+    CheckpointMismatchError,
+    load_checkpoint,
+    resolve_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from moe_engine.config import Config
 from moe_engine.metrics import MetricsLogger
 from moe_engine.mtl.data import ResumableBatches, eval_batches, load_task_data
@@ -182,7 +189,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.batches.load_state_dict(state["data"])
+        try:
+            self.batches.load_state_dict(state["data"])
+        except ValueError as err:
+            raise CheckpointMismatchError(f"the checkpoint's data position does not fit this config: {err}") from err
         set_rng_state(state["rng"])
         self.step = state["step"]
 
@@ -256,6 +266,9 @@ class Trainer:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         # Only record it: the step in flight finishes, then the loop saves and stops cleanly.
+        # A second signal means "now": give up on the checkpoint.
+        if self._signal is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without a checkpoint")
         self._signal = signum
 
     def run(self, until_step: int | None = None) -> TrainResult:

@@ -1,0 +1,236 @@
+"""Tests of moe_engine.config: defaults, YAML files, `--set` overrides and every error a user can cause.
+
+Each error case checks that the ConfigError message names the dotted field, the bad value and
+what is allowed, since that message is all a user sees (`moe-engine` prints it and exits 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moe_engine import cli
+from moe_engine.config import Config, ConfigError, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_YAML = REPO_ROOT / "configs" / "default.yaml"
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------- defaults
+
+
+def test_no_file_and_no_overrides_give_the_dataclass_defaults() -> None:
+    assert load_config(None) == Config()
+    assert load_config(None, []) == Config()
+
+
+def test_default_yaml_is_the_embedded_default_job() -> None:
+    assert DEFAULT_YAML.is_file(), f"{DEFAULT_YAML} is missing"
+    assert load_config(DEFAULT_YAML) == Config()
+    # The file spells out every field (not just the ones that differ from nothing): its raw
+    # mapping is exactly the defaults, so copying it is a complete starting point.
+    assert yaml.safe_load(DEFAULT_YAML.read_text()) == Config().to_dict()
+
+
+def test_to_yaml_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, ["moe.num_experts=16", "optim.lr=1e-3", "data.tasks=[digit, left]"])
+    assert load_config(write_yaml(tmp_path / "c.yaml", cfg.to_yaml())) == cfg
+
+
+# --------------------------------------------------------------------- files and overrides
+
+
+def test_yaml_file_then_overrides(tmp_path: Path) -> None:
+    path = write_yaml(
+        tmp_path / "run.yaml",
+        "model:\n  d_model: 32\n  num_heads: 2\n"
+        "moe:\n  router:\n    top_k: 1\n"
+        "optim:\n  lr: 1e-3\n",  # YAML 1.1 reads 1e-3 (no dot) as a string
+    )
+    cfg = load_config(
+        path,
+        [
+            "model.d_model=48",                      # overrides the file's value
+            "moe.router.capacity_factor=1.25",       # three levels deep
+            "data.tasks=[digit, left]",              # a list value
+            "optim.betas=[0.8, 0.9]",
+            "optim.grad_clip=null",                  # null where the field allows it
+            "train.num_threads=2",
+            "train.num_threads=3",                   # the later --set wins
+            "optim.weight_decay=1e-4",               # the string quirk in an override too
+        ],
+    )
+    assert cfg.model.d_model == 48
+    assert cfg.model.num_heads == 2                  # kept from the file
+    assert cfg.moe.router.top_k == 1                 # kept from the file
+    assert cfg.moe.router.capacity_factor == 1.25
+    assert cfg.data.tasks == ["digit", "left"]
+    assert cfg.optim.betas == [0.8, 0.9]
+    assert cfg.optim.grad_clip is None
+    assert cfg.train.num_threads == 3
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.weight_decay == 1e-4 and isinstance(cfg.optim.weight_decay, float)
+    # Untouched sections keep their defaults.
+    assert cfg.train.max_steps == Config().train.max_steps
+    assert cfg.logging == Config().logging
+
+
+def test_override_values_are_typed() -> None:
+    cfg = load_config(None, ["optim.lr=1", "moe.router.capacity_factor=2", "moe.router.capacity_factor=null"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # an integer is a fine number
+    assert cfg.moe.router.capacity_factor is None
+    cfg = load_config(None, ["moe.router.capacity_factor=1e-1", "logging.tensorboard=false"])
+    assert cfg.moe.router.capacity_factor == pytest.approx(0.1)
+    assert cfg.logging.tensorboard is False
+
+
+def test_empty_yaml_file_is_the_defaults(tmp_path: Path) -> None:
+    assert load_config(write_yaml(tmp_path / "empty.yaml", "")) == Config()
+
+
+# --------------------------------------------------------------------- errors
+
+
+# (overrides, substrings the message must contain: field, value, what is allowed)
+ERROR_CASES = {
+    "unknown key": (["moe.num_expert=4"], ["moe.num_expert", "4", "unknown key", "did you mean 'num_experts'", "allowed:"]),
+    "unknown section": (["modle.d_model=4"], ["modle", "unknown key", "did you mean 'model'", "allowed: model, moe"]),
+    "unknown section, no suggestion": (["foo.bar=1"], ["foo", "unknown key", "allowed: model, moe, parallel, data"]),
+    "string for int": (["model.d_model=abc"], ["model.d_model", "'abc'", "must be an integer"]),
+    "float for int": (["model.d_model=16.5"], ["model.d_model", "16.5", "must be an integer"]),
+    "int for bool": (["logging.csv=1"], ["logging.csv", "1", "must be true or false"]),
+    "string for float": (["optim.lr=fast"], ["optim.lr", "'fast'", "must be a number"]),
+    "bool for float": (["optim.lr=true"], ["optim.lr", "True", "must be a number"]),
+    "scalar for list": (["data.tasks=digit"], ["data.tasks", "'digit'", "must be a list"]),
+    "scalar for section": (["moe=3"], ["moe", "3", "must be a mapping of num_experts"]),
+    "num_experts < 1": (["moe.num_experts=0"], ["moe.num_experts", "0", "must be >= 1"]),
+    "top_k > num_experts": (["moe.num_experts=2", "moe.router.top_k=3"], ["moe.router.top_k", "3", "must be <= moe.num_experts (2)"]),
+    "top_k < 1": (["moe.router.top_k=0"], ["moe.router.top_k", "0", "must be >= 1"]),
+    "capacity_factor = 0": (["moe.router.capacity_factor=0"], ["moe.router.capacity_factor", "0", "must be > 0"]),
+    "capacity_factor < 0": (["moe.router.capacity_factor=-1.5"], ["moe.router.capacity_factor", "-1.5", "must be > 0"]),
+    "unknown router type": (["moe.router.type=expert_choice"], ["moe.router.type", "'expert_choice'", "softmax_topk", "sigmoid_topk"]),
+    "unknown activation": (["moe.activation=relu"], ["moe.activation", "'relu'", "'swiglu'", "'gelu'"]),
+    "unknown aux loss": (["moe.router.aux_loss_type=entropy"], ["moe.router.aux_loss_type", "'entropy'", "'switch'", "'seq_switch'", "'none'"]),
+    "num_heads not dividing d_model": (["model.d_model=64", "model.num_heads=3"], ["model.num_heads", "3", "must divide model.d_model (64)"]),
+    "unknown data task": (["data.tasks=[digit, colour]"], ["data.tasks", "colour", "digit, parity, left, right"]),
+    "eval_fraction = 0": (["data.eval_fraction=0"], ["data.eval_fraction", "0", "(0, 1)"]),
+    "eval_fraction = 1": (["data.eval_fraction=1"], ["data.eval_fraction", "1", "(0, 1)"]),
+    "eval_fraction > 1": (["data.eval_fraction=1.5"], ["data.eval_fraction", "1.5", "(0, 1)"]),
+    "shared gate without shared experts": (["moe.shared_expert_gate=true"], ["moe.shared_expert_gate", "moe.num_shared_experts >= 1"]),
+    "list item of wrong type": (["data.tasks=[digit, 3]"], ["data.tasks[1]", "3", "must be a string"]),
+    "through a scalar, no earlier value": (["model.d_model.x=1"], ["model.d_model", "{'x': 1}", "must be an integer"]),
+}
+
+
+@pytest.mark.parametrize("overrides, expected", ERROR_CASES.values(), ids=ERROR_CASES.keys())
+def test_bad_value_names_field_value_and_allowed(overrides: list[str], expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    message = str(info.value)
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("optim.lr=nan", "optim.lr"),               # the string path: float("nan")
+        ("optim.lr=.inf", "optim.lr"),              # a YAML float
+        ("moe.router.capacity_factor=.nan", "moe.router.capacity_factor"),
+        ("optim.grad_clip=nan", "optim.grad_clip"),  # would multiply every gradient by NaN
+    ],
+)
+def test_non_finite_numbers_are_refused(override: str, field: str) -> None:
+    # `value <= 0` is False for NaN, so range checks alone let NaN through to the training loop.
+    with pytest.raises(ConfigError, match=f"^{field} = "):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("item", ["moe.num_experts", "=4", ""])
+def test_malformed_set_without_key_or_equals(item: str) -> None:
+    with pytest.raises(ConfigError, match="expected KEY=VALUE") as info:
+        load_config(None, [item])
+    assert repr(item) in str(info.value)
+
+
+def test_set_through_a_scalar() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.d_model=16", "model.d_model.x=1"])
+    message = str(info.value)
+    assert "model.d_model.x=1" in message and "'d_model' is a value, not a section" in message
+
+
+def test_set_through_a_scalar_from_the_file(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "run.yaml", "moe:\n  router: softmax_topk\n")
+    with pytest.raises(ConfigError, match="'router' is a value, not a section"):
+        load_config(path, ["moe.router.top_k=1"])
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(missing)
+    assert str(missing) in str(info.value) and "no such file" in str(info.value)
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "bad.yaml", "model: [d_model: 16\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "not valid YAML" in str(info.value)
+
+
+def test_yaml_list_is_not_a_config(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "list.yaml", "- model\n- moe\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "mapping of sections" in str(info.value) and "list" in str(info.value)
+
+
+def test_yaml_section_errors_name_the_field(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "run.yaml", "moe:\n  router:\n    top_k: two\n")
+    with pytest.raises(ConfigError, match=r"^moe\.router\.top_k = 'two': must be an integer"):
+        load_config(path)
+
+
+def test_dataclass_checks_run_on_direct_construction() -> None:
+    from moe_engine.config import MoEConfig
+
+    with pytest.raises(ConfigError, match="moe.num_experts"):
+        MoEConfig(num_experts=0)
+
+
+# --------------------------------------------------------------------- through the command line
+
+
+@pytest.mark.parametrize("command", ["config", "train"])
+def test_cli_config_error_exits_2_with_one_line(command: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code = cli.main([command, "--set", "moe.num_experts=0", "--set", f"train.out_dir={tmp_path / 'run'}"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""
+    assert "config error" in err and "moe.num_experts = 0: must be >= 1" in err
+    assert "Traceback" not in err
+    assert err.count("\n") == 1  # one line, no stack
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def test_cli_malformed_set_and_missing_file_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert cli.main(["config", "--set", "moe.num_experts"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert cli.main(["config", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_cli_config_prints_the_resolved_yaml(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["config", "--set", "moe.num_experts=16"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["moe"]["num_experts"] == 16
+    assert printed == load_config(None, ["moe.num_experts=16"]).to_dict()
