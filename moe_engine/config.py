@@ -33,6 +33,15 @@ def _fail(path: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{path} = {value!r}: {allowed}")
 
 
+def _check_choices(section_obj: Any, section: str) -> None:
+    """Check every Literal-typed field, so sections built in code are held to what YAML is."""
+    for f in dataclasses.fields(section_obj):
+        tp = typing.get_type_hints(type(section_obj))[f.name]
+        value = getattr(section_obj, f.name)
+        if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
+            _fail(f"{section}.{f.name}", value, f"allowed: {', '.join(repr(a) for a in typing.get_args(tp))}")
+
+
 def _check_positive(section: str, **values: float) -> None:
     for name, value in values.items():
         if value <= 0:
@@ -63,6 +72,7 @@ class RouterConfig:
     drop_policy: Literal["position", "score"] = "position"
 
     def __post_init__(self) -> None:
+        _check_choices(self, "moe.router")
         if self.type not in ROUTER_TYPES:
             _fail("moe.router.type", self.type, f"allowed: {', '.join(ROUTER_TYPES)}")
         if self.top_k < 1:
@@ -92,6 +102,7 @@ class MoEConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:
+        _check_choices(self, "moe")
         if self.num_experts < 1:
             _fail("moe.num_experts", self.num_experts, "must be >= 1")
         if self.router.top_k > self.num_experts:
@@ -119,6 +130,7 @@ class ModelConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        _check_choices(self, "model")
         _check_positive(
             "model",
             d_model=self.d_model,
@@ -140,6 +152,9 @@ class ParallelConfig:
 
     dispatcher: Literal["local"] = "local"
 
+    def __post_init__(self) -> None:
+        _check_choices(self, "parallel")
+
 
 @dataclass
 class DataConfig:
@@ -155,6 +170,7 @@ class DataConfig:
     pairs_per_task: int = 3000
 
     def __post_init__(self) -> None:
+        _check_choices(self, "data")
         if not self.tasks:
             _fail("data.tasks", self.tasks, "must name at least one task")
         if len(set(self.tasks)) != len(self.tasks):
@@ -189,6 +205,7 @@ class OptimConfig:
     grad_clip: float | None = 1.0
 
     def __post_init__(self) -> None:
+        _check_choices(self, "optim")
         _check_positive("optim", lr=self.lr, eps=self.eps)
         if self.weight_decay < 0:
             _fail("optim.weight_decay", self.weight_decay, "must be >= 0")
@@ -220,6 +237,7 @@ class TrainConfig:
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
+        _check_choices(self, "train")
         _check_positive(
             "train", max_steps=self.max_steps, eval_every=self.eval_every,
             checkpoint_every=self.checkpoint_every, keep_checkpoints=self.keep_checkpoints,
@@ -238,6 +256,7 @@ class LoggingConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
+        _check_choices(self, "logging")
         _check_positive("logging", log_every=self.log_every)
 
 

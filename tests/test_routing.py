@@ -411,10 +411,9 @@ def test_capacity_of_t_times_k_drops_nothing(policy):
     assert (b.experts_TK >= 0).all()
 
 
-def test_unknown_drop_policy_raises_at_forward():
-    router = make_router(4, 3, 1, capacity_factor=1.0, drop_policy="random")
-    with pytest.raises(ValueError, match="'random'"):
-        router(torch.randn(3, 4))
+def test_unknown_drop_policy_is_refused_at_construction():
+    with pytest.raises(ValueError, match="drop_policy = 'random': allowed: position, score"):
+        make_router(4, 3, 1, capacity_factor=1.0, drop_policy="random")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,9 +48,25 @@ def grouped_mm_unsupported_reason(device: torch.device, dtype: torch.dtype, dims
     return None
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient.
+
+    torch._grouped_mm's backward rejects gradients with zero strides, which is what `.sum()`
+    and other broadcasts produce; this costs a copy only when the gradient is not contiguous.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def grouped_linear_grouped_mm(
     x_NI: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: torch.Tensor
 ) -> torch.Tensor:
     """Same contract as `grouped_linear_loop`, as one torch._grouped_mm call."""
     offsets_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
-    return torch._grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offsets_E)
+    return _ContiguousGrad.apply(torch._grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offsets_E))

@@ -54,13 +54,14 @@ def unpermute_reference(
 ) -> torch.Tensor:
     """y_ND: (N, D), weights_TK: (T, K) -> y_TD: (T, D) in y_ND's dtype; tokens with no row get 0.
 
-    The sum over a token's K rows is accumulated in fp32 so bf16 outputs do not lose the
+    The sum over a token's K rows is accumulated in at least fp32 so bf16 outputs do not lose the
     smaller contributions; the result is cast back once.
     """
     top_k = weights_TK.shape[-1]
+    acc_dtype = torch.promote_types(y_ND.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
     weights_N = weights_TK.reshape(-1).index_select(0, choice_N)
-    weighted_ND = y_ND.float() * weights_N.float()[:, None]
-    y_TD = torch.zeros(num_tokens, y_ND.shape[-1], dtype=torch.float32, device=y_ND.device)
+    weighted_ND = y_ND.to(acc_dtype) * weights_N.to(acc_dtype)[:, None]
+    y_TD = torch.zeros(num_tokens, y_ND.shape[-1], dtype=acc_dtype, device=y_ND.device)
     return y_TD.index_add(0, choice_N // top_k, weighted_ND).to(y_ND.dtype)
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from moe_engine.routing.capacity import drop_over_capacity, expert_capacity
+from moe_engine.routing.capacity import DROP_POLICIES, drop_over_capacity, expert_capacity
 from moe_engine.routing.losses import router_z_loss, sequence_load_balancing_loss, switch_load_balancing_loss
 from moe_engine.routing.types import Routing, RoutingContext
 
@@ -57,6 +57,8 @@ class TopKRouter(nn.Module):
             raise ValueError(f"top_k = {top_k}: must be in [1, num_experts = {num_experts}]")
         if score_function not in SCORE_FUNCTIONS:
             raise ValueError(f"score_function = {score_function!r}: allowed: {', '.join(SCORE_FUNCTIONS)}")
+        if drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy = {drop_policy!r}: allowed: {', '.join(DROP_POLICIES)}")
         if aux_loss_type not in ("switch", "seq_switch", "none"):
             raise ValueError(f"aux_loss_type = {aux_loss_type!r}: allowed: switch, seq_switch, none")
         self.num_experts = num_experts

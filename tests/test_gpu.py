@@ -1,0 +1,69 @@
+"""CUDA checks of the reference layer and the trainer (skipped where there is no CUDA).
+
+On CUDA, `torch._grouped_mm` takes bf16 only and needs compute capability 9.0, so the
+grouped_mm rows run on Hopper or newer; the loop rows run on any CUDA device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_engine.config import MoEConfig, RouterConfig, load_config
+from moe_engine.layer import MoELayer
+from moe_engine.train import Trainer
+from tests.reference_moe import moe_forward
+
+pytestmark = pytest.mark.gpu
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
+@pytest.mark.parametrize(
+    "impl",
+    [
+        "loop",
+        pytest.param("grouped_mm", marks=pytest.mark.skipif(not _hopper(), reason="torch._grouped_mm needs sm90")),
+    ],
+)
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_layer_bf16_on_cuda_matches_fp64_reference(impl: str, capacity_factor: float | None) -> None:
+    torch.manual_seed(0)
+    T, D, F, E, K = 96, 64, 128, 8, 2
+    cfg = MoEConfig(num_experts=E, ffn_hidden=F, experts_impl=impl,
+                    router=RouterConfig(top_k=K, capacity_factor=capacity_factor, z_loss_coef=0.0))
+    layer = MoELayer.from_config(D, cfg).cuda().to(torch.bfloat16)
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    grad_y = torch.randn_like(out.y)
+    (out.y.float() * grad_y.float()).sum().backward()
+
+    # The reference sees the same bf16-rounded values, in float64 on the CPU.
+    params = [p.detach().double().cpu().requires_grad_() for p in (layer.router.weight, layer.experts.w_in, layer.experts.w_out)]
+    x_ref = x.detach().double().cpu().requires_grad_()
+    ref = moe_forward(x_ref, *params, top_k=K, capacity_factor=capacity_factor, aux_loss_coef=0.01)
+    (ref.y_TD * grad_y.double().cpu()).sum().backward()
+
+    assert torch.equal(out.routing.experts_TK.cpu(), ref.routing.experts_TK)
+    torch.testing.assert_close(out.y.double().cpu(), ref.y_TD, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.aux_loss.double().cpu(), ref.aux_loss, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x.grad.double().cpu(), x_ref.grad, atol=2e-2, rtol=2e-2)
+    for param, ref_param in zip((layer.router.weight, layer.experts.w_in, layer.experts.w_out), params):
+        torch.testing.assert_close(param.grad.double().cpu(), ref_param.grad, atol=3e-2, rtol=3e-2)
+
+
+def test_trainer_uses_cuda_with_bf16_autocast(tmp_path) -> None:
+    cfg = load_config(None, [
+        "model.d_model=32", "model.num_layers=2", "model.num_heads=2", "moe.num_experts=4", "moe.ffn_hidden=32",
+        "data.pairs_per_task=200", "train.max_steps=20", "train.eval_every=20", "train.checkpoint_every=20",
+        "logging.progress_bar=false", "logging.tensorboard=false", f"train.out_dir={tmp_path}",
+    ])
+    trainer = Trainer(cfg)
+    assert trainer.device.type == "cuda" and trainer.amp_dtype == torch.bfloat16
+    first = trainer.train_step(next(trainer.batches))["loss"]
+    result = trainer.run()
+    assert result.step == 20
+    assert all(0.0 <= v <= 1.0 for k, v in result.eval_metrics.items() if k.startswith("accuracy_"))
+    assert first == first  # finite first step
