@@ -12,7 +12,7 @@ import torch
 from moe_engine.config import MoEConfig, RouterConfig, load_config
 from moe_engine.layer import MoELayer
 from moe_engine.train import Trainer
-from tests.reference_moe import moe_forward
+from reference_moe import moe_forward
 
 pytestmark = pytest.mark.gpu
 
