@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -333,12 +334,17 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
         # PyYAML reads `1e-3` (no dot) as a string, a YAML 1.1 quirk users hit constantly.
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 _fail(path, value, "must be a number")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(path, value, "must be a number")
-        return float(value)
+        else:
+            number = float(value)
+        # NaN passes every `<= 0` range check and would surface steps later as a NaN loss.
+        if not math.isfinite(number):
+            _fail(path, value, "must be a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             _fail(path, value, "must be a string")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 from pathlib import Path
 from typing import Mapping
 
@@ -14,7 +15,8 @@ class MetricsLogger:
     Each CSV's columns are fixed by its first row (a later row may leave some blank, never add
     new ones), so the files load straight into pandas. On resume from step s, rows after s
     that a killed run wrote past its last checkpoint are removed, and TensorBoard purges them too,
-    so a resumed run's logs read as one uninterrupted run.
+    so a resumed run's logs read as one uninterrupted run. A fresh run (resume_step None)
+    removes the CSV files and TensorBoard events already in `out_dir`.
     """
 
     def __init__(self, out_dir: str | Path, *, csv_files: bool, tensorboard: bool, resume_step: int | None) -> None:
@@ -23,7 +25,13 @@ class MetricsLogger:
         self.csv_files = csv_files
         self._columns: dict[str, list[str]] = {}
         self._writer = None
-        if csv_files and resume_step is not None:
+        if resume_step is None:
+            # A fresh run owns the directory's logs: drop those of an earlier run (e.g. one
+            # killed before its first checkpoint), so they are not continued or mixed in.
+            for path in self.out_dir.glob("*.csv"):
+                path.unlink()
+            shutil.rmtree(self.out_dir / "tensorboard", ignore_errors=True)
+        elif csv_files:
             for path in self.out_dir.glob("*.csv"):
                 self._truncate_after(path, resume_step)
         if tensorboard:

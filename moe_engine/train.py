@@ -161,10 +161,7 @@ class Trainer:
                 "pass --resume to continue that run, --overwrite to start over, or --set train.out_dir=... for a new one"
             )
         if existing is not None:
-            for name in ("checkpoints", "tensorboard"):
-                shutil.rmtree(self.out_dir / name, ignore_errors=True)
-            for path in self.out_dir.glob("*.csv"):
-                path.unlink()
+            shutil.rmtree(self.out_dir / "checkpoints")  # the logs go when MetricsLogger starts fresh
         return None
 
     def _param_groups(self) -> list[dict[str, Any]]:

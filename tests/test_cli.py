@@ -58,7 +58,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(root: Path) -> dict[str, Finished]:
-    """Every command of this module, started at once and waited for; keyed by a short name."""
+    """The subprocess commands of this module, started at once and waited for; keyed by a short name."""
     assert SCRIPT.is_file(), f"console script {SCRIPT} not installed"
     commands = {
         "train": [str(SCRIPT), "train", *set_args([*TRAIN_RUN, f"train.out_dir={root / 'train'}"])],

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from moe_engine.train import (
 )
 
 TINY = [
-    "model.d_model=16", "model.num_layers=2", "model.num_heads=2", "model.ffn_hidden=16",
+    "model.d_model=16", "model.num_layers=2", "model.num_heads=2", "model.ffn_hidden=16", "model.dropout=0.0",
     "moe.num_experts=4", "moe.ffn_hidden=16",
     "data.batch_size=16", "data.eval_batch_size=128", "data.pairs_per_task=200", "data.eval_fraction=0.2",
     "optim.warmup_steps=3",
@@ -273,7 +272,7 @@ def test_resume_from_a_missing_path(make_cfg: MakeConfig, tmp_path: Path, capsys
 # --------------------------------------------------------------------- non-finite loss
 
 
-def nan_loss_at(step: int, trainer_ref: Callable[[], Trainer | None] | None = None) -> Callable:
+def nan_loss_at(step: int, trainer_ref: Callable[[], Trainer] | None = None) -> Callable:
     """A multitask_loss that returns NaN for the step `step` (1-based); counts calls when no trainer is given."""
     real = train_module.multitask_loss
     calls = {"n": 0}
@@ -387,6 +386,27 @@ def test_signal_saves_a_checkpoint_and_resume_continues_exactly(
         read_rows(reference.out_dir / "train.csv")
     )
     assert_same_state(reference.model.state_dict(), resumed.model.state_dict())
+
+
+def test_second_signal_stops_at_once_without_a_checkpoint(
+    make_cfg: MakeConfig, monkeypatch: pytest.MonkeyPatch, recording_handlers: list[int]
+) -> None:
+    trainer = Trainer(make_cfg("run", "train.checkpoint_every=100"))
+    handlers = current_handlers()
+    real_step = Trainer.train_step
+
+    def step_then_signal_twice(self: Trainer, batch):
+        metrics = real_step(self, batch)
+        if self.step == 2:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)
+        return metrics
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal_twice)
+    with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+        trainer.run()
+    assert checkpoint_names(trainer) == []
+    assert recording_handlers == [] and current_handlers() == handlers
 
 
 def test_handlers_are_restored_after_a_normal_run(make_cfg: MakeConfig, recording_handlers: list[int]) -> None:
