@@ -2,8 +2,9 @@
 
 `MOE_ENGINE_KERNELS=torch|triton` forces one; unset, Triton runs on CUDA where the op has a
 Triton kernel, and the torch reference runs everywhere else (CPU, or ops without a kernel yet).
-Asking for Triton where an op has none is an error, not a silent fallback, so a benchmark can
-never time the reference while believing it timed the kernel.
+Asking for Triton where it cannot run is an error, not a silent fallback, so a benchmark can
+never time the reference while believing it timed the kernel. On CPU, Triton kernels run only
+under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported), as the tests do.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from moe_engine.kernels._triton import TRITON_AVAILABLE, interpreting
 
 ENV_VAR = "MOE_ENGINE_KERNELS"
 KERNEL_BACKENDS = ("torch", "triton")
@@ -29,8 +32,16 @@ def requested_backend() -> str | None:
 def select_backend(op: str, device: torch.device, has_triton: bool) -> str:
     """'triton' or 'torch' for one call of `op` on `device`."""
     requested = requested_backend()
-    if requested == "triton" and not has_triton:
-        raise RuntimeError(f"{ENV_VAR}=triton, but op {op!r} has no Triton kernel; use {ENV_VAR}=torch or unset it")
-    if requested is not None:
-        return requested
+    has_triton = has_triton and TRITON_AVAILABLE
+    if requested == "triton":
+        if not has_triton:
+            raise RuntimeError(f"{ENV_VAR}=triton, but op {op!r} has no Triton kernel; use {ENV_VAR}=torch or unset it")
+        if device.type != "cuda" and not interpreting():
+            raise RuntimeError(
+                f"{ENV_VAR}=triton on {device.type}: Triton kernels run on CUDA, or on CPU under its "
+                "interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+            )
+        return "triton"
+    if requested == "torch":
+        return "torch"
     return "triton" if has_triton and device.type == "cuda" else "torch"

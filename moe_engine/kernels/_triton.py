@@ -1,0 +1,77 @@
+"""What every Triton kernel module shares: availability, the interpreter, and config selection.
+
+- `TRITON_AVAILABLE`: triton imported (it is a dependency, but a broken install must not break
+  the torch references).
+- `interpreting()`: TRITON_INTERPRET=1, Triton's CPU interpreter, used by the CPU test suite.
+- `upcast_dot_operands(dtype)`: triton 3.9's interpreter computes `tl.dot` on bf16 operands
+  wrongly (see ../shared/DESIGN.md); kernels take a constexpr that casts dot operands to fp32
+  there. On a GPU it is always False, so compiled kernels keep bf16 tensor-core dots.
+- `kernel_configs(op, candidates)`: the autotune candidates of one kernel, narrowed to a single
+  config pinned by `MOE_ENGINE_<OP>_CONFIG="BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=3"`,
+  and to the first candidate under the interpreter (autotuning there would only cost time).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl  # noqa: F401  (re-exported for kernel modules)
+
+    TRITON_AVAILABLE = True
+except ImportError:  # pragma: no cover - triton is a dependency; this guards broken installs
+    triton = None
+    TRITON_AVAILABLE = False
+
+_LAUNCH_KEYS = ("num_warps", "num_stages", "num_ctas")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def upcast_dot_operands(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
+
+
+def config_env_var(op: str) -> str:
+    return f"MOE_ENGINE_{op.upper()}_CONFIG"
+
+
+def pinned_config(op: str) -> dict[str, int] | None:
+    """The config MOE_ENGINE_<OP>_CONFIG pins, as {name: int}, or None when unset."""
+    name = config_env_var(op)
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    config = {}
+    for item in raw.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"{name}={raw!r}: expected KEY=INT pairs separated by commas, e.g. BLOCK_M=64,num_warps=4")
+        config[key.strip()] = int(value)
+    return config
+
+
+def kernel_configs(op: str, candidates: list[dict[str, int]]) -> list[Any]:
+    """triton.Config objects for `triton.autotune`: the pinned one, the first under the interpreter, or all."""
+    pinned = pinned_config(op)
+    if pinned is not None:
+        unknown = set(pinned) - set(candidates[0]) - set(_LAUNCH_KEYS)
+        if unknown:
+            raise ValueError(f"{config_env_var(op)} names {sorted(unknown)}; {op} takes {sorted(set(candidates[0]) | set(_LAUNCH_KEYS))}")
+        chosen = [pinned]
+    elif interpreting():
+        chosen = candidates[:1]
+    else:
+        chosen = candidates
+    configs = []
+    for c in chosen:
+        meta = {k: v for k, v in c.items() if k not in _LAUNCH_KEYS}
+        launch = {k: v for k, v in c.items() if k in _LAUNCH_KEYS}
+        configs.append(triton.Config(meta, **launch))
+    return configs
