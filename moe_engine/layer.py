@@ -64,9 +64,11 @@ class MoELayer(nn.Module):
         if cfg.num_shared_experts:
             shared = MLP(d_model, cfg.num_shared_experts * cfg.ffn_hidden, cfg.activation)
             gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_expert_gate else None
+        # Under expert parallelism this process builds only the experts its dispatcher routes to it.
+        num_local = dispatcher.num_local_experts if dispatcher is not None else cfg.num_experts
         return cls(
             router=build_router(d_model, cfg.num_experts, cfg.router),
-            experts=GroupedExperts(cfg.num_experts, d_model, cfg.ffn_hidden, cfg.activation, cfg.experts_impl),
+            experts=GroupedExperts(num_local, d_model, cfg.ffn_hidden, cfg.activation, cfg.experts_impl),
             dispatcher=dispatcher,
             shared_experts=shared,
             shared_expert_gate=gate,

@@ -1,18 +1,49 @@
-"""Grouped GEMM over rows grouped by expert: y_NO[n] = x_NI[n] @ w_EOI[e(n)]^T.
+"""Grouped GEMM over rows grouped by expert: y_NO[n] = x_NI[n] @ w_EOI[e(n)]^T, and the expert MLP on it.
 
-Rows arrive sorted by expert, `tokens_per_expert_E[e]` of them for expert e (0 allowed).
-Weights use nn.Linear's (out, in) layout per expert, as Hugging Face MoE checkpoints do.
+Rows arrive sorted by expert, `tokens_per_expert_E[e]` of them for expert e (0 allowed); expert e
+owns rows [offset_e, offset_e + tokens_e), offset = exclusive cumsum. Weights use nn.Linear's
+(out, in) layout per expert, as Hugging Face MoE checkpoints do.
 
-Two torch implementations:
+Torch implementations:
 - `grouped_linear_loop`: one matmul per expert; the readable reference every other path is
   tested against. Needs the group sizes on the host (one device-to-host sync).
 - `grouped_linear_grouped_mm`: `torch._grouped_mm` (CUTLASS on CUDA), one call, no host sync,
   where this torch supports the device, dtype and alignment (`grouped_mm_unsupported_reason`).
+- `grouped_gemm_reference`, `grouped_mlp_reference`: the loop, with the optional gather.
+
+Triton implementation (custom ops `moe_engine::*`, so torch.compile traces through):
+- `grouped_gemm(x, w, tokens_per_expert_E, gather_index_N=None)`: y[n] = x[g(n)] @ w[e(n)]^T,
+  g(n) = gather_index_N[n] (or n): the A operand is read through the index, so the permuted
+  copy of x never exists (the layer's up-projection reads x_TD rows through choice_N // K).
+- `grouped_mlp(x, w_in, w_out, tokens_per_expert_E, activation, gather_index_N=None)`: the
+  expert MLP with the activation fused into the up-projection's epilogue (SwiGLU computes gate
+  and up in the same program from two weight tiles) and the activation's backward fused into
+  the epilogue of the backward GEMM d_act = grad_y @ w_out[e].
+  Memory: the forward saves the pre-activation h (N, H) and recomputes act (N, F) in the
+  backward's epilogue, instead of saving both (N * 3F) as an unfused layer does; recomputing h
+  from x (a second up-projection GEMM) would save N * H more at +1/3 backward FLOPs.
+- Backward: dX reuses the forward kernel on the weight's transposed view; dW[e] = dy_e^T @ x_e
+  is its own kernel tiled over (O-tile, I-tile, expert) looping over the expert's rows (experts
+  with no rows get zeros). With a gather, dX is computed per row and summed per source row with
+  `index_add_` in fp32 (deterministic on CPU; CUDA's index_add_ uses atomics, so the order of the
+  K additions per token, and the last bit, may vary between runs).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
+
+from moe_engine.kernels._triton import TRITON_AVAILABLE, interpreting, kernel_configs, triton, upcast_dot_operands
+from moe_engine.kernels.backend import select_backend
+
+if TRITON_AVAILABLE:
+    import triton.language as tl
+
+MLP_ACTIVATIONS = ("swiglu", "gelu")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def grouped_linear_loop(x_NI: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
@@ -48,6 +79,17 @@ def grouped_mm_unsupported_reason(device: torch.device, dtype: torch.dtype, dims
     return None
 
 
+def triton_unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the Triton grouped GEMM cannot run on `device` in `dtype`, or None if it can."""
+    if not TRITON_AVAILABLE:
+        return "triton is not installed"
+    if device.type != "cuda" and not interpreting():
+        return f"Triton kernels run on CUDA, or on CPU under TRITON_INTERPRET=1; got {device.type}"
+    if dtype not in TRITON_DTYPES:
+        return f"the Triton grouped GEMM takes {', '.join(map(str, TRITON_DTYPES))}, got {dtype}"
+    return None
+
+
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward hands on a contiguous gradient.
 
@@ -70,3 +112,550 @@ def grouped_linear_grouped_mm(
     """Same contract as `grouped_linear_loop`, as one torch._grouped_mm call."""
     offsets_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
     return _ContiguousGrad.apply(torch._grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offsets_E))
+
+
+# ---------------------------------------------------------------------------------------------
+# References
+
+
+def activate_reference(h_NH: torch.Tensor, activation: str) -> torch.Tensor:
+    """SwiGLU reads h as [gate | up] halves (gate first, as HF's fused gate_up_proj); GELU (exact erf) uses all of h."""
+    if activation == "swiglu":
+        gate, up = h_NH.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h_NH)
+
+
+def grouped_gemm_reference(
+    x: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: torch.Tensor, gather_index_N: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y_NO[n] = x[g(n)] @ w_EOI[e(n)]^T with g = gather_index_N, or the identity when None."""
+    x_NI = x if gather_index_N is None else x.index_select(0, gather_index_N)
+    return grouped_linear_loop(x_NI, w_EOI, tokens_per_expert_E)
+
+
+def grouped_mlp_reference(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor,
+    activation: str,
+    gather_index_N: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y_ND[n] = act(x[g(n)] @ w_in[e]^T) @ w_out[e]^T; w_in (E, H, D), w_out (E, D, F)."""
+    h_NH = grouped_gemm_reference(x, w_in, tokens_per_expert_E, gather_index_N)
+    return grouped_linear_loop(activate_reference(h_NH, activation), w_out, tokens_per_expert_E)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+def _grouped_gemm_configs() -> list[dict[str, int]]:
+    """Candidates of `_grouped_gemm_kernel`; the first (small) one is what the interpreter runs."""
+    small = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)]
+    return small + [
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 32, 4, 4),
+            (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (128, 256, 32, 8, 4),
+        ]
+    ]
+
+
+def _grouped_gemm_dw_configs() -> list[dict[str, int]]:
+    """Candidates of `_grouped_gemm_dw_kernel` (BLOCK_K runs over rows of one expert)."""
+    small = [dict(BLOCK_O=64, BLOCK_I=64, BLOCK_K=32, GROUP_O=8, num_warps=4, num_stages=3)]
+    return small + [
+        dict(BLOCK_O=bo, BLOCK_I=bi, BLOCK_K=bk, GROUP_O=8, num_warps=w, num_stages=s)
+        for bo, bi, bk, w, s in [
+            (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 32, 4, 4), (128, 128, 64, 8, 3),
+            (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+        ]
+    ]
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """SwiGLU keeps two accumulators: drop BLOCK_N = 256 there; drop BLOCK_N far wider than O."""
+    args = {**named_args, **kwargs}
+    max_n = 128 if args.get("EPILOGUE") in ("swiglu", "swiglu_bwd") else 256
+    max_n = min(max_n, max(64, triton.next_power_of_2(int(args.get("O", 256)))))
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= max_n] or configs[:1]
+
+
+if TRITON_AVAILABLE:
+
+    @triton.jit
+    def _dot(a, b, acc, UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr):
+        # UPCAST_DOT: the interpreter's bf16 tl.dot is wrong (DESIGN.md). IEEE_DOT: fp32 inputs get
+        # a true fp32 product, as torch's matmul gives by default, not tf32.
+        if UPCAST_DOT:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE_DOT:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _expert_rows(tokens_ptr, e, E, BLOCK_E: tl.constexpr):
+        """[start, end) of expert e's rows: the exclusive / inclusive cumsum of the counts at e."""
+        offs_e = tl.arange(0, BLOCK_E)
+        counts = tl.load(tokens_ptr + offs_e, mask=offs_e < E, other=0).to(tl.int32)
+        ends = tl.cumsum(counts, 0)
+        here = offs_e == e
+        return tl.sum(tl.where(here, ends - counts, 0), 0), tl.sum(tl.where(here, ends, 0), 0)
+
+    # Grouped GEMM with a fused epilogue. Shapes (N rows, E experts, K_DIM reduction width, O output columns):
+    #   x_ptr       (M_x, K_DIM) A operand; row n reads x[gather[n]] if HAS_GATHER else x[n]
+    #   gather_ptr  (N,) int64 source rows (HAS_GATHER only)
+    #   w_ptr       B_e[k, o] = w[e * stride_we + k * stride_wk + o * stride_wo]: a strided (E, K_DIM, O)
+    #               view, so y = x @ w[e]^T (forward) and dX = dy @ w[e] (backward) are the same kernel.
+    #               "swiglu": the up half's columns lie O further on (B_e[k, O + o]).
+    #   tokens_ptr  (E,) int rows per expert, summing to N
+    #   y_ptr       (N, O) output: y, act, or for "*_bwd" dh (N, H) (H = 2O for swiglu, O for gelu)
+    #   h_ptr       (N, H) pre-activation: written by "swiglu"/"gelu" when STORE_H, read by "*_bwd"
+    #   act_ptr     (N, O) "*_bwd" only: the activation recomputed from h, for the caller's dW_out
+    # Work items: M-tiles of each expert (cdiv(tokens_e, BLOCK_M), counted in-kernel from tokens_ptr,
+    # no host sync) times N-tiles; the grid is an upper bound, cdiv(N, BLOCK_M) + E M-tiles, and
+    # spare programs return. Group-M order keeps one expert's weight tile in L2 across M-tiles.
+    # Epilogues, with acc = A @ B_e (fp32):
+    #   "none":   y = acc
+    #   "swiglu": g = acc, u = acc_up; h = [g | u]; y = silu(g) * u, silu(g) = g * sigmoid(g)
+    #   "gelu":   h = acc; y = gelu(acc) = acc * Phi(acc), Phi(a) = (1 + erf(a / sqrt 2)) / 2
+    #   "swiglu_bwd": acc = d_act; dg = d_act * u * silu'(g), silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g);
+    #                 du = d_act * silu(g); dh = [dg | du]; act = silu(g) * u
+    #   "gelu_bwd":   dh = d_act * gelu'(a), gelu'(a) = Phi(a) + a * exp(-a^2 / 2) / sqrt(2 pi); act = gelu(a)
+    # The forward epilogue applies the activation to h rounded to the output dtype, so the backward
+    # (which reads the stored h) differentiates exactly the function the forward computed.
+    @triton.autotune(
+        configs=kernel_configs("grouped_gemm", _grouped_gemm_configs()),
+        key=["K_DIM", "O", "EPILOGUE", "HAS_GATHER"],
+        prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    )
+    @triton.jit
+    def _grouped_gemm_kernel(
+        x_ptr, gather_ptr, w_ptr, tokens_ptr, y_ptr, h_ptr, act_ptr,
+        N, K_DIM, O, E,
+        stride_xm, stride_xk, stride_we, stride_wk, stride_wo, stride_ym, stride_hm, stride_am,
+        EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, STORE_H: tl.constexpr,
+        UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        offs_e = tl.arange(0, BLOCK_E)
+        counts = tl.load(tokens_ptr + offs_e, mask=offs_e < E, other=0).to(tl.int32)
+        tiles = (counts + BLOCK_M - 1) // BLOCK_M
+        tile_ends = tl.cumsum(tiles, 0)
+        num_m = tl.sum(tiles, 0)
+        num_n = tl.cdiv(O, BLOCK_N)
+        if pid >= num_m * num_n:
+            return
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        group_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % group_m
+        pid_n = (pid % group) // group_m
+        # The expert of M-tile pid_m: how many experts' tiles end at or before it.
+        e = tl.sum((tile_ends <= pid_m).to(tl.int32), 0)
+        here = offs_e == e
+        ends = tl.cumsum(counts, 0)
+        row_end = tl.sum(tl.where(here, ends, 0), 0)
+        rows = tl.sum(tl.where(here, ends - counts, 0), 0)
+        rows += (pid_m - tl.sum(tl.where(here, tile_ends - tiles, 0), 0)) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = (rows < row_end) & (rows < N)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < O
+        if HAS_GATHER:
+            src = tl.load(gather_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        else:
+            src = rows.to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + src[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        b_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + cols[None, :] * stride_wo
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K_DIM, BLOCK_K):
+            k_ok = offs_k < K_DIM - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b_ok = k_ok[:, None] & col_ok[None, :]
+            acc = _dot(a, tl.load(b_ptrs, mask=b_ok, other=0.0), acc, UPCAST_DOT, IEEE_DOT)
+            if EPILOGUE == "swiglu":
+                acc_up = _dot(a, tl.load(b_ptrs + O * stride_wo, mask=b_ok, other=0.0), acc_up, UPCAST_DOT, IEEE_DOT)
+            a_ptrs += BLOCK_K * stride_xk
+            b_ptrs += BLOCK_K * stride_wk
+
+        out_ty = y_ptr.dtype.element_ty
+        ok = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)
+        y_ptrs = y_ptr + rows64[:, None] * stride_ym + cols[None, :]
+        h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
+        if EPILOGUE == "none":
+            tl.store(y_ptrs, acc.to(out_ty), mask=ok)
+        elif EPILOGUE == "swiglu":
+            gate = acc.to(out_ty)
+            up = acc_up.to(out_ty)
+            if STORE_H:
+                tl.store(h_ptrs, gate, mask=ok)
+                tl.store(h_ptrs + O, up, mask=ok)
+            g = gate.to(tl.float32)
+            tl.store(y_ptrs, (g * tl.sigmoid(g) * up.to(tl.float32)).to(out_ty), mask=ok)
+        elif EPILOGUE == "gelu":
+            pre = acc.to(out_ty)
+            if STORE_H:
+                tl.store(h_ptrs, pre, mask=ok)
+            a = pre.to(tl.float32)
+            tl.store(y_ptrs, (0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))).to(out_ty), mask=ok)
+        else:
+            act_ptrs = act_ptr + rows64[:, None] * stride_am + cols[None, :]
+            g = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
+            if EPILOGUE == "swiglu_bwd":
+                up = tl.load(h_ptrs + O, mask=ok, other=0.0).to(tl.float32)
+                s = tl.sigmoid(g)
+                tl.store(y_ptrs, (acc * up * s * (1.0 + g * (1.0 - s))).to(out_ty), mask=ok)
+                tl.store(y_ptrs + O, (acc * g * s).to(out_ty), mask=ok)
+                tl.store(act_ptrs, (g * s * up).to(out_ty), mask=ok)
+            else:
+                cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+                pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327
+                tl.store(y_ptrs, (acc * (cdf + g * pdf)).to(out_ty), mask=ok)
+                tl.store(act_ptrs, (g * cdf).to(out_ty), mask=ok)
+
+    # Weight gradient per expert: dw[e] = dy_e^T @ x_e, i.e. dw[e, o, i] = sum over rows n of expert e
+    # of dy[n, o] * x[g(n), i]. Shapes:
+    #   dy_ptr      (N, O) rows grouped by expert (any strides; `.sum()` gives zero strides)
+    #   x_ptr       (M_x, I) row n reads x[gather[n]] if HAS_GATHER else x[n]
+    #   gather_ptr  (N,) int64 (HAS_GATHER only)
+    #   tokens_ptr  (E,) int rows per expert
+    #   dw_ptr      (E, O, I) output, written in full: experts with no rows get zeros
+    # Grid: (O-tiles * I-tiles, E); each program loops over its expert's rows BLOCK_K at a time.
+    @triton.autotune(configs=kernel_configs("grouped_gemm_dw", _grouped_gemm_dw_configs()), key=["O", "I", "HAS_GATHER"])
+    @triton.jit
+    def _grouped_gemm_dw_kernel(
+        dy_ptr, x_ptr, gather_ptr, tokens_ptr, dw_ptr,
+        N, O, I, E,
+        stride_dym, stride_dyo, stride_xm, stride_xi, stride_we, stride_wo, stride_wi,
+        HAS_GATHER: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+        BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_O: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        e = tl.program_id(1)
+        num_o = tl.cdiv(O, BLOCK_O)
+        num_i = tl.cdiv(I, BLOCK_I)
+        group = GROUP_O * num_i
+        first_o = (pid // group) * GROUP_O
+        group_o = tl.minimum(num_o - first_o, GROUP_O)
+        pid_o = first_o + (pid % group) % group_o
+        pid_i = (pid % group) // group_o
+        row_start, row_end = _expert_rows(tokens_ptr, e, E, BLOCK_E)
+        row_end = tl.minimum(row_end, N)
+        offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+        o_ok = offs_o < O
+        i_ok = offs_i < I
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        for r0 in range(row_start, row_end, BLOCK_K):
+            rows = r0 + offs_k
+            r_ok = rows < row_end
+            if HAS_GATHER:
+                src = tl.load(gather_ptr + rows, mask=r_ok, other=0).to(tl.int64)
+            else:
+                src = rows.to(tl.int64)
+            dy_ptrs = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym + offs_o[None, :] * stride_dyo
+            dy = tl.load(dy_ptrs, mask=r_ok[:, None] & o_ok[None, :], other=0.0)
+            x = tl.load(x_ptr + src[:, None] * stride_xm + offs_i[None, :] * stride_xi,
+                        mask=r_ok[:, None] & i_ok[None, :], other=0.0)
+            acc = _dot(tl.trans(dy), x, acc, UPCAST_DOT, IEEE_DOT)
+        dw_ptrs = dw_ptr + e.to(tl.int64) * stride_we + offs_o[:, None] * stride_wo + offs_i[None, :] * stride_wi
+        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=o_ok[:, None] & i_ok[None, :])
+
+
+def _launch_gemm(
+    x: torch.Tensor,
+    b_EKO: torch.Tensor,
+    tokens_E: torch.Tensor,
+    gather_N: torch.Tensor | None,
+    y: torch.Tensor,
+    out_width: int,
+    epilogue: str = "none",
+    h: torch.Tensor | None = None,
+    act: torch.Tensor | None = None,
+    store_h: bool = False,
+) -> None:
+    """Fill y (and h / act, per the epilogue) from x rows and the strided (E, K, O) weight view b_EKO."""
+    num_rows, num_experts, k_dim = y.shape[0], b_EKO.shape[0], b_EKO.shape[1]
+    if num_rows == 0 or out_width == 0:
+        return
+    h_ = h if h is not None else y
+    act_ = act if act is not None else y
+
+    def grid(meta):
+        return ((triton.cdiv(num_rows, meta["BLOCK_M"]) + num_experts) * triton.cdiv(out_width, meta["BLOCK_N"]),)
+
+    _grouped_gemm_kernel[grid](
+        x, gather_N if gather_N is not None else tokens_E, b_EKO, tokens_E, y, h_, act_,
+        num_rows, k_dim, out_width, num_experts,
+        x.stride(0), x.stride(1), b_EKO.stride(0), b_EKO.stride(1), b_EKO.stride(2),
+        y.stride(0), h_.stride(0), act_.stride(0),
+        EPILOGUE=epilogue, HAS_GATHER=gather_N is not None, STORE_H=store_h,
+        UPCAST_DOT=upcast_dot_operands(x.dtype), IEEE_DOT=x.dtype == torch.float32 or upcast_dot_operands(x.dtype),
+        BLOCK_E=max(16, triton.next_power_of_2(num_experts)),
+    )
+
+
+def _launch_dw(dy: torch.Tensor, x: torch.Tensor, tokens_E: torch.Tensor, gather_N: torch.Tensor | None) -> torch.Tensor:
+    """dw (E, O, I) in x's dtype: dw[e] = dy_e^T @ x_e."""
+    num_experts, (num_rows, out_width), in_width = tokens_E.shape[0], dy.shape, x.shape[1]
+    dw = torch.empty(num_experts, out_width, in_width, dtype=x.dtype, device=x.device)
+    if num_rows == 0 or dw.numel() == 0:
+        return dw.zero_()
+
+    def grid(meta):
+        return (triton.cdiv(out_width, meta["BLOCK_O"]) * triton.cdiv(in_width, meta["BLOCK_I"]), num_experts)
+
+    _grouped_gemm_dw_kernel[grid](
+        dy, x, gather_N if gather_N is not None else tokens_E, tokens_E, dw,
+        num_rows, out_width, in_width, num_experts,
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+        HAS_GATHER=gather_N is not None, UPCAST_DOT=upcast_dot_operands(x.dtype),
+        IEEE_DOT=x.dtype == torch.float32 or upcast_dot_operands(x.dtype),
+        BLOCK_E=max(16, triton.next_power_of_2(num_experts)),
+    )
+    return dw
+
+
+def _num_rows(x: torch.Tensor, gather_N: torch.Tensor | None) -> int:
+    return x.shape[0] if gather_N is None else gather_N.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops (Triton), their fakes and autograd
+
+
+@torch.library.custom_op("moe_engine::grouped_gemm", mutates_args=())
+def _grouped_gemm_op(
+    x: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: torch.Tensor, gather_index_N: Optional[torch.Tensor]
+) -> torch.Tensor:
+    y = x.new_empty(_num_rows(x, gather_index_N), w_EOI.shape[1])
+    _launch_gemm(x, w_EOI.transpose(1, 2), tokens_per_expert_E, gather_index_N, y, w_EOI.shape[1])
+    return y
+
+
+@_grouped_gemm_op.register_fake
+def _(x, w_EOI, tokens_per_expert_E, gather_index_N):
+    return x.new_empty(_num_rows(x, gather_index_N), w_EOI.shape[1])
+
+
+@torch.library.custom_op("moe_engine::grouped_gemm_dx", mutates_args=())
+def _grouped_gemm_dx_op(
+    dy_NO: torch.Tensor,
+    w_EOI: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor,
+    gather_index_N: Optional[torch.Tensor],
+    num_x_rows: int,
+) -> torch.Tensor:
+    """dx_N[n] = dy[n] @ w[e(n)]; with a gather, dx[m] = sum of dx_N[n] over rows n with gather[n] = m."""
+    dx_NI = dy_NO.new_empty(dy_NO.shape[0], w_EOI.shape[2])
+    _launch_gemm(dy_NO, w_EOI, tokens_per_expert_E, None, dx_NI, w_EOI.shape[2])
+    if gather_index_N is None:
+        return dx_NI
+    # fp32 accumulation: a token's K row gradients must not be summed in bf16.
+    dx = torch.zeros(num_x_rows, w_EOI.shape[2], dtype=torch.promote_types(dy_NO.dtype, torch.float32), device=dy_NO.device)
+    return dx.index_add_(0, gather_index_N, dx_NI.to(dx.dtype)).to(dy_NO.dtype)
+
+
+@_grouped_gemm_dx_op.register_fake
+def _(dy_NO, w_EOI, tokens_per_expert_E, gather_index_N, num_x_rows):
+    rows = dy_NO.shape[0] if gather_index_N is None else num_x_rows
+    return dy_NO.new_empty(rows, w_EOI.shape[2])
+
+
+@torch.library.custom_op("moe_engine::grouped_gemm_dw", mutates_args=())
+def _grouped_gemm_dw_op(
+    dy_NO: torch.Tensor, x: torch.Tensor, tokens_per_expert_E: torch.Tensor, gather_index_N: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """dw (E, O, I): dw[e] = dy_e^T @ x_e, x rows read through gather_index_N."""
+    return _launch_dw(dy_NO, x, tokens_per_expert_E, gather_index_N)
+
+
+@_grouped_gemm_dw_op.register_fake
+def _(dy_NO, x, tokens_per_expert_E, gather_index_N):
+    return x.new_empty(tokens_per_expert_E.shape[0], dy_NO.shape[1], x.shape[1])
+
+
+def _gemm_setup_context(ctx, inputs, output):
+    x, w_EOI, tokens_per_expert_E, gather_index_N = inputs
+    ctx.save_for_backward(x, w_EOI, tokens_per_expert_E, gather_index_N)
+
+
+def _gemm_backward(ctx, grad_y):
+    x, w_EOI, tokens_E, gather_N = ctx.saved_tensors
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.moe_engine.grouped_gemm_dx(grad_y, w_EOI, tokens_E, gather_N, x.shape[0])
+    if ctx.needs_input_grad[1]:
+        dw = torch.ops.moe_engine.grouped_gemm_dw(grad_y, x, tokens_E, gather_N)
+    return dx, dw, None, None
+
+
+_grouped_gemm_op.register_autograd(_gemm_backward, setup_context=_gemm_setup_context)
+
+
+@torch.library.custom_op("moe_engine::grouped_mlp", mutates_args=())
+def _grouped_mlp_op(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor,
+    gather_index_N: Optional[torch.Tensor],
+    activation: str,
+    save_h: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y (N, D), h (N, H) pre-activation, or (0, H) when not save_h); h is for the backward only."""
+    num_rows, hidden = _num_rows(x, gather_index_N), w_out.shape[2]
+    act = x.new_empty(num_rows, hidden)
+    h = x.new_empty(num_rows if save_h else 0, w_in.shape[1])
+    _launch_gemm(x, w_in.transpose(1, 2), tokens_per_expert_E, gather_index_N, act, hidden, activation, h=h, store_h=save_h)
+    y = x.new_empty(num_rows, w_out.shape[1])
+    _launch_gemm(act, w_out.transpose(1, 2), tokens_per_expert_E, None, y, w_out.shape[1])
+    return y, h
+
+
+@_grouped_mlp_op.register_fake
+def _(x, w_in, w_out, tokens_per_expert_E, gather_index_N, activation, save_h):
+    num_rows = _num_rows(x, gather_index_N)
+    return x.new_empty(num_rows, w_out.shape[1]), x.new_empty(num_rows if save_h else 0, w_in.shape[1])
+
+
+@torch.library.custom_op("moe_engine::grouped_mlp_act_backward", mutates_args=())
+def _grouped_mlp_act_backward_op(
+    grad_y_ND: torch.Tensor, w_out: torch.Tensor, h_NH: torch.Tensor, tokens_per_expert_E: torch.Tensor, activation: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh (N, H), act (N, F)): d_act = grad_y @ w_out[e] through the activation's derivative, and act recomputed."""
+    num_rows, hidden = grad_y_ND.shape[0], w_out.shape[2]
+    dh = grad_y_ND.new_empty(num_rows, h_NH.shape[1])
+    act = grad_y_ND.new_empty(num_rows, hidden)
+    _launch_gemm(grad_y_ND, w_out, tokens_per_expert_E, None, dh, hidden, activation + "_bwd", h=h_NH, act=act)
+    return dh, act
+
+
+@_grouped_mlp_act_backward_op.register_fake
+def _(grad_y_ND, w_out, h_NH, tokens_per_expert_E, activation):
+    return grad_y_ND.new_empty(grad_y_ND.shape[0], h_NH.shape[1]), grad_y_ND.new_empty(grad_y_ND.shape[0], w_out.shape[2])
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    x, w_in, w_out, tokens_per_expert_E, gather_index_N, activation, _ = inputs
+    ctx.activation = activation
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, w_in, w_out, tokens_per_expert_E, gather_index_N, output[1])
+
+
+def _mlp_backward(ctx, grad_y, _grad_h):
+    x, w_in, w_out, tokens_E, gather_N, h = ctx.saved_tensors
+    need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
+    if h.shape[0] != grad_y.shape[0]:
+        raise RuntimeError("moe_engine::grouped_mlp ran with save_h=False; it cannot be differentiated")
+    dh, act = torch.ops.moe_engine.grouped_mlp_act_backward(grad_y, w_out, h, tokens_E, ctx.activation)
+    dx = torch.ops.moe_engine.grouped_gemm_dx(dh, w_in, tokens_E, gather_N, x.shape[0]) if need_x else None
+    dw_in = torch.ops.moe_engine.grouped_gemm_dw(dh, x, tokens_E, gather_N) if need_w_in else None
+    dw_out = torch.ops.moe_engine.grouped_gemm_dw(grad_y, act, tokens_E, None) if need_w_out else None
+    return dx, dw_in, dw_out, None, None, None, None
+
+
+_grouped_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers (validate, then call the custom op) and the public ops
+
+
+def _check_rows(
+    op: str, x: torch.Tensor, w: torch.Tensor, tokens_E: torch.Tensor, gather_N: torch.Tensor | None
+) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)}, expected 2-D (rows, {w.shape[-1]})")
+    if w.dim() != 3 or w.shape[2] != x.shape[1]:
+        raise ValueError(f"{op}: w has shape {tuple(w.shape)}, expected (E, out, {x.shape[1]}) to match x's width")
+    if tokens_E.dim() != 1 or tokens_E.shape[0] != w.shape[0] or tokens_E.is_floating_point():
+        raise ValueError(
+            f"{op}: tokens_per_expert_E has shape {tuple(tokens_E.shape)} and dtype {tokens_E.dtype}, "
+            f"expected ({w.shape[0]},) integers (one count per expert of w)"
+        )
+    if gather_N is not None and (gather_N.dim() != 1 or gather_N.dtype != torch.int64):
+        raise ValueError(f"{op}: gather_index_N has shape {tuple(gather_N.shape)} and dtype {gather_N.dtype}, expected (N,) int64")
+    if x.dtype not in TRITON_DTYPES or w.dtype != x.dtype:
+        raise ValueError(f"{op}: x is {x.dtype} and w is {w.dtype}, expected the same dtype, one of {TRITON_DTYPES}")
+    tensors = [("w", w), ("tokens_per_expert_E", tokens_E)] + ([("gather_index_N", gather_N)] if gather_N is not None else [])
+    for name, t in tensors:
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, expected x's device {x.device}")
+    reason = triton_unsupported_reason(x.device, x.dtype)
+    if reason is not None:
+        raise RuntimeError(f"{op}: {reason}")
+
+
+def grouped_gemm_triton(
+    x: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: torch.Tensor, gather_index_N: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The Triton grouped GEMM: x (M_x, I) or x_NI, w_EOI (E, O, I) -> y_NO (N, O), N = len(gather_index_N) or M_x.
+
+    tokens_per_expert_E: (E,) int on x's device, summing to N (not checked: that needs a host sync).
+    Differentiable in x and w (dx of a gathered x sums the rows that read each source row).
+    """
+    _check_rows("grouped_gemm", x, w_EOI, tokens_per_expert_E, gather_index_N)
+    return torch.ops.moe_engine.grouped_gemm(x, w_EOI, tokens_per_expert_E, gather_index_N)
+
+
+def grouped_mlp_triton(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor,
+    activation: str,
+    gather_index_N: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The Triton expert MLP: y_ND[n] = act(x[g(n)] @ w_in[e]^T) @ w_out[e]^T.
+
+    x: (M_x, D) (x_TD when gathering, x_ND otherwise); w_in: (E, H, D), H = 2F (SwiGLU: gate rows,
+    then up rows) or F (GELU); w_out: (E, D, F); tokens_per_expert_E: (E,) int; gather_index_N:
+    optional (N,) int64 rows of x. Returns y_ND (N, D) in x's dtype; differentiable in x, w_in, w_out.
+    """
+    if activation not in MLP_ACTIVATIONS:
+        raise ValueError(f"grouped_mlp: activation = {activation!r}, allowed: {', '.join(MLP_ACTIVATIONS)}")
+    _check_rows("grouped_mlp", x, w_in, tokens_per_expert_E, gather_index_N)
+    hidden = w_in.shape[1] // 2 if activation == "swiglu" else w_in.shape[1]
+    expected = (w_in.shape[0], x.shape[1], hidden)
+    if tuple(w_out.shape) != expected or (activation == "swiglu" and w_in.shape[1] % 2):
+        raise ValueError(
+            f"grouped_mlp: w_in {tuple(w_in.shape)} and w_out {tuple(w_out.shape)} do not fit: for {activation} "
+            f"expected w_out of shape {expected}" + (" and an even w_in.shape[1]" if activation == "swiglu" else "")
+        )
+    if w_out.dtype != x.dtype or w_out.device != x.device:
+        raise ValueError(f"grouped_mlp: w_out is {w_out.dtype} on {w_out.device}, expected {x.dtype} on {x.device}")
+    save_h = torch.is_grad_enabled() and (x.requires_grad or w_in.requires_grad or w_out.requires_grad)
+    y, _ = torch.ops.moe_engine.grouped_mlp(x, w_in, w_out, tokens_per_expert_E, gather_index_N, activation, save_h)
+    return y
+
+
+def grouped_gemm(
+    x: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: torch.Tensor, gather_index_N: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y_NO[n] = x[g(n)] @ w_EOI[e(n)]^T: the Triton kernel or the torch loop, per `select_backend`."""
+    if select_backend("grouped_gemm", x.device, has_triton=TRITON_AVAILABLE) == "triton":
+        return grouped_gemm_triton(x, w_EOI, tokens_per_expert_E, gather_index_N)
+    return grouped_gemm_reference(x, w_EOI, tokens_per_expert_E, gather_index_N)
+
+
+def grouped_mlp(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor,
+    activation: str,
+    gather_index_N: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The expert MLP (see `grouped_mlp_triton`): the Triton kernels or the torch loop, per `select_backend`."""
+    if select_backend("grouped_mlp", x.device, has_triton=TRITON_AVAILABLE) == "triton":
+        return grouped_mlp_triton(x, w_in, w_out, tokens_per_expert_E, activation, gather_index_N)
+    return grouped_mlp_reference(x, w_in, w_out, tokens_per_expert_E, activation, gather_index_N)

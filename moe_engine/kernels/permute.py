@@ -1,26 +1,39 @@
 """Permute token rows into expert-grouped order and back (the dispatch/combine data movement).
 
 Notation: T tokens, K choices per token, E experts, N rows after dispatch (T*K when dropless,
-fewer when capacity dropped choices). A "choice" is the flat index t*K + k into `experts_TK`.
+fewer when capacity dropped choices), C = T*K choices. A "choice" is the flat index t*K + k into
+`experts_TK`; `row_of_choice_C` is the inverse of `choice_N` (row_of_choice_C[choice_N[n]] = n,
+-1 for choices that got no row).
 
 - `expert_order`: the choices sorted by expert (stable, so token order holds inside an expert),
   with dropped choices (-1) cut off, and `tokens_per_expert_E`.
 - `permute`:   x_ND[n] = x_TD[choice_N[n] // K]                          (a gather)
 - `unpermute`: y_TD[t] = sum over rows n of token t of weight[choice_N[n]] * y_ND[n]
-               (a weighted scatter-add, accumulated in fp32)
+               (a weighted sum, accumulated in fp32, fp64 for fp64 inputs)
 
-The functions here are the pure-torch references; Triton kernels of the same ops plug in
-through `moe_engine.kernels.backend.select_backend` (no kernel yet: the reference runs).
+Each op has its pure-torch reference (`*_reference`), a Triton launcher (`*_triton`) and a public
+function that picks one through `select_backend`. The Triton path runs as `moe_engine::*`
+custom ops with fake kernels and autograd formulas, so `torch.compile` traces through it.
+
+The combines are token-centric (one program gathers a token's K rows through `row_of_choice_C`):
+deterministic, no atomics. They need `choice_N` to hold distinct choices, as `expert_order`
+makes it; the references also accept repeated choices.
 """
 
 from __future__ import annotations
 
 import torch
 
+from moe_engine.kernels._triton import TRITON_AVAILABLE, kernel_configs, triton
 from moe_engine.kernels.backend import select_backend
 
-# No Triton kernel of these ops exists yet; select_backend refuses MOE_ENGINE_KERNELS=triton.
-_HAS_TRITON = False
+if TRITON_AVAILABLE:
+    import triton.language as tl
+
+
+# ---------------------------------------------------------------------------------------------
+# References
+# ---------------------------------------------------------------------------------------------
 
 
 def expert_order_reference(
@@ -65,18 +78,516 @@ def unpermute_reference(
     return y_TD.index_add(0, choice_N // top_k, weighted_ND).to(y_ND.dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+def _jit(fn):
+    return triton.jit(fn) if TRITON_AVAILABLE else fn
+
+
+def _autotune(op: str, candidates: list[dict[str, int]], key: list[str]):
+    if not TRITON_AVAILABLE:
+        return lambda fn: fn
+    return lambda fn: triton.autotune(configs=kernel_configs(op, candidates), key=key)(triton.jit(fn))
+
+
+def _expert_order_configs() -> list[dict[str, int]]:
+    # Not autotuned: both passes must share BLOCK_C (the offsets are per block of choices), so the
+    # first candidate runs unless MOE_ENGINE_EXPERT_ORDER_CONFIG pins another. BLOCK_C^2 booleans
+    # (pass 2) and BLOCK_C x BLOCK_G counters (pass 1) live in registers.
+    return [{"BLOCK_C": 128, "BLOCK_G": 64, "num_warps": 4}, {"BLOCK_C": 256, "BLOCK_G": 32, "num_warps": 8}]
+
+
+# Shapes: experts_C (C,) int (the flat experts_TK); counts_GB (G, B) int32 with G = E + 1 buckets
+# (bucket E collects dropped choices and ids outside [0, E)), B = cdiv(C, BLOCK_C) blocks.
+# Grid: (B, cdiv(G, BLOCK_G)).
+@_jit
+def _expert_count_kernel(experts_C_ptr, counts_GB_ptr, C, E, num_blocks, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr):
+    # counts[g, b] = #{c in block b : bucket(c) = g}, as column sums of a one-hot tile (no atomics,
+    # and any E: the buckets are tiled over the second grid axis).
+    pid_b = tl.program_id(0)
+    offs_c = pid_b.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    e_c = tl.load(experts_C_ptr + offs_c, mask=mask_c, other=-1)
+    bucket_c = tl.where((e_c >= 0) & (e_c < E), e_c, E).to(tl.int32)
+    offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    onehot_CG = (bucket_c[:, None] == offs_g[None, :]) & mask_c[:, None]
+    counts_g = tl.sum(onehot_CG.to(tl.int32), axis=0)
+    tl.store(counts_GB_ptr + offs_g.to(tl.int64) * num_blocks + pid_b, counts_g, mask=offs_g <= E)
+
+
+# Shapes: experts_C (C,) int; offsets_GB (G, B) int32, the exclusive prefix sum of counts_GB in
+# bucket-major order, i.e. offsets[g, b] = sum_{g' < g} count(g') + sum_{b' < b} counts[g, b'];
+# choice_N (N,) int64; row_of_choice_C (C,) int32. Grid: (B,).
+@_jit
+def _expert_scatter_kernel(
+    experts_C_ptr, offsets_GB_ptr, choice_N_ptr, row_of_choice_C_ptr, C, E, num_blocks, num_rows, BLOCK_C: tl.constexpr
+):
+    # The stable sort of the buckets: row(c) = offsets[bucket(c), block(c)] + rank(c), with
+    # rank(c) = #{c' < c in the same block with bucket(c') = bucket(c)}; rows >= num_rows are cut
+    # off (dropped choices sit in the last bucket, so they go first). Each choice is written once.
+    pid_b = tl.program_id(0)
+    offs_i = tl.arange(0, BLOCK_C)
+    offs_c = pid_b.to(tl.int64) * BLOCK_C + offs_i
+    mask_c = offs_c < C
+    e_c = tl.load(experts_C_ptr + offs_c, mask=mask_c, other=-1)
+    bucket_c = tl.where((e_c >= 0) & (e_c < E), e_c, E).to(tl.int32)
+    earlier_CC = (bucket_c[:, None] == bucket_c[None, :]) & (offs_i[None, :] < offs_i[:, None]) & mask_c[None, :]
+    rank_c = tl.sum(earlier_CC.to(tl.int32), axis=1)
+    base_c = tl.load(offsets_GB_ptr + bucket_c.to(tl.int64) * num_blocks + pid_b, mask=mask_c, other=0)
+    row_c = base_c + rank_c
+    has_row = mask_c & (row_c < num_rows)
+    tl.store(choice_N_ptr + row_c, offs_c, mask=has_row)
+    tl.store(row_of_choice_C_ptr + offs_c, tl.where(has_row, row_c, -1), mask=mask_c)
+
+
+# Shapes: choice_N (N,) int; row_of_choice_C (C,) int32, filled with -1 beforehand. Grid: cdiv(N, BLOCK_N).
+@_jit
+def _invert_choice_kernel(choice_N_ptr, row_of_choice_C_ptr, N, C, BLOCK_N: tl.constexpr):
+    # row_of_choice[choice_N[n]] = n; choices outside [0, C) are skipped rather than written out of bounds.
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    c_n = tl.load(choice_N_ptr + offs_n, mask=mask_n, other=-1)
+    tl.store(row_of_choice_C_ptr + c_n, offs_n.to(tl.int32), mask=mask_n & (c_n >= 0) & (c_n < C))
+
+
+def _permute_configs() -> list[dict[str, int]]:
+    # A pure gather: one 16-byte vector per thread and row per tile is the goal (bf16: 8 elements,
+    # so BLOCK_D = 8 * 32 * num_warps). The first (small) one is what the interpreter runs.
+    return [
+        {"BLOCK_R": 4, "BLOCK_D": 64, "num_warps": 4},
+        {"BLOCK_R": 1, "BLOCK_D": 1024, "num_warps": 4},
+        {"BLOCK_R": 1, "BLOCK_D": 2048, "num_warps": 8},
+        {"BLOCK_R": 2, "BLOCK_D": 1024, "num_warps": 8},
+        {"BLOCK_R": 4, "BLOCK_D": 512, "num_warps": 8},
+        {"BLOCK_R": 8, "BLOCK_D": 256, "num_warps": 8},
+        {"BLOCK_R": 1, "BLOCK_D": 512, "num_warps": 2},
+    ]
+
+
+# Shapes: x_TD (T, D), row stride stride_x; choice_N (N,) int; x_ND (N, D), row stride stride_out.
+# Grid: (cdiv(N, BLOCK_R), cdiv(D, BLOCK_D)).
+@_autotune("permute", _permute_configs(), key=["D"])
+def _permute_kernel(x_TD_ptr, choice_N_ptr, x_ND_ptr, N, T, D, top_k, stride_x, stride_out,
+                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # x_ND[n, d] = x_TD[choice_N[n] // K, d]. Its derivative, grad_x_TD[t] = sum over the rows n of
+    # token t of grad_x_ND[n], is the unweighted `_combine_kernel`.
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_r = offs_r < N
+    mask_d = offs_d < D
+    token_r = tl.load(choice_N_ptr + offs_r, mask=mask_r, other=0) // top_k
+    in_range = mask_r & (token_r >= 0) & (token_r < T)
+    x = tl.load(x_TD_ptr + token_r.to(tl.int64)[:, None] * stride_x + offs_d[None, :],
+                mask=in_range[:, None] & mask_d[None, :], other=0)
+    tl.store(x_ND_ptr + offs_r[:, None] * stride_out + offs_d[None, :], x, mask=mask_r[:, None] & mask_d[None, :])
+
+
+def _combine_configs() -> list[dict[str, int]]:
+    # A tile holds BLOCK_T * next_pow2(K) * BLOCK_D gathered elements (K = 8: 4K-8K per program).
+    return [
+        {"BLOCK_T": 4, "BLOCK_D": 64, "num_warps": 4},
+        {"BLOCK_T": 1, "BLOCK_D": 256, "num_warps": 4},
+        {"BLOCK_T": 1, "BLOCK_D": 512, "num_warps": 4},
+        {"BLOCK_T": 1, "BLOCK_D": 1024, "num_warps": 8},
+        {"BLOCK_T": 2, "BLOCK_D": 512, "num_warps": 8},
+        {"BLOCK_T": 4, "BLOCK_D": 256, "num_warps": 8},
+    ]
+
+
+# Shapes: src_ND (N, D), row stride stride_src; row_of_choice_C (C,) int32, C = T*K; weights_C (C,)
+# (the flat weights_TK; unused without HAS_WEIGHTS); out_TD (T, D), row stride stride_out.
+# Grid: (cdiv(T, BLOCK_T), cdiv(D, BLOCK_D)). BLOCK_K = next_pow2(K).
+@_autotune("combine", _combine_configs(), key=["D", "top_k"])
+def _combine_kernel(src_ND_ptr, row_of_choice_C_ptr, weights_C_ptr, out_TD_ptr, T, D, top_k, stride_src, stride_out,
+                    HAS_WEIGHTS: tl.constexpr, ACC_FP64: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # out[t, d] = sum_k [row(t,k) >= 0] w[t,k] * src[row(t,k), d], summed in fp32 (fp64 for fp64).
+    # With weights it is unpermute's forward; without, permute's backward (w = 1):
+    #   grad_x_TD[t] = sum_k grad_x_ND[row(t,k)], since d x_ND[n] / d x_TD[t] = [choice_N[n] // K = t].
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_t = offs_t < T
+    mask_d = offs_d < D
+    choice_TK = offs_t[:, None] * top_k + offs_k[None, :]
+    row_TK = tl.load(row_of_choice_C_ptr + choice_TK, mask=mask_t[:, None] & (offs_k[None, :] < top_k), other=-1)
+    has_row = row_TK >= 0
+    src = tl.load(src_ND_ptr + row_TK.to(tl.int64)[:, :, None] * stride_src + offs_d[None, None, :],
+                  mask=has_row[:, :, None] & mask_d[None, None, :], other=0)
+    src = src.to(tl.float64) if ACC_FP64 else src.to(tl.float32)
+    if HAS_WEIGHTS:
+        w_TK = tl.load(weights_C_ptr + choice_TK, mask=has_row, other=0)
+        w_TK = w_TK.to(tl.float64) if ACC_FP64 else w_TK.to(tl.float32)
+        src = src * w_TK[:, :, None]
+    out = tl.sum(src, axis=1)
+    tl.store(out_TD_ptr + offs_t[:, None] * stride_out + offs_d[None, :], out.to(out_TD_ptr.dtype.element_ty),
+             mask=mask_t[:, None] & mask_d[None, :])
+
+
+def _unpermute_backward_configs() -> list[dict[str, int]]:
+    # One program loops over all of D (the weight gradient is a full-row dot product).
+    return [
+        {"BLOCK_T": 4, "BLOCK_D": 64, "num_warps": 4},
+        {"BLOCK_T": 1, "BLOCK_D": 256, "num_warps": 4},
+        {"BLOCK_T": 1, "BLOCK_D": 512, "num_warps": 4},
+        {"BLOCK_T": 1, "BLOCK_D": 1024, "num_warps": 8},
+        {"BLOCK_T": 2, "BLOCK_D": 512, "num_warps": 8},
+    ]
+
+
+# Shapes: grad_y_TD (T, D), row stride stride_g; y_ND (N, D), row stride stride_y; row_of_choice_C
+# (C,) int32; weights_C (C,); grad_y_ND (N, D), row stride stride_gy; grad_weights_C (C,).
+# Grid: (cdiv(T, BLOCK_T),). BLOCK_K = next_pow2(K).
+@_autotune("unpermute_backward", _unpermute_backward_configs(), key=["D", "top_k"])
+def _unpermute_backward_kernel(grad_y_TD_ptr, y_ND_ptr, row_of_choice_C_ptr, weights_C_ptr, grad_y_ND_ptr,
+                               grad_weights_C_ptr, T, D, top_k, stride_g, stride_y, stride_gy,
+                               NEED_GRAD_Y: tl.constexpr, NEED_GRAD_W: tl.constexpr, ACC_FP64: tl.constexpr,
+                               BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # From y_TD[t] = sum_k w[t,k] y_ND[row(t,k)] and g = dL/dy_TD:
+    #   dL/dy_ND[row(t,k)] = w[t,k] * g[t]                (every row belongs to exactly one (t, k))
+    #   dL/dw[t,k]         = sum_d y_ND[row(t,k), d] * g[t, d]   (0 where (t, k) has no row)
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_t = offs_t < T
+    mask_tk = mask_t[:, None] & (offs_k[None, :] < top_k)
+    choice_TK = offs_t[:, None] * top_k + offs_k[None, :]
+    row_TK = tl.load(row_of_choice_C_ptr + choice_TK, mask=mask_tk, other=-1)
+    has_row = row_TK >= 0
+    row_TK = row_TK.to(tl.int64)
+    w_TK = tl.load(weights_C_ptr + choice_TK, mask=has_row, other=0)
+    w_TK = w_TK.to(tl.float64) if ACC_FP64 else w_TK.to(tl.float32)
+    acc_TK = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float64 if ACC_FP64 else tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        g_TD = tl.load(grad_y_TD_ptr + offs_t[:, None] * stride_g + offs_d[None, :],
+                       mask=mask_t[:, None] & mask_d[None, :], other=0)
+        g_TD = g_TD.to(tl.float64) if ACC_FP64 else g_TD.to(tl.float32)
+        mask_rows = has_row[:, :, None] & mask_d[None, None, :]
+        if NEED_GRAD_Y:
+            grad_rows = w_TK[:, :, None] * g_TD[:, None, :]
+            tl.store(grad_y_ND_ptr + row_TK[:, :, None] * stride_gy + offs_d[None, None, :],
+                     grad_rows.to(grad_y_ND_ptr.dtype.element_ty), mask=mask_rows)
+        if NEED_GRAD_W:
+            y = tl.load(y_ND_ptr + row_TK[:, :, None] * stride_y + offs_d[None, None, :], mask=mask_rows, other=0)
+            y = y.to(tl.float64) if ACC_FP64 else y.to(tl.float32)
+            acc_TK += tl.sum(y * g_TD[:, None, :], axis=2)
+    if NEED_GRAD_W:
+        tl.store(grad_weights_C_ptr + choice_TK, acc_TK.to(grad_weights_C_ptr.dtype.element_ty), mask=mask_tk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_index(name: str, index: torch.Tensor, dims: int, device: torch.device) -> None:
+    if index.dim() != dims or index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: expected a {dims}-D int32/int64 tensor, got {index.dim()}-D {index.dtype}")
+    if index.device != device:
+        raise ValueError(f"{name} is on {index.device}, expected {device} like the data")
+
+
+def _check_rows(name: str, x: torch.Tensor) -> torch.Tensor:
+    """A 2-D floating tensor with unit column stride (what the kernels index)."""
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"{name}: expected a 2-D floating tensor, got {x.dim()}-D {x.dtype}")
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _launch_config(op: str, candidates: list[dict[str, int]], config: dict[str, int] | None) -> dict[str, int]:
+    if config is not None:
+        return config
+    chosen = kernel_configs(op, candidates)[0]
+    return {**chosen.kwargs, "num_warps": chosen.num_warps}
+
+
+def _launch(kernel, grid, config: dict[str, int] | None, *args, **constexprs) -> None:
+    """Autotuned launch, or one forced `config` (tests, benchmarks) on the kernel under the autotuner."""
+    if config is None:
+        kernel[grid](*args, **constexprs)
+    else:
+        kernel.fn[grid](*args, **constexprs, **config)
+
+
+def row_of_choice(choice_N: torch.Tensor, num_choices: int) -> torch.Tensor:
+    """The inverse map of choice_N: (C,) int32 with row_of_choice_C[choice_N[n]] = n, -1 elsewhere."""
+    _check_index("choice_N", choice_N, 1, choice_N.device)
+    row_of_choice_C = torch.full((num_choices,), -1, dtype=torch.int32, device=choice_N.device)
+    if choice_N.numel():
+        block = 1024
+        _invert_choice_kernel[(triton.cdiv(choice_N.numel(), block),)](
+            choice_N, row_of_choice_C, choice_N.numel(), num_choices, BLOCK_N=block
+        )
+    return row_of_choice_C
+
+
+def expert_order_triton(
+    experts_TK: torch.Tensor, num_experts: int, num_rows: int | None = None, config: dict[str, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton `expert_order`: (choice_N (N,) int64, tokens_per_expert_E (E,) int64, row_of_choice_C (C,) int32).
+
+    Two launches around one device-side cumsum; a device-to-host sync only when num_rows is None.
+    """
+    _check_index("experts_TK", experts_TK, 2, experts_TK.device)
+    if num_experts < 1:
+        raise ValueError(f"num_experts = {num_experts}: expected >= 1")
+    if num_rows is not None and num_rows < 0:
+        raise ValueError(f"num_rows = {num_rows}: expected >= 0 or None")
+    experts_C = experts_TK.reshape(-1).contiguous()
+    num_choices = experts_C.numel()
+    if num_choices >= 2**31:
+        raise ValueError(f"{num_choices} choices: the row indices are int32, expected fewer than 2**31")
+    device = experts_C.device
+    if num_choices == 0:
+        empty = torch.empty(0, dtype=torch.int64, device=device)
+        return empty, torch.zeros(num_experts, dtype=torch.int64, device=device), empty.to(torch.int32)
+    cfg = _launch_config("expert_order", _expert_order_configs(), config)
+    block_c, block_g, num_warps = cfg["BLOCK_C"], cfg["BLOCK_G"], cfg.get("num_warps", 4)
+    num_blocks, num_buckets = triton.cdiv(num_choices, block_c), num_experts + 1
+    counts_GB = torch.empty(num_buckets, num_blocks, dtype=torch.int32, device=device)
+    _expert_count_kernel[(num_blocks, triton.cdiv(num_buckets, block_g))](
+        experts_C, counts_GB, num_choices, num_experts, num_blocks, BLOCK_C=block_c, BLOCK_G=block_g, num_warps=num_warps
+    )
+    counts_G = counts_GB.sum(dim=1)  # int64
+    tokens_per_expert_E = counts_G[:num_experts]
+    if num_rows is None:
+        num_rows = num_choices - int(counts_G[num_experts])  # NOTE: device-to-host sync (sizes choice_N)
+    num_rows = min(num_rows, num_choices)
+    offsets_GB = (torch.cumsum(counts_GB.view(-1), dim=0, dtype=torch.int32) - counts_GB.view(-1)).view_as(counts_GB)
+    choice_N = torch.empty(num_rows, dtype=torch.int64, device=device)
+    row_of_choice_C = torch.empty(num_choices, dtype=torch.int32, device=device)
+    _expert_scatter_kernel[(num_blocks,)](
+        experts_C, offsets_GB, choice_N, row_of_choice_C, num_choices, num_experts, num_blocks, num_rows,
+        BLOCK_C=block_c, num_warps=num_warps,
+    )
+    return choice_N, tokens_per_expert_E, row_of_choice_C
+
+
+def permute_triton(
+    x_TD: torch.Tensor, choice_N: torch.Tensor, top_k: int, config: dict[str, int] | None = None
+) -> torch.Tensor:
+    """Triton `permute`: x_TD (T, D) -> x_ND (N, D), no autograd (the custom op adds it)."""
+    x_TD = _check_rows("x_TD", x_TD)
+    _check_index("choice_N", choice_N, 1, x_TD.device)
+    if top_k < 1:
+        raise ValueError(f"top_k = {top_k}: expected >= 1")
+    (num_tokens, width), num_rows = x_TD.shape, choice_N.numel()
+    x_ND = torch.empty(num_rows, width, dtype=x_TD.dtype, device=x_TD.device)
+    if num_rows and width:
+        grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_R"]), triton.cdiv(width, meta["BLOCK_D"]))  # noqa: E731
+        _launch(_permute_kernel, grid, config, x_TD, choice_N.contiguous(), x_ND, num_rows, num_tokens, width, top_k,
+                x_TD.stride(0), x_ND.stride(0))
+    return x_ND
+
+
+def _combine(src_ND, row_of_choice_C, weights_C, num_tokens, top_k, out_dtype, config) -> torch.Tensor:
+    width = src_ND.shape[1]
+    out_TD = torch.empty(num_tokens, width, dtype=out_dtype, device=src_ND.device)
+    if num_tokens and width:
+        grid = lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]), triton.cdiv(width, meta["BLOCK_D"]))  # noqa: E731
+        _launch(_combine_kernel, grid, config, src_ND, row_of_choice_C, row_of_choice_C if weights_C is None else weights_C,
+                out_TD, num_tokens, width, top_k, src_ND.stride(0), out_TD.stride(0),
+                HAS_WEIGHTS=weights_C is not None, ACC_FP64=src_ND.dtype == torch.float64,
+                BLOCK_K=triton.next_power_of_2(top_k))
+    return out_TD
+
+
+def permute_backward_triton(
+    grad_x_ND: torch.Tensor, choice_N: torch.Tensor, num_tokens: int, top_k: int, config: dict[str, int] | None = None
+) -> torch.Tensor:
+    """grad_x_TD[t] = sum over the rows n of token t of grad_x_ND[n], summed in fp32: (T, D) in grad_x_ND's dtype."""
+    grad_x_ND = _check_rows("grad_x_ND", grad_x_ND)
+    _check_index("choice_N", choice_N, 1, grad_x_ND.device)
+    if choice_N.numel() != grad_x_ND.shape[0]:
+        raise ValueError(f"choice_N has {choice_N.numel()} rows, grad_x_ND {grad_x_ND.shape[0]}: expected equal")
+    row_of_choice_C = row_of_choice(choice_N, num_tokens * top_k)
+    return _combine(grad_x_ND, row_of_choice_C, None, num_tokens, top_k, grad_x_ND.dtype, config)
+
+
+def _check_choices_and_weights(choice_N: torch.Tensor, num_rows: int, weights_TK: torch.Tensor, num_tokens: int,
+                               device: torch.device) -> None:
+    _check_index("choice_N", choice_N, 1, device)
+    if choice_N.numel() != num_rows:
+        raise ValueError(f"choice_N has {choice_N.numel()} rows, the data {num_rows}: expected equal")
+    if weights_TK.dim() != 2 or not weights_TK.is_floating_point() or weights_TK.device != device:
+        raise ValueError(f"weights_TK: expected a 2-D floating tensor on {device}, got {weights_TK.dim()}-D "
+                         f"{weights_TK.dtype} on {weights_TK.device}")
+    if weights_TK.shape[0] != num_tokens or weights_TK.shape[1] < 1:
+        raise ValueError(f"weights_TK has shape {tuple(weights_TK.shape)}: expected ({num_tokens}, K >= 1) "
+                         f"for num_tokens = {num_tokens}")
+
+
+def unpermute_triton(
+    y_ND: torch.Tensor, choice_N: torch.Tensor, weights_TK: torch.Tensor, num_tokens: int,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """Triton `unpermute`: y_TD[t] = sum_k w[t,k] y_ND[row(t,k)] in fp32 (fp64), (T, D) in y_ND's dtype."""
+    y_ND = _check_rows("y_ND", y_ND)
+    _check_choices_and_weights(choice_N, y_ND.shape[0], weights_TK, num_tokens, y_ND.device)
+    top_k = weights_TK.shape[1]
+    row_of_choice_C = row_of_choice(choice_N, num_tokens * top_k)
+    return _combine(y_ND, row_of_choice_C, weights_TK.contiguous(), num_tokens, top_k, y_ND.dtype, config)
+
+
+def unpermute_backward_triton(
+    grad_y_TD: torch.Tensor, y_ND: torch.Tensor, choice_N: torch.Tensor, weights_TK: torch.Tensor,
+    need_grad_y: bool = True, need_grad_weights: bool = True, config: dict[str, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `unpermute` for grad_y_TD (T, D).
+
+    Returns grad_y_ND (N, D) in grad_y_TD's dtype and grad_weights_TK (T, K) in weights_TK's
+    dtype; a gradient not asked for comes back as a (0,) tensor. y_ND (N, D) is only read for the
+    weight gradient: without it, pass any 2-D tensor of width D (e.g. (0, D)).
+    """
+    grad_y_TD, y_ND = _check_rows("grad_y_TD", grad_y_TD), _check_rows("y_ND", y_ND)
+    num_tokens, width = grad_y_TD.shape
+    num_rows = y_ND.shape[0] if need_grad_weights else choice_N.numel()
+    _check_choices_and_weights(choice_N, num_rows, weights_TK, num_tokens, grad_y_TD.device)
+    if y_ND.shape[1] != width:
+        raise ValueError(f"y_ND has width {y_ND.shape[1]}, grad_y_TD {width}: expected equal")
+    top_k = weights_TK.shape[1]
+    grad_y_ND = torch.empty((num_rows, width) if need_grad_y else (0,), dtype=grad_y_TD.dtype, device=grad_y_TD.device)
+    grad_weights_TK = torch.zeros(weights_TK.shape if need_grad_weights else (0,), dtype=weights_TK.dtype,
+                                  device=grad_y_TD.device)
+    if num_tokens and width and (need_grad_y or need_grad_weights):
+        row_of_choice_C = row_of_choice(choice_N, num_tokens * top_k)
+        grid = lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]),)  # noqa: E731
+        _launch(_unpermute_backward_kernel, grid, config, grad_y_TD, y_ND, row_of_choice_C, weights_TK.contiguous(),
+                grad_y_ND, grad_weights_TK, num_tokens, width, top_k, grad_y_TD.stride(0), y_ND.stride(0), width,
+                NEED_GRAD_Y=need_grad_y, NEED_GRAD_W=need_grad_weights,
+                ACC_FP64=grad_y_TD.dtype == torch.float64, BLOCK_K=triton.next_power_of_2(top_k))
+    return grad_y_ND, grad_weights_TK
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops (what the Triton path runs, so torch.compile traces through it)
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("moe_engine::expert_order", mutates_args=())
+def _expert_order_op(
+    experts_TK: torch.Tensor, num_experts: int, num_rows: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return expert_order_triton(experts_TK, num_experts, num_rows)
+
+
+@_expert_order_op.register_fake
+def _(experts_TK, num_experts, num_rows):
+    num_choices = experts_TK.numel()
+    rows = torch.library.get_ctx().new_dynamic_size() if num_rows is None else min(num_rows, num_choices)
+    return (experts_TK.new_empty(rows, dtype=torch.int64), experts_TK.new_empty(num_experts, dtype=torch.int64),
+            experts_TK.new_empty(num_choices, dtype=torch.int32))
+
+
+@torch.library.custom_op("moe_engine::permute", mutates_args=())
+def _permute_op(x_TD: torch.Tensor, choice_N: torch.Tensor, top_k: int) -> torch.Tensor:
+    return permute_triton(x_TD, choice_N, top_k)
+
+
+@_permute_op.register_fake
+def _(x_TD, choice_N, top_k):
+    return x_TD.new_empty(choice_N.shape[0], x_TD.shape[1])
+
+
+@torch.library.custom_op("moe_engine::permute_backward", mutates_args=())
+def _permute_backward_op(grad_x_ND: torch.Tensor, choice_N: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    return permute_backward_triton(grad_x_ND, choice_N, num_tokens, top_k)
+
+
+@_permute_backward_op.register_fake
+def _(grad_x_ND, choice_N, num_tokens, top_k):
+    return grad_x_ND.new_empty(num_tokens, grad_x_ND.shape[1])
+
+
+def _permute_setup_context(ctx, inputs, output) -> None:
+    x_TD, choice_N, top_k = inputs
+    ctx.save_for_backward(choice_N)
+    ctx.num_tokens, ctx.top_k = x_TD.shape[0], top_k
+
+
+def _permute_autograd(ctx, grad_x_ND):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None
+    (choice_N,) = ctx.saved_tensors
+    return torch.ops.moe_engine.permute_backward(grad_x_ND, choice_N, ctx.num_tokens, ctx.top_k), None, None
+
+
+_permute_op.register_autograd(_permute_autograd, setup_context=_permute_setup_context)
+
+
+@torch.library.custom_op("moe_engine::unpermute", mutates_args=())
+def _unpermute_op(y_ND: torch.Tensor, choice_N: torch.Tensor, weights_TK: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    return unpermute_triton(y_ND, choice_N, weights_TK, num_tokens)
+
+
+@_unpermute_op.register_fake
+def _(y_ND, choice_N, weights_TK, num_tokens):
+    return y_ND.new_empty(num_tokens, y_ND.shape[1])
+
+
+@torch.library.custom_op("moe_engine::unpermute_backward", mutates_args=())
+def _unpermute_backward_op(
+    grad_y_TD: torch.Tensor, y_ND: torch.Tensor, choice_N: torch.Tensor, weights_TK: torch.Tensor,
+    need_grad_y: bool, need_grad_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return unpermute_backward_triton(grad_y_TD, y_ND, choice_N, weights_TK, need_grad_y, need_grad_weights)
+
+
+@_unpermute_backward_op.register_fake
+def _(grad_y_TD, y_ND, choice_N, weights_TK, need_grad_y, need_grad_weights):
+    return (grad_y_TD.new_empty((choice_N.shape[0], grad_y_TD.shape[1]) if need_grad_y else (0,)),
+            weights_TK.new_empty(weights_TK.shape if need_grad_weights else (0,)))
+
+
+def _unpermute_setup_context(ctx, inputs, output) -> None:
+    y_ND, choice_N, weights_TK, _ = inputs
+    need_y, _, need_w, _ = ctx.needs_input_grad
+    # y_ND is only read for the weight gradient: keep it alive only then.
+    ctx.save_for_backward(y_ND if need_w else None, choice_N, weights_TK)
+
+
+def _unpermute_autograd(ctx, grad_y_TD):
+    need_y, _, need_w, _ = ctx.needs_input_grad
+    if not (need_y or need_w):
+        return None, None, None, None
+    y_ND, choice_N, weights_TK = ctx.saved_tensors
+    if y_ND is None:  # not read without the weight gradient
+        y_ND = grad_y_TD.new_empty(0, grad_y_TD.shape[1])
+    grad_y_ND, grad_weights_TK = torch.ops.moe_engine.unpermute_backward(grad_y_TD, y_ND, choice_N, weights_TK, need_y, need_w)
+    return grad_y_ND if need_y else None, None, grad_weights_TK if need_w else None, None
+
+
+_unpermute_op.register_autograd(_unpermute_autograd, setup_context=_unpermute_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
 def expert_order(
     experts_TK: torch.Tensor, num_experts: int, num_rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    select_backend("expert_order", experts_TK.device, _HAS_TRITON)
+    """(choice_N (N,) int64, tokens_per_expert_E (E,) int64); see `expert_order_reference`."""
+    if select_backend("expert_order", experts_TK.device, has_triton=TRITON_AVAILABLE) == "triton":
+        choice_N, tokens_per_expert_E, _ = torch.ops.moe_engine.expert_order(experts_TK, num_experts, num_rows)
+        return choice_N, tokens_per_expert_E
     return expert_order_reference(experts_TK, num_experts, num_rows)
 
 
 def permute(x_TD: torch.Tensor, choice_N: torch.Tensor, top_k: int) -> torch.Tensor:
-    select_backend("permute", x_TD.device, _HAS_TRITON)
+    """x_TD: (T, D) -> x_ND: (N, D); see `permute_reference`."""
+    if select_backend("permute", x_TD.device, has_triton=TRITON_AVAILABLE) == "triton":
+        return torch.ops.moe_engine.permute(x_TD, choice_N, top_k)
     return permute_reference(x_TD, choice_N, top_k)
 
 
 def unpermute(y_ND: torch.Tensor, choice_N: torch.Tensor, weights_TK: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    select_backend("unpermute", y_ND.device, _HAS_TRITON)
+    """y_ND: (N, D) -> y_TD: (T, D) in y_ND's dtype; see `unpermute_reference`."""
+    if select_backend("unpermute", y_ND.device, has_triton=TRITON_AVAILABLE) == "triton":
+        return torch.ops.moe_engine.unpermute(y_ND, choice_N, weights_TK, num_tokens)
     return unpermute_reference(y_ND, choice_N, weights_TK, num_tokens)

@@ -3,8 +3,20 @@
 Only this package may call collectives.
 """
 
+from moe_engine.parallel.all_to_all import AllToAllDispatcher, AllToAllDispatchMeta
 from moe_engine.parallel.dispatcher import LocalDispatcher, LocalDispatchMeta, TokenDispatcher
+from moe_engine.parallel.groups import ParallelGroups, build_parallel_groups, check_parallel_sizes
 
-DISPATCHERS = ("local",)
+DISPATCHERS = ("local", "all_to_all")
 
-__all__ = ["DISPATCHERS", "LocalDispatchMeta", "LocalDispatcher", "TokenDispatcher"]
+__all__ = [
+    "DISPATCHERS",
+    "AllToAllDispatchMeta",
+    "AllToAllDispatcher",
+    "LocalDispatchMeta",
+    "LocalDispatcher",
+    "ParallelGroups",
+    "TokenDispatcher",
+    "build_parallel_groups",
+    "check_parallel_sizes",
+]

@@ -31,6 +31,9 @@ class LocalDispatchMeta:
 
 
 class TokenDispatcher(Protocol):
+    num_experts: int  # E over the whole model
+    num_local_experts: int  # experts this process computes
+
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, object]: ...
 
     def combine(self, y_ND: torch.Tensor, meta: object) -> torch.Tensor: ...
@@ -41,6 +44,7 @@ class LocalDispatcher:
 
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
+        self.num_local_experts = num_experts
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, LocalDispatchMeta]:
         """x_TD: (T, D). Returns x_ND (N, D) grouped by expert, tokens_per_expert_E (E,) int64, meta."""
