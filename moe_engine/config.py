@@ -149,12 +149,24 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """How tokens reach experts. Process groups are built at run time, never stored here."""
+    """How tokens reach experts and how ranks share work. Process groups are built at run time
+    (moe_engine.parallel), never stored here. The world size comes from the launcher (torchrun,
+    deepspeed): every rank holds the replicated parameters and E / expert_parallel_size experts."""
 
-    dispatcher: Literal["local"] = "local"
+    # "local": every expert on every rank; "all_to_all": experts sharded over expert_parallel_size ranks.
+    dispatcher: Literal["local", "all_to_all"] = "local"
+    expert_parallel_size: int = 1
+    # Capacity routing only: pad each expert's rows to the capacity so all-to-all splits are static.
+    fixed_splits: bool = False
+    # Collective backend: "auto" takes nccl on CUDA, gloo on CPU.
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
 
     def __post_init__(self) -> None:
         _check_choices(self, "parallel")
+        if self.expert_parallel_size < 1:
+            _fail("parallel.expert_parallel_size", self.expert_parallel_size, "must be >= 1")
+        if self.expert_parallel_size > 1 and self.dispatcher != "all_to_all":
+            _fail("parallel.expert_parallel_size", self.expert_parallel_size, "needs parallel.dispatcher = 'all_to_all'")
 
 
 @dataclass
@@ -272,6 +284,13 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        ep = self.parallel.expert_parallel_size
+        if self.moe.num_experts % ep:
+            _fail("parallel.expert_parallel_size", ep, f"must divide moe.num_experts ({self.moe.num_experts})")
+        if self.parallel.fixed_splits and self.moe.router.capacity_factor is None:
+            _fail("parallel.fixed_splits", True, "needs moe.router.capacity_factor (dropless routing has no fixed splits)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -16,16 +16,20 @@ class MetricsLogger:
     new ones), so the files load straight into pandas. On resume from step s, rows after s
     that a killed run wrote past its last checkpoint are removed, and TensorBoard purges them too,
     so a resumed run's logs read as one uninterrupted run. A fresh run (resume_step None)
-    removes the CSV files and TensorBoard events already in `out_dir`.
+    removes the CSV files and TensorBoard events already in `out_dir` unless `clear` is False
+    (the ranks other than 0 of a distributed run, which write no logs).
     """
 
-    def __init__(self, out_dir: str | Path, *, csv_files: bool, tensorboard: bool, resume_step: int | None) -> None:
+    def __init__(
+        self, out_dir: str | Path, *, csv_files: bool, tensorboard: bool, resume_step: int | None, clear: bool = True
+    ) -> None:
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if csv_files or tensorboard or clear:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         self.csv_files = csv_files
         self._columns: dict[str, list[str]] = {}
         self._writer = None
-        if resume_step is None:
+        if resume_step is None and clear:
             # A fresh run owns the directory's logs: drop those of an earlier run (e.g. one
             # killed before its first checkpoint), so they are not continued or mixed in.
             for path in self.out_dir.glob("*.csv"):

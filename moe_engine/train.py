@@ -34,6 +34,18 @@ from moe_engine.mtl.data import ResumableBatches, eval_batches, load_task_data
 from moe_engine.mtl.digits import build_digits_tasks
 from moe_engine.mtl.model import MultiTaskTransformer
 from moe_engine.mtl.tasks import MultiTaskData
+from moe_engine.parallel import AllToAllDispatcher
+from moe_engine.parallel.runtime import (
+    DistributedRun,
+    all_reduce_gradients,
+    all_reduce_sum,
+    barrier,
+    clip_gradients,
+    init_distributed,
+    rank_slice,
+    signal_any_rank,
+)
+from moe_engine.parallel.sharding import canonical_state, load_canonical_state
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,8 +74,11 @@ class TrainResult:
     checkpoint: Path | None
 
 
-def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
-    """The device and the autocast dtype (None: plain fp32) that train.device/train.precision ask for."""
+def resolve_device(cfg: Config, local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
+    """The device and the autocast dtype (None: plain fp32) that train.device/train.precision ask for.
+
+    Under a launcher each rank takes the GPU of its LOCAL_RANK.
+    """
     name = cfg.train.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,7 +87,8 @@ def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if name == "cuda" else "fp32"
-    return torch.device(name), (torch.bfloat16 if precision == "bf16" else None)
+    device = torch.device("cuda", local_rank) if name == "cuda" else torch.device("cpu")
+    return device, (torch.bfloat16 if precision == "bf16" else None)
 
 
 def build_data(cfg: Config) -> MultiTaskData:
@@ -103,14 +119,34 @@ def lr_lambda(cfg: Config) -> Callable[[int], float]:
     return factor
 
 
-def multitask_loss(model: MultiTaskTransformer, features_BD: torch.Tensor, task_B: torch.Tensor, label_B: torch.Tensor):
-    """Mean over the tasks present of each task's mean cross-entropy; also the per-task losses (detached)."""
+def task_counts(task_B: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """(num_tasks,) float32: examples of each task in the batch."""
+    return torch.bincount(task_B, minlength=num_tasks).float()
+
+
+def multitask_loss(
+    model: MultiTaskTransformer,
+    features_BD: torch.Tensor,
+    task_B: torch.Tensor,
+    label_B: torch.Tensor,
+    global_counts: torch.Tensor | None = None,
+):
+    """Mean over the tasks present of each task's mean cross-entropy; also the per-task losses (detached).
+
+    global_counts: (num_tasks,) examples per task in the *global* batch when this rank holds a
+    slice of it. Each task's summed loss is divided by its global count, so the ranks' losses
+    add up to the loss of the whole batch (and SUM-reduced gradients are its gradient).
+    """
+    counts = task_counts(task_B, len(model.tasks)) if global_counts is None else global_counts
+    num_present = (counts > 0).sum()
     losses = {}
     for t, spec in enumerate(model.tasks):
+        if counts[t] == 0:
+            continue
         rows = (task_B == t).nonzero().squeeze(-1)
-        if rows.numel():
-            losses[spec.name] = F.cross_entropy(model.logits(features_BD[rows], t).float(), label_B[rows])
-    total = torch.stack(list(losses.values())).mean()
+        summed = F.cross_entropy(model.logits(features_BD[rows], t).float(), label_B[rows], reduction="sum")
+        losses[spec.name] = summed / counts[t]
+    total = torch.stack(list(losses.values())).sum() / num_present
     return total, {name: value.detach() for name, value in losses.items()}
 
 
@@ -121,14 +157,17 @@ class Trainer:
         self.cfg = cfg
         self.out_dir = Path(cfg.train.out_dir)
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_checkpoints)
+        device_type = "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
+        self.run_info: DistributedRun = init_distributed(
+            cfg.parallel.backend, device_type, cfg.parallel.expert_parallel_size, cfg.moe.num_experts,
+            needs_groups=cfg.parallel.dispatcher == "all_to_all",
+        )
         resume_path = self._resume_path(resume, overwrite)
         if cfg.train.num_threads is not None:
             torch.set_num_threads(cfg.train.num_threads)
-        torch.manual_seed(cfg.train.seed)
-        self.device, self.amp_dtype = resolve_device(cfg)
+        self.device, self.amp_dtype = resolve_device(cfg, self.run_info.local_rank)
         self.data = build_data(cfg)
-        image_shape = tuple(self.data.train[0]["pixels"].shape)
-        self.model = MultiTaskTransformer(cfg.model, cfg.moe, self.data.tasks, image_shape).to(self.device)
+        self.model = self._build_model()
         self.optimizer = torch.optim.AdamW(
             self._param_groups(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
         )
@@ -140,14 +179,42 @@ class Trainer:
         if state is not None:
             self._load_state(state)
             self.last_checkpoint = resume_path
+        # Rank 0 writes the logs; the other ranks compute the same (all-reduced) numbers.
         self.logger = MetricsLogger(
-            self.out_dir, csv_files=cfg.logging.csv, tensorboard=cfg.logging.tensorboard,
-            resume_step=self.step if state is not None else None,
+            self.out_dir, csv_files=cfg.logging.csv and self.run_info.is_main,
+            tensorboard=cfg.logging.tensorboard and self.run_info.is_main,
+            resume_step=self.step if state is not None else None, clear=self.run_info.is_main,
         )
-        (self.out_dir / "config.yaml").write_text(cfg.to_yaml())
+        if self.run_info.is_main:
+            (self.out_dir / "config.yaml").write_text(cfg.to_yaml())
         self._signal: int | None = None
 
     # ---------------------------------------------------------------- setup helpers
+
+    def _build_model(self) -> MultiTaskTransformer:
+        """The model, with its experts sharded over the EP group when the all-to-all dispatcher is on.
+
+        Every rank first builds the whole single-process model from the seed and then keeps its
+        share of it, so a run starts from the same weights at every EP size (and RNG draws after
+        this point match a single-process run's).
+        """
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        image_shape = tuple(self.data.train[0]["pixels"].shape)
+        whole = MultiTaskTransformer(cfg.model, cfg.moe, self.data.tasks, image_shape)
+        groups = self.run_info.groups
+        if cfg.parallel.dispatcher != "all_to_all":
+            return whole.to(self.device)
+        rng_after_init = torch.get_rng_state()
+        model = MultiTaskTransformer(
+            cfg.model, cfg.moe, self.data.tasks, image_shape,
+            make_dispatcher=lambda moe_cfg: AllToAllDispatcher(
+                moe_cfg.num_experts, groups.ep_group, fixed_splits=cfg.parallel.fixed_splits
+            ),
+        )
+        torch.set_rng_state(rng_after_init)
+        load_canonical_state(model, None, whole.state_dict(), None, groups.ep_rank, groups.ep_size)
+        return model.to(self.device)
 
     def _resume_path(self, resume: str | None, overwrite: bool) -> Path | None:
         existing = self.checkpoints.latest()
@@ -160,8 +227,9 @@ class Trainer:
                 f"train.out_dir = {str(self.out_dir)!r} already holds checkpoints (newest: {existing.name}); "
                 "pass --resume to continue that run, --overwrite to start over, or --set train.out_dir=... for a new one"
             )
-        if existing is not None:
+        if existing is not None and self.run_info.is_main:
             shutil.rmtree(self.out_dir / "checkpoints")  # the logs go when MetricsLogger starts fresh
+        barrier(self.run_info)  # nobody looks at the directory again before rank 0 has cleared it
         return None
 
     def _param_groups(self) -> list[dict[str, Any]]:
@@ -173,18 +241,21 @@ class Trainer:
         return [{"params": decay, "weight_decay": self.cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
     def state_dict(self) -> dict[str, Any]:
+        """The canonical (single-process layout) state; gathers expert shards, so every rank calls it."""
+        model_sd, optim_sd = canonical_state(self.model, self.optimizer, self.run_info.groups)
         return {
             "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_sd,
+            "optimizer": optim_sd,
             "scheduler": self.scheduler.state_dict(),
             "data": self.batches.state_dict(),
             "rng": rng_state(),
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        groups = self.run_info.groups
+        ep_rank, ep_size = (groups.ep_rank, groups.ep_size) if groups is not None else (0, 1)
+        load_canonical_state(self.model, self.optimizer, state["model"], state["optimizer"], ep_rank, ep_size)
         self.scheduler.load_state_dict(state["scheduler"])
         try:
             self.batches.load_state_dict(state["data"])
@@ -194,7 +265,12 @@ class Trainer:
         self.step = state["step"]
 
     def save_checkpoint(self) -> Path:
-        self.last_checkpoint = self.checkpoints.save(self.state_dict(), self.step)
+        """Every rank takes part (expert shards are gathered); rank 0 writes the file."""
+        state = self.state_dict()
+        if self.run_info.is_main:
+            self.checkpoints.save(state, self.step)
+        barrier(self.run_info)  # the file exists for everyone once save_checkpoint returns
+        self.last_checkpoint = self.checkpoints.path_for(self.step)
         return self.last_checkpoint
 
     # ---------------------------------------------------------------- the loop
@@ -203,28 +279,41 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One optimizer step on one batch; returns its metrics. Raises NonFiniteLossError before the update."""
+        """One optimizer step on one global batch (this rank takes its slice); returns the step's
+        metrics, equal on every rank. Raises NonFiniteLossError before the update."""
         self.model.train()
+        run, num_tasks = self.run_info, len(self.model.tasks)
+        batch = rank_slice(batch, run)
         pixels, task, label = (batch[k].to(self.device, non_blocking=True) for k in ("pixels", "task", "label"))
+        global_counts = all_reduce_sum(task_counts(task, num_tasks), run) if run.world_size > 1 else None
         with self._autocast():
             out = self.model(pixels, task)
-            task_loss, per_task = multitask_loss(self.model, out.features_BD, task, label)
-        loss = task_loss + out.aux_loss
-        loss_value = loss.item()  # NOTE: device-to-host sync, once a step, for the NaN guard and the log
-        if not math.isfinite(loss_value):
-            self._non_finite("loss", loss_value)
+            task_loss, per_task = multitask_loss(self.model, out.features_BD, task, label, global_counts)
+        # The balance loss is a statistic of each rank's micro-batch (as in DeepSpeed and Megatron-Core);
+        # dividing by the world size makes the SUM-reduced gradient that of the ranks' mean.
+        aux_loss = out.aux_loss / run.world_size
+        loss = task_loss + aux_loss
+        per_task_T = torch.stack([per_task.get(spec.name, loss.new_zeros(())) for spec in self.model.tasks])
+        logged = torch.cat([torch.stack([loss, task_loss, aux_loss]).detach().float(), per_task_T.float()])
+        logged = all_reduce_sum(logged, run).tolist()  # NOTE: device-to-host sync, once a step, for the NaN guard and the log
+        if not math.isfinite(logged[0]):
+            self._non_finite("loss", logged[0])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if run.groups is not None:
+            all_reduce_gradients(self.model, run.groups)
+        grad_norm = clip_gradients(self.model, run.groups, self.cfg.optim.grad_clip)
         if not math.isfinite(grad_norm):
             self._non_finite("gradient norm", grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        metrics = {"loss": loss_value, "task_loss": float(task_loss.detach()), "aux_loss": float(out.aux_loss.detach()), "grad_norm": grad_norm, "lr": lr}
-        metrics.update({f"loss_{spec.name}": float(per_task[spec.name]) if spec.name in per_task else None for spec in self.model.tasks})
+        present = task_counts(task, num_tasks) if global_counts is None else global_counts
+        metrics = {"loss": logged[0], "task_loss": logged[1], "aux_loss": logged[2], "grad_norm": grad_norm, "lr": lr}
+        metrics.update(
+            {f"loss_{spec.name}": logged[3 + t] if present[t] > 0 else None for t, spec in enumerate(self.model.tasks)}
+        )
         return metrics
 
     def _non_finite(self, what: str, value: float) -> None:
@@ -236,25 +325,31 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
-        """Accuracy and loss per task on the test split, and tokens per expert per MoE layer (L, E)."""
+        """Accuracy and loss per task on the test split, and tokens per expert per MoE layer (L, E).
+
+        Each rank evaluates its slice of every batch; the sums are all-reduced, so every rank
+        returns the numbers of the whole split.
+        """
         self.model.eval()
         num_tasks, num_experts = len(self.model.tasks), self.cfg.moe.num_experts
-        correct, seen, loss_sum = torch.zeros(num_tasks), torch.zeros(num_tasks), torch.zeros(num_tasks)
-        counts_LE = torch.zeros(len(self.model.moe_layers), num_experts, dtype=torch.long)
+        sums = torch.zeros(3, num_tasks, device=self.device)  # correct, seen, summed loss
+        counts_LE = torch.zeros(len(self.model.moe_layers), num_experts, dtype=torch.long, device=self.device)
         for batch in eval_batches(self.data.test, self.cfg.data.eval_batch_size):
+            batch = rank_slice(batch, self.run_info)
             pixels, task, label = (batch[k].to(self.device) for k in ("pixels", "task", "label"))
             with self._autocast():
                 out = self.model(pixels, task)
             for layer, routing in enumerate(out.routings):
                 kept = routing.experts_TK[routing.experts_TK >= 0]
-                counts_LE[layer] += torch.bincount(kept, minlength=num_experts).cpu()
+                counts_LE[layer] += torch.bincount(kept, minlength=num_experts)
             for t in range(num_tasks):
                 rows = (task == t).nonzero().squeeze(-1)
-                if rows.numel():
-                    logits = self.model.logits(out.features_BD[rows], t).float()
-                    correct[t] += (logits.argmax(-1) == label[rows]).sum().cpu()
-                    loss_sum[t] += F.cross_entropy(logits, label[rows], reduction="sum").cpu()
-                    seen[t] += rows.numel()
+                logits = self.model.logits(out.features_BD[rows], t).float()
+                sums[0, t] += (logits.argmax(-1) == label[rows]).sum()
+                sums[1, t] += rows.numel()
+                sums[2, t] += F.cross_entropy(logits, label[rows], reduction="sum")
+        correct, seen, loss_sum = all_reduce_sum(sums, self.run_info).cpu()
+        counts_LE = all_reduce_sum(counts_LE, self.run_info).cpu()
         metrics = {}
         for t, spec in enumerate(self.model.tasks):
             metrics[f"accuracy_{spec.name}"] = float(correct[t] / seen[t].clamp_min(1))
@@ -289,6 +384,9 @@ class Trainer:
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
                 if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.max_steps:
                     self.logger.log("eval", self.step, self.evaluate()[0])
+                if self.run_info.world_size > 1:
+                    # Ranks stop together: a signal seen by any rank (at any step) stops all of them here.
+                    self._signal = signal_any_rank(self._signal, self.run_info, self.device)
                 due = self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps
                 if due or self._signal is not None:
                     self.save_checkpoint()

@@ -21,6 +21,8 @@ from typing import Callable, Iterator
 import pytest
 import torch
 
+import moe_engine.train
+
 import moe_engine.train as train_module
 from moe_engine import cli
 from moe_engine.checkpoint import CheckpointMismatchError, load_checkpoint
@@ -311,13 +313,13 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(
 
 def test_non_finite_gradient_norm_stops_the_run(make_cfg: MakeConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     trainer = Trainer(make_cfg("run", "train.checkpoint_every=2"))
-    real_clip = torch.nn.utils.clip_grad_norm_
+    real_clip = moe_engine.train.clip_gradients
 
-    def clip(parameters, max_norm, *args, **kwargs):
-        norm = real_clip(parameters, max_norm, *args, **kwargs)
+    def clip(model, groups, max_norm):
+        norm = real_clip(model, groups, max_norm)
         return norm * float("inf") if trainer.step == 2 else norm
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    monkeypatch.setattr(moe_engine.train, "clip_gradients", clip)
     with pytest.raises(NonFiniteLossError, match="gradient norm is inf at step 3") as info:
         trainer.run()
     assert str(trainer.checkpoints.path_for(2)) in str(info.value)

@@ -1,0 +1,88 @@
+"""Data- and expert-parallel training on CPU ranks (gloo) against the single-process run.
+
+With dropout off and the batch-statistic balance loss off (it is a per-rank statistic by design;
+the z-loss stays on, being a per-token mean), N ranks must follow the single-process run step for
+step: same losses and same final weights, up to float summation order. Checkpoints are canonical,
+so one saved at EP=2 resumes at EP=4 and in a single process.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import run_ranks
+from moe_engine.config import load_config
+from moe_engine.train import Trainer
+
+STEPS = 6
+TINY = [
+    "model.d_model=16", "model.num_layers=2", "model.num_heads=2", "model.ffn_hidden=16", "model.dropout=0.0",
+    "moe.num_experts=4", "moe.ffn_hidden=16", "moe.router.aux_loss_coef=0.0",
+    "data.batch_size=16", "data.eval_batch_size=128", "data.pairs_per_task=100",
+    f"train.max_steps={STEPS}", "train.eval_every=1000", "train.checkpoint_every=3", "train.num_threads=1",
+    "logging.log_every=1", "logging.progress_bar=false", "logging.tensorboard=false",
+]
+
+
+def _cfg(out_dir: Path, *extra: str):
+    return load_config(None, [*TINY, f"train.out_dir={out_dir}", *extra])
+
+
+def _losses(out_dir: Path) -> list[float]:
+    with (out_dir / "train.csv").open() as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def _train_on_ranks(rank: int, world_size: int, out_dir: str, extra: tuple[str, ...], resume: str | None) -> None:
+    Trainer(_cfg(Path(out_dir), *extra), resume=resume).run()
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory) -> Path:
+    out_dir = tmp_path_factory.mktemp("single")
+    Trainer(_cfg(out_dir)).run()
+    return out_dir
+
+
+def _final_model(out_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out_dir / "checkpoints" / f"step_{STEPS:08d}.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize(
+    "world_size, extra",
+    [
+        (2, ()),  # pure data parallel: every expert on every rank
+        (2, ("parallel.dispatcher=all_to_all", "parallel.expert_parallel_size=2")),
+        (4, ("parallel.dispatcher=all_to_all", "parallel.expert_parallel_size=2")),  # two EDP replicas
+    ],
+    ids=["dp2", "ep2", "ep2x2"],
+)
+def test_parallel_run_follows_the_single_process_run(single_process: Path, tmp_path: Path, world_size, extra) -> None:
+    run_ranks(world_size, _train_on_ranks, str(tmp_path), extra, None)
+    assert _losses(tmp_path) == pytest.approx(_losses(single_process), rel=1e-5)
+    expected = _final_model(single_process)
+    for name, tensor in _final_model(tmp_path).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_checkpoint_saved_at_ep2_resumes_at_ep4_and_in_one_process(single_process: Path, tmp_path: Path) -> None:
+    ep2, ep4, single = tmp_path / "ep2", tmp_path / "ep4", tmp_path / "single"
+    ep = ("parallel.dispatcher=all_to_all",)
+    halfway = f"train.max_steps={STEPS // 2}"
+    # EP=2 trains the first half (its last checkpoint is step 3) ...
+    run_ranks(2, _train_on_ranks, str(ep2), (*ep, "parallel.expert_parallel_size=2", halfway), None)
+    checkpoint = str(ep2 / "checkpoints" / f"step_{STEPS // 2:08d}.pt")
+    # ... then EP=4 and a single process each finish the run from that checkpoint.
+    run_ranks(4, _train_on_ranks, str(ep4), (*ep, "parallel.expert_parallel_size=4"), checkpoint)
+    Trainer(_cfg(single), resume=checkpoint).run()
+    reference = _losses(single_process)[STEPS // 2 :]
+    assert _losses(ep4) == pytest.approx(reference, rel=1e-5)
+    assert _losses(single) == pytest.approx(reference, rel=1e-5)
+    expected = _final_model(single_process)
+    for out_dir in (ep4, single):
+        for name, tensor in _final_model(out_dir).items():
+            torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-6, msg=name)
