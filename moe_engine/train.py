@@ -46,6 +46,7 @@ from moe_engine.parallel.runtime import (
     signal_any_rank,
 )
 from moe_engine.parallel.sharding import canonical_state, load_canonical_state
+from moe_engine.parallel.telemetry import load_imbalance
 
 
 class NonFiniteLossError(RuntimeError):
@@ -148,6 +149,12 @@ def multitask_loss(
         losses[spec.name] = summed / counts[t]
     total = torch.stack(list(losses.values())).sum() / num_present
     return total, {name: value.detach() for name, value in losses.items()}
+
+
+def _expert_counts(routing) -> torch.Tensor:
+    """(E,) float32: kept choices per expert of one MoE layer's routing on this rank."""
+    kept = routing.experts_TK[routing.experts_TK >= 0]
+    return torch.bincount(kept, minlength=routing.num_experts).float()
 
 
 class Trainer:
@@ -294,7 +301,9 @@ class Trainer:
         aux_loss = out.aux_loss / run.world_size
         loss = task_loss + aux_loss
         per_task_T = torch.stack([per_task.get(spec.name, loss.new_zeros(())) for spec in self.model.tasks])
-        logged = torch.cat([torch.stack([loss, task_loss, aux_loss]).detach().float(), per_task_T.float()])
+        counts_LE = torch.stack([_expert_counts(r) for r in out.routings]) if out.routings else loss.new_zeros(0, 0)
+        # One all-reduce carries every number the log needs: losses, per-task losses, expert counts.
+        logged = torch.cat([torch.stack([loss, task_loss, aux_loss]).detach().float(), per_task_T.float(), counts_LE.flatten().float()])
         logged = all_reduce_sum(logged, run).tolist()  # NOTE: device-to-host sync, once a step, for the NaN guard and the log
         if not math.isfinite(logged[0]):
             self._non_finite("loss", logged[0])
@@ -314,7 +323,21 @@ class Trainer:
         metrics.update(
             {f"loss_{spec.name}": logged[3 + t] if present[t] > 0 else None for t, spec in enumerate(self.model.tasks)}
         )
+        if out.routings:
+            global_counts_LE = torch.tensor(logged[3 + num_tasks :]).view(counts_LE.shape)
+            ep_size = run.groups.ep_size if run.groups is not None else 1
+            metrics.update(load_imbalance(global_counts_LE, ep_size))
+        metrics.update(self._traffic())
         return metrics
+
+    def _traffic(self) -> dict[str, float]:
+        """This rank's all-to-all volume (MB, both directions, forward and backward) and time this step."""
+        meters = [m.dispatcher.traffic for m in self.model.moe_layers if hasattr(m.dispatcher, "traffic")]
+        if not meters:
+            return {}
+        stats = [meter.read_and_reset() for meter in meters]
+        moved = sum(s["bytes_sent"] + s["bytes_received"] for s in stats)
+        return {"all_to_all_mb": moved / 1e6, "all_to_all_ms": 1e3 * sum(s["seconds"] for s in stats)}
 
     def _non_finite(self, what: str, value: float) -> None:
         where = self.last_checkpoint if self.last_checkpoint is not None else "none saved yet"
@@ -377,6 +400,8 @@ class Trainer:
                 seconds = time.perf_counter() - step_start
                 metrics["samples_per_s"] = cfg.data.batch_size / seconds
                 metrics["tokens_per_s"] = cfg.data.batch_size * tokens_per_sample / seconds
+                if "all_to_all_ms" in metrics:
+                    metrics["all_to_all_share"] = metrics["all_to_all_ms"] / (1e3 * seconds)
                 if self.step % cfg.logging.log_every == 0 or self.step == target:
                     self.logger.log("train", self.step, metrics)
                 if progress is not None:

@@ -83,10 +83,30 @@ def _check_rank(rank: int, world_size: int, ep_size: int, capacity_factor, fixed
         grad = getattr(layer.experts, name).grad.clone()
         dist.all_reduce(grad, group=groups.edp_group)
         torch.testing.assert_close(grad, getattr(ref.experts, name).grad[local], rtol=1e-5, atol=1e-10)
+    if capacity_factor is None:
+        _check_traffic(dispatcher, out.routing.experts_TK, groups)
     if skew == "one_expert":
         # Every token chose expert 5 first: dropless, its rank gets all of them; with capacity C it keeps C.
         kept_on_5 = int((out.routing.experts_TK == 5).sum())
         assert kept_on_5 == (T_PER_RANK if capacity_factor is None else min(T_PER_RANK, out.routing.capacity))
+
+
+def _check_traffic(dispatcher: AllToAllDispatcher, experts_TK: torch.Tensor, groups) -> None:
+    """Bytes crossing ranks in forward + backward, from the routing of every rank of the EP group.
+
+    Rows this rank sends off-rank (S) go out in the dispatch and come back in the combine; rows it
+    receives from other ranks (R) come in and go back. Backward repeats both, reversed, so each
+    direction moves 2 * (S + R) rows of D float64 values.
+    """
+    all_experts = [torch.empty_like(experts_TK) for _ in range(groups.ep_size)]
+    dist.all_gather(all_experts, experts_TK, group=groups.ep_group)
+    mine = torch.tensor(list(dispatcher.local_expert_ids))
+    sent = int((~torch.isin(experts_TK, mine)).sum())
+    received = sum(int(torch.isin(e, mine).sum()) for r, e in enumerate(all_experts) if r != groups.ep_rank)
+    stats = dispatcher.traffic.read_and_reset()
+    expected = 2 * (sent + received) * D * 8
+    assert stats["bytes_sent"] == expected and stats["bytes_received"] == expected, (stats, expected)
+    assert stats["calls"] == 4 and stats["seconds"] >= 0.0
 
 
 def _all_cases(rank: int, world_size: int, ep_sizes: tuple[int, ...]) -> None:

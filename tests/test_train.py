@@ -506,7 +506,7 @@ def test_csv_columns_and_logged_steps(make_cfg: MakeConfig) -> None:
     train_rows, eval_rows = read_rows(trainer.out_dir / "train.csv"), read_rows(trainer.out_dir / "eval.csv")
     assert list(train_rows[0]) == [
         "step", "loss", "task_loss", "aux_loss", "grad_norm", "lr",
-        "loss_parity", "loss_left", "samples_per_s", "tokens_per_s",
+        "loss_parity", "loss_left", "expert_imbalance", "rank_imbalance", "samples_per_s", "tokens_per_s",
     ]
     assert list(eval_rows[0]) == ["step", "accuracy_parity", "loss_parity", "accuracy_left", "loss_left"]
     assert [int(r["step"]) for r in train_rows] == [3, 6, 8]  # every log_every-th step, and the last
@@ -516,6 +516,8 @@ def test_csv_columns_and_logged_steps(make_cfg: MakeConfig) -> None:
         assert float(row["lr"]) == pytest.approx(1e-2 * factor(int(row["step"]) - 1))  # the lr this step used
         assert float(row["loss"]) == pytest.approx(float(row["task_loss"]) + float(row["aux_loss"]), rel=1e-5)
         assert all(math.isfinite(float(v)) and float(v) >= 0 for v in row.values())
+        # max/mean over 4 experts lies in [1, 4]; a single process is one rank, perfectly balanced.
+        assert 1.0 <= float(row["expert_imbalance"]) <= 4.0 and float(row["rank_imbalance"]) == 1.0
     for row in eval_rows:
         assert all(0.0 <= float(row[f"accuracy_{t}"]) <= 1.0 for t in ("parity", "left"))
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from moe_engine.kernels.permute import expert_order, permute, unpermute
 from moe_engine.parallel.collectives import all_to_all, all_to_all_counts
+from moe_engine.parallel.telemetry import TrafficMeter
 from moe_engine.routing.types import Routing
 
 
@@ -60,6 +61,8 @@ class AllToAllDispatcher:
         self.ep_rank = dist.get_rank(ep_group)
         self.group = ep_group
         self.fixed_splits = fixed_splits
+        # Bytes and time of this dispatcher's exchanges (token rows only), read once a step by the trainer.
+        self.traffic = TrafficMeter()
 
     @property
     def local_expert_ids(self) -> range:
@@ -83,7 +86,7 @@ class AllToAllDispatcher:
         received_PL = all_to_all_counts(counts_PL, self.group)  # received_PL[r, l]: rows from rank r for expert l
         both = torch.stack([counts_PL.sum(1), received_PL.sum(1)]).tolist()  # NOTE: device-to-host sync (split sizes)
         send_splits, recv_splits = both
-        x_RD = all_to_all(x_ND, recv_splits, send_splits, self.group)
+        x_RD = all_to_all(x_ND, recv_splits, send_splits, self.group, self.traffic)
         # Received rows come by (source rank, local expert); a stable sort by local expert regroups them.
         local_expert_R = torch.repeat_interleave(
             torch.arange(L, device=x_TD.device).repeat(P), received_PL.reshape(-1), output_size=x_RD.shape[0]
@@ -100,7 +103,7 @@ class AllToAllDispatcher:
         slot_N = expert_N * C + (torch.arange(choice_N.numel(), device=x_ND.device) - starts_E[expert_N])
         x_padded = x_ND.new_zeros(self.num_experts * C, x_ND.shape[1]).index_copy(0, slot_N, x_ND)
         splits = [L * C] * P
-        x_RD = all_to_all(x_padded, splits, splits, self.group)
+        x_RD = all_to_all(x_padded, splits, splits, self.group, self.traffic)
         # (source, local expert, slot) -> (local expert, source, slot): a fixed transpose, no index.
         x_MD = x_RD.view(P, L, C, -1).transpose(0, 1).reshape(L * P * C, -1)
         tokens_per_local_expert_L = torch.full((L,), P * C, dtype=torch.int64, device=x_ND.device)
@@ -112,11 +115,11 @@ class AllToAllDispatcher:
         if meta.slot_N is not None:
             P, L = self.ep_size, self.num_local_experts
             y_RD = y_MD.view(L, P, -1, y_MD.shape[-1]).transpose(0, 1).reshape(y_MD.shape)
-            y_padded = all_to_all(y_RD, meta.send_splits, meta.recv_splits, self.group)
+            y_padded = all_to_all(y_RD, meta.send_splits, meta.recv_splits, self.group, self.traffic)
             y_ND = y_padded.index_select(0, meta.slot_N)
         else:
             inverse_R = torch.empty_like(meta.regroup_M)
             inverse_R[meta.regroup_M] = torch.arange(meta.regroup_M.numel(), device=y_MD.device)
             y_RD = permute(y_MD, inverse_R, 1)
-            y_ND = all_to_all(y_RD, meta.send_splits, meta.recv_splits, self.group)
+            y_ND = all_to_all(y_RD, meta.send_splits, meta.recv_splits, self.group, self.traffic)
         return unpermute(y_ND, meta.choice_N, meta.weights_TK, num_tokens)

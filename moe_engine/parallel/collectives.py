@@ -5,30 +5,47 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from moe_engine.parallel.telemetry import TrafficMeter
+
+
+def _exchange(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group, meter: TrafficMeter | None):
+    out = x.new_empty(sum(output_splits), *x.shape[1:])
+    x = x.contiguous()
+    if meter is None:
+        dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
+        return out
+    # Only rows that cross to another rank count as traffic; the own-rank block is a local copy.
+    me = dist.get_rank(group)
+    row_bytes = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+    sent = (sum(input_splits) - input_splits[me]) * row_bytes
+    received = (sum(output_splits) - output_splits[me]) * row_bytes
+    with meter.measure(sent, received, x.is_cuda):
+        dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
+    return out
+
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_ND, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
-        ctx.splits, ctx.group = (output_splits, input_splits), group
-        out = x_ND.new_empty(sum(output_splits), *x_ND.shape[1:])
-        dist.all_to_all_single(out, x_ND.contiguous(), output_splits, input_splits, group=group)
-        return out
+    def forward(ctx, x_ND, output_splits: list[int], input_splits: list[int], group, meter) -> torch.Tensor:
+        ctx.splits, ctx.group, ctx.meter = (output_splits, input_splits), group, meter
+        return _exchange(x_ND, output_splits, input_splits, group, meter)
 
     @staticmethod
     def backward(ctx, grad_out):
         output_splits, input_splits = ctx.splits
-        grad_in = grad_out.new_empty(sum(input_splits), *grad_out.shape[1:])
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), input_splits, output_splits, group=ctx.group)
-        return grad_in, None, None, None
+        return _exchange(grad_out, input_splits, output_splits, ctx.group, ctx.meter), None, None, None, None
 
 
-def all_to_all(x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+def all_to_all(
+    x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], group, meter: TrafficMeter | None = None
+) -> torch.Tensor:
     """Send input_splits[r] rows of x_ND to rank r of `group`; receive output_splits[r] rows from it.
 
     x_ND: (sum(input_splits), ...). Returns (sum(output_splits), ...), rows ordered by source rank.
     Zero-row splits are fine: every rank still enters the collective, so nobody hangs.
+    meter: counts the bytes and time of this exchange and of its backward.
     """
-    return _AllToAll.apply(x_ND, list(output_splits), list(input_splits), group)
+    return _AllToAll.apply(x_ND, list(output_splits), list(input_splits), group, meter)
 
 
 def all_to_all_counts(counts: torch.Tensor, group) -> torch.Tensor:
