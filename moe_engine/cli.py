@@ -2,6 +2,7 @@
 
     moe-engine train [--config PATH] [--set a.b.c=VALUE ...] [--resume [CHECKPOINT]] [--overwrite]
     moe-engine config [--config PATH] [--set ...]      print the resolved config as YAML
+    moe-engine bench [--quick] [--shapes ...] [--routing ...] [--out PATH]   benchmark vs peers
 
 Errors a user can fix (a config value, a checkpoint that does not fit, a run directory in use)
 print one line naming the problem and exit with status 2, before any training starts.
@@ -40,12 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="start over in a train.out_dir that holds checkpoints")
     show = commands.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(show)
+    bench = commands.add_parser("bench", help="benchmark our MoE layer and kernels against their peers")
+    from moe_engine.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
     return parser
 
 
 def format_report(cfg: Config, trainer: Trainer, result: TrainResult) -> str:
     """The end-of-run summary: per-task results against chance, tokens per expert, where files went."""
-    lines = [f"\ntrained {result.step} steps in {result.wall_seconds:.1f} s on {trainer.device}"]
+    ranks = f" x {trainer.run_info.world_size} ranks" if trainer.run_info.world_size > 1 else ""
+    lines = [f"\ntrained {result.step} steps in {result.wall_seconds:.1f} s on {trainer.device}{ranks}"]
     lines.append(f"{'task':<8} {'metric':<9} {'result':>7} {'chance':>7}  description")
     for spec in trainer.data.tasks:
         acc = result.eval_metrics[f"accuracy_{spec.name}"]
@@ -63,6 +69,7 @@ def format_report(cfg: Config, trainer: Trainer, result: TrainResult) -> str:
 
 def _train(args: argparse.Namespace) -> int:
     from moe_engine.checkpoint import CheckpointMismatchError
+    from moe_engine.parallel.runtime import shutdown_distributed
     from moe_engine.train import NonFiniteLossError, RunDirectoryError, Trainer, TrainingInterrupted
 
     cfg = load_config(args.config, args.overrides)
@@ -71,32 +78,48 @@ def _train(args: argparse.Namespace) -> int:
     except (CheckpointMismatchError, RunDirectoryError, FileNotFoundError) as err:
         print(f"moe-engine train: error: {err}", file=sys.stderr)
         return 2
-    if trainer.step:
-        print(f"resuming from {trainer.last_checkpoint} at step {trainer.step}", file=sys.stderr)
+    main_rank = trainer.run_info.is_main  # under a launcher, rank 0 speaks for the job
     try:
-        result = trainer.run()
-    except TrainingInterrupted as err:
-        print(f"moe-engine train: {err}", file=sys.stderr)
-        return 128 + err.signum
-    except NonFiniteLossError as err:
-        print(f"moe-engine train: error: {err}", file=sys.stderr)
-        return 1
-    report = {
-        "step": result.step,
-        "wall_seconds": result.wall_seconds,
-        "eval": result.eval_metrics,
-        "chance": {t.name: t.chance for t in trainer.data.tasks},
-        "tokens_per_expert": result.tokens_per_expert_LE.tolist(),
-        "checkpoint": str(result.checkpoint),
-    }
-    (trainer.out_dir / "results.json").write_text(json.dumps(report, indent=2))
-    print(format_report(cfg, trainer, result))
-    return 0
+        if trainer.step and main_rank:
+            print(f"resuming from {trainer.last_checkpoint} at step {trainer.step}", file=sys.stderr)
+        try:
+            result = trainer.run()
+        except TrainingInterrupted as err:
+            if main_rank:
+                print(f"moe-engine train: {err}", file=sys.stderr)
+            return 128 + err.signum
+        except NonFiniteLossError as err:
+            if main_rank:
+                print(f"moe-engine train: error: {err}", file=sys.stderr)
+            return 1
+        if main_rank:
+            report = {
+                "step": result.step,
+                "wall_seconds": result.wall_seconds,
+                "eval": result.eval_metrics,
+                "chance": {t.name: t.chance for t in trainer.data.tasks},
+                "tokens_per_expert": result.tokens_per_expert_LE.tolist(),
+                "checkpoint": str(result.checkpoint),
+                "world_size": trainer.run_info.world_size,
+            }
+            (trainer.out_dir / "results.json").write_text(json.dumps(report, indent=2))
+            print(format_report(cfg, trainer, result))
+        return 0
+    finally:
+        shutdown_distributed(trainer.run_info)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from moe_engine.bench import run
+
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "bench":
+            return _bench(args)
         if args.command == "config":
             print(load_config(args.config, args.overrides).to_yaml(), end="")
             return 0

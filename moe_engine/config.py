@@ -71,6 +71,12 @@ class RouterConfig:
     capacity_factor: float | None = None
     # Which choices an over-full expert keeps: earliest (first choices before second) or highest weight.
     drop_policy: Literal["position", "score"] = "position"
+    # Aux-loss-free balancing (DeepSeek-V3): a per-expert selection bias moved by this much per step
+    # toward balance (0.001 in the paper); 0 turns it off.
+    expert_bias_rate: float = 0.0
+    # Group-limited routing (DeepSeek-V3): experts in n_groups groups, tokens pick among the best topk_groups.
+    n_groups: int = 1
+    topk_groups: int = 1
 
     def __post_init__(self) -> None:
         _check_choices(self, "moe.router")
@@ -81,9 +87,13 @@ class RouterConfig:
         _check_positive("moe.router", scaling_factor=self.scaling_factor)
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             _fail("moe.router.capacity_factor", self.capacity_factor, "must be > 0, or null for dropless")
-        for name in ("aux_loss_coef", "z_loss_coef"):
+        for name in ("aux_loss_coef", "z_loss_coef", "expert_bias_rate"):
             if getattr(self, name) < 0:
                 _fail(f"moe.router.{name}", getattr(self, name), "must be >= 0")
+        if self.n_groups < 1:
+            _fail("moe.router.n_groups", self.n_groups, "must be >= 1")
+        if not 1 <= self.topk_groups <= self.n_groups:
+            _fail("moe.router.topk_groups", self.topk_groups, f"must be in [1, moe.router.n_groups = {self.n_groups}]")
 
 
 @dataclass
@@ -108,6 +118,12 @@ class MoEConfig:
             _fail("moe.num_experts", self.num_experts, "must be >= 1")
         if self.router.top_k > self.num_experts:
             _fail("moe.router.top_k", self.router.top_k, f"must be <= moe.num_experts ({self.num_experts})")
+        groups = self.router.n_groups
+        if self.num_experts % groups:
+            _fail("moe.router.n_groups", groups, f"must divide moe.num_experts ({self.num_experts})")
+        offered = self.router.topk_groups * (self.num_experts // groups)
+        if self.router.top_k > offered:
+            _fail("moe.router.top_k", self.router.top_k, f"must be <= the {offered} experts of moe.router.topk_groups groups")
         _check_positive("moe", ffn_hidden=self.ffn_hidden)
         if self.num_shared_experts < 0:
             _fail("moe.num_shared_experts", self.num_shared_experts, "must be >= 0")

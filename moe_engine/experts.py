@@ -1,6 +1,8 @@
 """Expert MLPs: `GroupedExperts` over rows grouped by expert, and the dense `MLP` (shared experts, dense blocks).
 
 Both support SwiGLU (silu(x W_gate^T) * (x W_up^T)) W_down^T and GELU (gelu(x W_up^T) W_down^T).
+`GroupedExperts` runs one of three implementations: a loop of matmuls, torch._grouped_mm, or the
+Triton grouped GEMM with fused activation (moe_engine.kernels.grouped_gemm.grouped_mlp_triton).
 """
 
 from __future__ import annotations
@@ -11,14 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_engine.kernels._triton import TRITON_AVAILABLE
+from moe_engine.kernels.backend import select_backend
 from moe_engine.kernels.grouped_gemm import (
     grouped_linear_grouped_mm,
     grouped_linear_loop,
+    grouped_mlp_triton,
     grouped_mm_unsupported_reason,
+    triton_unsupported_reason,
 )
 
 ACTIVATIONS = ("swiglu", "gelu")
-EXPERT_IMPLS = ("auto", "loop", "grouped_mm")
+EXPERT_IMPLS = ("auto", "loop", "grouped_mm", "triton")
 
 
 def _activate(h_NH: torch.Tensor, activation: str) -> torch.Tensor:
@@ -45,6 +51,12 @@ class GroupedExperts(nn.Module):
 
     forward(x_ND, tokens_per_expert_E) -> y_ND: x_ND (N, D) rows sorted by expert;
     tokens_per_expert_E (E,) int64 sums to N (experts with 0 rows are fine).
+    forward_gathered(x_TD, gather_index_N, tokens_per_expert_E) -> y_ND: the same on rows
+    x_TD[gather_index_N]; the Triton path reads them through the index, without the copy.
+
+    impl: "loop", "grouped_mm", "triton", or "auto": Triton where `select_backend` picks it
+    (CUDA by default, or MOE_ENGINE_KERNELS=triton) and it supports the dtype; otherwise
+    torch._grouped_mm where it can run, else the loop.
     """
 
     def __init__(
@@ -66,7 +78,13 @@ class GroupedExperts(nn.Module):
         nn.init.uniform_(self.w_out, -1 / math.sqrt(ffn_hidden), 1 / math.sqrt(ffn_hidden))
 
     def resolve_impl(self, device: torch.device, dtype: torch.dtype) -> str:
-        """'loop' or 'grouped_mm' for inputs on `device` in `dtype`."""
+        """'loop', 'grouped_mm' or 'triton' for inputs on `device` in `dtype`."""
+        triton_reason = triton_unsupported_reason(device, dtype)
+        if self.impl == "triton" and triton_reason is not None:
+            raise ValueError(f"moe.experts_impl = 'triton' cannot run here: {triton_reason}; use 'loop' or 'auto'")
+        if self.impl == "auto" and select_backend("grouped_mlp", device, has_triton=TRITON_AVAILABLE) == "triton":
+            if triton_reason is None:
+                return "triton"
         reason = grouped_mm_unsupported_reason(device, dtype, (self.d_model, self.ffn_hidden, self.w_in.shape[1]))
         if self.impl == "grouped_mm" and reason is not None:
             raise ValueError(f"moe.experts_impl = 'grouped_mm' cannot run here: {reason}; use 'loop' or 'auto'")
@@ -76,10 +94,24 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x_ND)
-        linear = grouped_linear_grouped_mm if self.resolve_impl(x_ND.device, dtype) == "grouped_mm" else grouped_linear_loop
+        impl = self.resolve_impl(x_ND.device, dtype)
         x_ND = x_ND.to(dtype)
+        if impl == "triton":
+            return grouped_mlp_triton(x_ND, self.w_in.to(dtype), self.w_out.to(dtype), tokens_per_expert_E, self.activation)
+        linear = grouped_linear_grouped_mm if impl == "grouped_mm" else grouped_linear_loop
         h_NH = linear(x_ND, self.w_in.to(dtype), tokens_per_expert_E)
         return linear(_activate(h_NH, self.activation), self.w_out.to(dtype), tokens_per_expert_E)
+
+    def forward_gathered(
+        self, x_TD: torch.Tensor, gather_index_N: torch.Tensor, tokens_per_expert_E: torch.Tensor
+    ) -> torch.Tensor:
+        """y_ND for rows x_TD[gather_index_N] (N,) int64, grouped by expert; the gradient of x_TD sums
+        over the rows that read each token. The Triton path fuses the gather into the up-projection."""
+        dtype = _compute_dtype(x_TD)
+        if self.resolve_impl(x_TD.device, dtype) != "triton":
+            return self.forward(x_TD.index_select(0, gather_index_N), tokens_per_expert_E)
+        w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
+        return grouped_mlp_triton(x_TD.to(dtype), w_in, w_out, tokens_per_expert_E, self.activation, gather_index_N)
 
     def extra_repr(self) -> str:
         return (

@@ -262,7 +262,10 @@ class Trainer:
     def _load_state(self, state: dict[str, Any]) -> None:
         groups = self.run_info.groups
         ep_rank, ep_size = (groups.ep_rank, groups.ep_size) if groups is not None else (0, 1)
-        load_canonical_state(self.model, self.optimizer, state["model"], state["optimizer"], ep_rank, ep_size)
+        try:
+            load_canonical_state(self.model, self.optimizer, state["model"], state["optimizer"], ep_rank, ep_size)
+        except (RuntimeError, ValueError) as err:  # missing/unexpected keys or shapes torch names
+            raise CheckpointMismatchError(f"the checkpoint's tensors do not fit this model: {err}") from err
         self.scheduler.load_state_dict(state["scheduler"])
         try:
             self.batches.load_state_dict(state["data"])
@@ -327,6 +330,10 @@ class Trainer:
             global_counts_LE = torch.tensor(logged[3 + num_tasks :]).view(counts_LE.shape)
             ep_size = run.groups.ep_size if run.groups is not None else 1
             metrics.update(load_imbalance(global_counts_LE, ep_size))
+            rate = self.cfg.moe.router.expert_bias_rate
+            if rate > 0:  # the same global counts on every rank: replicas stay identical
+                for layer, counts_E in zip(self.model.moe_layers, global_counts_LE):
+                    layer.router.update_expert_bias(counts_E, rate)
         metrics.update(self._traffic())
         return metrics
 

@@ -270,19 +270,45 @@ def test_bad_backend_value_raises_naming_it(monkeypatch, value):
         _run_all_ops()
 
 
-@pytest.mark.parametrize(
-    "op",
-    [
-        lambda: expert_order(torch.zeros(2, 1, dtype=torch.int64), 2),
-        lambda: permute(torch.zeros(2, 3), torch.arange(2), 1),
-        lambda: unpermute(torch.zeros(2, 3), torch.arange(2), torch.ones(2, 1), 2),
-    ],
-    ids=["expert_order", "permute", "unpermute"],
-)
-def test_triton_backend_refused_while_no_kernel_exists(monkeypatch, op):
+_OPS = [
+    lambda device: expert_order(torch.zeros(2, 1, dtype=torch.int64, device=device), 2),
+    lambda device: permute(torch.zeros(2, 3, device=device), torch.arange(2, device=device), 1),
+    lambda device: unpermute(torch.zeros(2, 3, device=device), torch.arange(2, device=device),
+                             torch.ones(2, 1, device=device), 2),
+]
+
+
+@pytest.mark.parametrize("op", _OPS, ids=["expert_order", "permute", "unpermute"])
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch, op):
+    # Asking for Triton where it cannot run is an error, never a silent fallback to the reference.
     monkeypatch.setenv(ENV_VAR, "triton")
-    with pytest.raises(RuntimeError, match="no Triton kernel"):
-        op()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match=f"{ENV_VAR}=triton on cpu: Triton kernels run on CUDA"):
+        op("cpu")
+
+
+@pytest.mark.parametrize("op", _OPS, ids=["expert_order", "permute", "unpermute"])
+def test_triton_backend_runs_the_custom_ops(monkeypatch, op):
+    # CUDA, or the CPU under Triton's interpreter (which tests/conftest.py turns on without CUDA).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.namespace)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setenv(ENV_VAR, "triton")
+    with RecordOps() as record:
+        op("cuda" if torch.cuda.is_available() else "cpu")
+    assert "moe_engine" in record.names
+    monkeypatch.setenv(ENV_VAR, "torch")
+    with RecordOps() as record:
+        op("cuda" if torch.cuda.is_available() else "cpu")
+    assert "moe_engine" not in record.names
 
 
 @pytest.mark.parametrize("value", ["torch", ""])

@@ -106,17 +106,13 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def grouped_linear_grouped_mm(
-    x_NI: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: torch.Tensor
-) -> torch.Tensor:
+def grouped_linear_grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
     """Same contract as `grouped_linear_loop`, as one torch._grouped_mm call."""
     offsets_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
     return _ContiguousGrad.apply(torch._grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offsets_E))
 
 
-# ---------------------------------------------------------------------------------------------
 # References
-
 
 def activate_reference(h_NH: torch.Tensor, activation: str) -> torch.Tensor:
     """SwiGLU reads h as [gate | up] halves (gate first, as HF's fused gate_up_proj); GELU (exact erf) uses all of h."""
@@ -135,11 +131,7 @@ def grouped_gemm_reference(
 
 
 def grouped_mlp_reference(
-    x: torch.Tensor,
-    w_in: torch.Tensor,
-    w_out: torch.Tensor,
-    tokens_per_expert_E: torch.Tensor,
-    activation: str,
+    x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor, activation: str,
     gather_index_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y_ND[n] = act(x[g(n)] @ w_in[e]^T) @ w_out[e]^T; w_in (E, H, D), w_out (E, D, F)."""
@@ -147,9 +139,7 @@ def grouped_mlp_reference(
     return grouped_linear_loop(activate_reference(h_NH, activation), w_out, tokens_per_expert_E)
 
 
-# ---------------------------------------------------------------------------------------------
 # Kernels
-
 
 def _grouped_gemm_configs() -> list[dict[str, int]]:
     """Candidates of `_grouped_gemm_kernel`; the first (small) one is what the interpreter runs."""
@@ -157,8 +147,8 @@ def _grouped_gemm_configs() -> list[dict[str, int]]:
     return small + [
         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
-            (64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 32, 4, 4),
-            (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (128, 256, 32, 8, 4),
+            (64, 128, 64, 4, 4), (64, 128, 64, 8, 4), (128, 64, 64, 8, 4), (128, 128, 32, 4, 4), (128, 128, 64, 4, 3),
+            (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 32, 8, 4),
         ]
     ]
 
@@ -176,11 +166,20 @@ def _grouped_gemm_dw_configs() -> list[dict[str, int]]:
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
-    """SwiGLU keeps two accumulators: drop BLOCK_N = 256 there; drop BLOCK_N far wider than O."""
+    """Drop configs that spill registers (seen in ptxas output for sm_90) or are far wider than O.
+
+    Accumulator elements per thread, BLOCK_M * BLOCK_N / (32 * num_warps): at most 128 for one
+    accumulator, 64 for SwiGLU's two, 32 for the backward epilogues (acc, h tiles and their
+    derivatives live at once).
+    """
     args = {**named_args, **kwargs}
-    max_n = 128 if args.get("EPILOGUE") in ("swiglu", "swiglu_bwd") else 256
-    max_n = min(max_n, max(64, triton.next_power_of_2(int(args.get("O", 256)))))
-    return [c for c in configs if c.kwargs["BLOCK_N"] <= max_n] or configs[:1]
+    per_thread = {"swiglu": 64, "swiglu_bwd": 32, "gelu_bwd": 32}.get(args.get("EPILOGUE"), 128)
+    max_n = max(64, triton.next_power_of_2(int(args.get("O", 256))))
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_N"] <= max_n and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= per_thread * 32 * c.num_warps
+    ]
+    return kept or configs[:1]
 
 
 if TRITON_AVAILABLE:
@@ -257,11 +256,9 @@ if TRITON_AVAILABLE:
         pid_n = (pid % group) // group_m
         # The expert of M-tile pid_m: how many experts' tiles end at or before it.
         e = tl.sum((tile_ends <= pid_m).to(tl.int32), 0)
-        here = offs_e == e
-        ends = tl.cumsum(counts, 0)
-        row_end = tl.sum(tl.where(here, ends, 0), 0)
-        rows = tl.sum(tl.where(here, ends - counts, 0), 0)
-        rows += (pid_m - tl.sum(tl.where(here, tile_ends - tiles, 0), 0)) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_start, row_end = _expert_rows(tokens_ptr, e, E, BLOCK_E)
+        first_tile = tl.sum(tl.where(offs_e == e, tile_ends - tiles, 0), 0)
+        rows = row_start + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = (rows < row_end) & (rows < N)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < O
@@ -309,11 +306,12 @@ if TRITON_AVAILABLE:
             act_ptrs = act_ptr + rows64[:, None] * stride_am + cols[None, :]
             g = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
             if EPILOGUE == "swiglu_bwd":
-                up = tl.load(h_ptrs + O, mask=ok, other=0.0).to(tl.float32)
                 s = tl.sigmoid(g)
-                tl.store(y_ptrs, (acc * up * s * (1.0 + g * (1.0 - s))).to(out_ty), mask=ok)
-                tl.store(y_ptrs + O, (acc * g * s).to(out_ty), mask=ok)
-                tl.store(act_ptrs, (g * s * up).to(out_ty), mask=ok)
+                silu = g * s
+                up = tl.load(h_ptrs + O, mask=ok, other=0.0).to(tl.float32)
+                tl.store(act_ptrs, (silu * up).to(out_ty), mask=ok)
+                tl.store(y_ptrs + O, (acc * silu).to(out_ty), mask=ok)
+                tl.store(y_ptrs, (acc * up * (s + silu * (1.0 - s))).to(out_ty), mask=ok)
             else:
                 cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
                 pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327
@@ -370,18 +368,7 @@ if TRITON_AVAILABLE:
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=o_ok[:, None] & i_ok[None, :])
 
 
-def _launch_gemm(
-    x: torch.Tensor,
-    b_EKO: torch.Tensor,
-    tokens_E: torch.Tensor,
-    gather_N: torch.Tensor | None,
-    y: torch.Tensor,
-    out_width: int,
-    epilogue: str = "none",
-    h: torch.Tensor | None = None,
-    act: torch.Tensor | None = None,
-    store_h: bool = False,
-) -> None:
+def _launch_gemm(x, b_EKO, tokens_E, gather_N, y, out_width, epilogue="none", h=None, act=None, store_h=False) -> None:
     """Fill y (and h / act, per the epilogue) from x rows and the strided (E, K, O) weight view b_EKO."""
     num_rows, num_experts, k_dim = y.shape[0], b_EKO.shape[0], b_EKO.shape[1]
     if num_rows == 0 or out_width == 0:
@@ -428,9 +415,7 @@ def _num_rows(x: torch.Tensor, gather_N: torch.Tensor | None) -> int:
     return x.shape[0] if gather_N is None else gather_N.shape[0]
 
 
-# ---------------------------------------------------------------------------------------------
 # Custom ops (Triton), their fakes and autograd
-
 
 @torch.library.custom_op("moe_engine::grouped_gemm", mutates_args=())
 def _grouped_gemm_op(
@@ -448,20 +433,18 @@ def _(x, w_EOI, tokens_per_expert_E, gather_index_N):
 
 @torch.library.custom_op("moe_engine::grouped_gemm_dx", mutates_args=())
 def _grouped_gemm_dx_op(
-    dy_NO: torch.Tensor,
-    w_EOI: torch.Tensor,
-    tokens_per_expert_E: torch.Tensor,
-    gather_index_N: Optional[torch.Tensor],
+    dy_NO: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: torch.Tensor, gather_index_N: Optional[torch.Tensor],
     num_x_rows: int,
 ) -> torch.Tensor:
     """dx_N[n] = dy[n] @ w[e(n)]; with a gather, dx[m] = sum of dx_N[n] over rows n with gather[n] = m."""
-    dx_NI = dy_NO.new_empty(dy_NO.shape[0], w_EOI.shape[2])
+    # With a gather the kernel writes fp32 rows: a token's K row gradients are summed in fp32, not bf16.
+    row_dtype = dy_NO.dtype if gather_index_N is None else torch.float32
+    dx_NI = dy_NO.new_empty(dy_NO.shape[0], w_EOI.shape[2], dtype=row_dtype)
     _launch_gemm(dy_NO, w_EOI, tokens_per_expert_E, None, dx_NI, w_EOI.shape[2])
     if gather_index_N is None:
         return dx_NI
-    # fp32 accumulation: a token's K row gradients must not be summed in bf16.
-    dx = torch.zeros(num_x_rows, w_EOI.shape[2], dtype=torch.promote_types(dy_NO.dtype, torch.float32), device=dy_NO.device)
-    return dx.index_add_(0, gather_index_N, dx_NI.to(dx.dtype)).to(dy_NO.dtype)
+    dx = dx_NI.new_zeros(num_x_rows, w_EOI.shape[2])
+    return dx.index_add_(0, gather_index_N, dx_NI).to(dy_NO.dtype)
 
 
 @_grouped_gemm_dx_op.register_fake
@@ -503,13 +486,8 @@ _grouped_gemm_op.register_autograd(_gemm_backward, setup_context=_gemm_setup_con
 
 @torch.library.custom_op("moe_engine::grouped_mlp", mutates_args=())
 def _grouped_mlp_op(
-    x: torch.Tensor,
-    w_in: torch.Tensor,
-    w_out: torch.Tensor,
-    tokens_per_expert_E: torch.Tensor,
-    gather_index_N: Optional[torch.Tensor],
-    activation: str,
-    save_h: bool,
+    x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+    gather_index_N: Optional[torch.Tensor], activation: str, save_h: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y (N, D), h (N, H) pre-activation, or (0, H) when not save_h); h is for the backward only."""
     num_rows, hidden = _num_rows(x, gather_index_N), w_out.shape[2]
@@ -566,29 +544,22 @@ def _mlp_backward(ctx, grad_y, _grad_h):
 _grouped_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
 
 
-# ---------------------------------------------------------------------------------------------
 # Launchers (validate, then call the custom op) and the public ops
 
-
-def _check_rows(
-    op: str, x: torch.Tensor, w: torch.Tensor, tokens_E: torch.Tensor, gather_N: torch.Tensor | None
-) -> None:
+def _check_rows(op: str, x: torch.Tensor, w: torch.Tensor, tokens_E: torch.Tensor, gather_N: torch.Tensor | None) -> None:
     if x.dim() != 2:
         raise ValueError(f"{op}: x has shape {tuple(x.shape)}, expected 2-D (rows, {w.shape[-1]})")
     if w.dim() != 3 or w.shape[2] != x.shape[1]:
         raise ValueError(f"{op}: w has shape {tuple(w.shape)}, expected (E, out, {x.shape[1]}) to match x's width")
     if tokens_E.dim() != 1 or tokens_E.shape[0] != w.shape[0] or tokens_E.is_floating_point():
-        raise ValueError(
-            f"{op}: tokens_per_expert_E has shape {tuple(tokens_E.shape)} and dtype {tokens_E.dtype}, "
-            f"expected ({w.shape[0]},) integers (one count per expert of w)"
-        )
+        raise ValueError(f"{op}: tokens_per_expert_E has shape {tuple(tokens_E.shape)} and dtype {tokens_E.dtype}, "
+                         f"expected ({w.shape[0]},) integers (one count per expert of w)")
     if gather_N is not None and (gather_N.dim() != 1 or gather_N.dtype != torch.int64):
         raise ValueError(f"{op}: gather_index_N has shape {tuple(gather_N.shape)} and dtype {gather_N.dtype}, expected (N,) int64")
     if x.dtype not in TRITON_DTYPES or w.dtype != x.dtype:
         raise ValueError(f"{op}: x is {x.dtype} and w is {w.dtype}, expected the same dtype, one of {TRITON_DTYPES}")
-    tensors = [("w", w), ("tokens_per_expert_E", tokens_E)] + ([("gather_index_N", gather_N)] if gather_N is not None else [])
-    for name, t in tensors:
-        if t.device != x.device:
+    for name, t in (("w", w), ("tokens_per_expert_E", tokens_E), ("gather_index_N", gather_N)):
+        if t is not None and t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device}, expected x's device {x.device}")
     reason = triton_unsupported_reason(x.device, x.dtype)
     if reason is not None:
@@ -608,11 +579,7 @@ def grouped_gemm_triton(
 
 
 def grouped_mlp_triton(
-    x: torch.Tensor,
-    w_in: torch.Tensor,
-    w_out: torch.Tensor,
-    tokens_per_expert_E: torch.Tensor,
-    activation: str,
+    x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor, activation: str,
     gather_index_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Triton expert MLP: y_ND[n] = act(x[g(n)] @ w_in[e]^T) @ w_out[e]^T.
@@ -627,10 +594,8 @@ def grouped_mlp_triton(
     hidden = w_in.shape[1] // 2 if activation == "swiglu" else w_in.shape[1]
     expected = (w_in.shape[0], x.shape[1], hidden)
     if tuple(w_out.shape) != expected or (activation == "swiglu" and w_in.shape[1] % 2):
-        raise ValueError(
-            f"grouped_mlp: w_in {tuple(w_in.shape)} and w_out {tuple(w_out.shape)} do not fit: for {activation} "
-            f"expected w_out of shape {expected}" + (" and an even w_in.shape[1]" if activation == "swiglu" else "")
-        )
+        raise ValueError(f"grouped_mlp: w_in {tuple(w_in.shape)} and w_out {tuple(w_out.shape)} do not fit: for {activation} "
+                         f"expected w_out of shape {expected}" + (" and an even w_in.shape[1]" if activation == "swiglu" else ""))
     if w_out.dtype != x.dtype or w_out.device != x.device:
         raise ValueError(f"grouped_mlp: w_out is {w_out.dtype} on {w_out.device}, expected {x.dtype} on {x.device}")
     save_h = torch.is_grad_enabled() and (x.requires_grad or w_in.requires_grad or w_out.requires_grad)
@@ -648,11 +613,7 @@ def grouped_gemm(
 
 
 def grouped_mlp(
-    x: torch.Tensor,
-    w_in: torch.Tensor,
-    w_out: torch.Tensor,
-    tokens_per_expert_E: torch.Tensor,
-    activation: str,
+    x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor, activation: str,
     gather_index_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The expert MLP (see `grouped_mlp_triton`): the Triton kernels or the torch loop, per `select_backend`."""

@@ -17,14 +17,16 @@ custom ops with fake kernels and autograd formulas, so `torch.compile` traces th
 
 The combines are token-centric (one program gathers a token's K rows through `row_of_choice_C`):
 deterministic, no atomics. They need `choice_N` to hold distinct choices, as `expert_order`
-makes it; the references also accept repeated choices.
+makes it; the references also accept repeated choices. Autotuned tiles can be pinned with
+MOE_ENGINE_{PERMUTE,UNPERMUTE,UNPERMUTE_BACKWARD,EXPERT_ORDER}_CONFIG (UNPERMUTE's kernel also
+runs permute's backward); the launchers take `config=` to force one tile (tests, benchmarks).
 """
 
 from __future__ import annotations
 
 import torch
 
-from moe_engine.kernels._triton import TRITON_AVAILABLE, kernel_configs, triton
+from moe_engine.kernels._triton import TRITON_AVAILABLE, interpreting, kernel_configs, triton
 from moe_engine.kernels.backend import select_backend
 
 if TRITON_AVAILABLE:
@@ -91,6 +93,20 @@ def _autotune(op: str, candidates: list[dict[str, int]], key: list[str]):
     if not TRITON_AVAILABLE:
         return lambda fn: fn
     return lambda fn: triton.autotune(configs=kernel_configs(op, candidates), key=key)(triton.jit(fn))
+
+
+@_jit
+def _round_to(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    # Cast the fp32/fp64 accumulator x to the output dtype, rounding to nearest even. Triton 3.9's
+    # interpreter truncates fp32 -> bf16 instead (so a bf16 sum of 1 + 3 * 2^-9 comes out 1.0, not
+    # 1.0078125); under it (EMULATE_RNE) round in the bits first: add 0x7FFF plus the lowest kept
+    # bit, clear the 16 dropped bits, so the value is exact in bf16 and any cast keeps it. NaNs pass.
+    if EMULATE_RNE and dtype == tl.bfloat16:
+        x32 = x.to(tl.float32)
+        bits = x32.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x32 != x32, x32, bits.to(tl.float32, bitcast=True))
+    return x.to(dtype)
 
 
 def _expert_order_configs() -> list[dict[str, int]]:
@@ -163,6 +179,8 @@ def _permute_configs() -> list[dict[str, int]]:
         {"BLOCK_R": 2, "BLOCK_D": 1024, "num_warps": 8},
         {"BLOCK_R": 4, "BLOCK_D": 512, "num_warps": 8},
         {"BLOCK_R": 8, "BLOCK_D": 256, "num_warps": 8},
+        {"BLOCK_R": 4, "BLOCK_D": 1024, "num_warps": 8},
+        {"BLOCK_R": 8, "BLOCK_D": 1024, "num_warps": 8},
         {"BLOCK_R": 1, "BLOCK_D": 512, "num_warps": 2},
     ]
 
@@ -186,45 +204,47 @@ def _permute_kernel(x_TD_ptr, choice_N_ptr, x_ND_ptr, N, T, D, top_k, stride_x, 
 
 
 def _combine_configs() -> list[dict[str, int]]:
-    # A tile holds BLOCK_T * next_pow2(K) * BLOCK_D gathered elements (K = 8: 4K-8K per program).
+    # Each program reads K rows of BLOCK_T x BLOCK_D (bf16, K = 8: 8-32 KB) and writes one.
     return [
         {"BLOCK_T": 4, "BLOCK_D": 64, "num_warps": 4},
         {"BLOCK_T": 1, "BLOCK_D": 256, "num_warps": 4},
         {"BLOCK_T": 1, "BLOCK_D": 512, "num_warps": 4},
         {"BLOCK_T": 1, "BLOCK_D": 1024, "num_warps": 8},
         {"BLOCK_T": 2, "BLOCK_D": 512, "num_warps": 8},
+        {"BLOCK_T": 2, "BLOCK_D": 1024, "num_warps": 8},
         {"BLOCK_T": 4, "BLOCK_D": 256, "num_warps": 8},
     ]
 
 
 # Shapes: src_ND (N, D), row stride stride_src; row_of_choice_C (C,) int32, C = T*K; weights_C (C,)
 # (the flat weights_TK; unused without HAS_WEIGHTS); out_TD (T, D), row stride stride_out.
-# Grid: (cdiv(T, BLOCK_T), cdiv(D, BLOCK_D)). BLOCK_K = next_pow2(K).
-@_autotune("combine", _combine_configs(), key=["D", "top_k"])
-def _combine_kernel(src_ND_ptr, row_of_choice_C_ptr, weights_C_ptr, out_TD_ptr, T, D, top_k, stride_src, stride_out,
-                    HAS_WEIGHTS: tl.constexpr, ACC_FP64: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+# Grid: (cdiv(T, BLOCK_T), cdiv(D, BLOCK_D)).
+@_autotune("unpermute", _combine_configs(), key=["D", "TOP_K"])
+def _combine_kernel(src_ND_ptr, row_of_choice_C_ptr, weights_C_ptr, out_TD_ptr, T, D, stride_src, stride_out,
+                    TOP_K: tl.constexpr, HAS_WEIGHTS: tl.constexpr, ACC_FP64: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     # out[t, d] = sum_k [row(t,k) >= 0] w[t,k] * src[row(t,k), d], summed in fp32 (fp64 for fp64).
     # With weights it is unpermute's forward; without, permute's backward (w = 1):
     #   grad_x_TD[t] = sum_k grad_x_ND[row(t,k)], since d x_ND[n] / d x_TD[t] = [choice_N[n] // K = t].
+    # The K rows are unrolled into one register accumulator, so no reduction crosses threads.
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_t = offs_t < T
     mask_d = offs_d < D
-    choice_TK = offs_t[:, None] * top_k + offs_k[None, :]
-    row_TK = tl.load(row_of_choice_C_ptr + choice_TK, mask=mask_t[:, None] & (offs_k[None, :] < top_k), other=-1)
-    has_row = row_TK >= 0
-    src = tl.load(src_ND_ptr + row_TK.to(tl.int64)[:, :, None] * stride_src + offs_d[None, None, :],
-                  mask=has_row[:, :, None] & mask_d[None, None, :], other=0)
-    src = src.to(tl.float64) if ACC_FP64 else src.to(tl.float32)
-    if HAS_WEIGHTS:
-        w_TK = tl.load(weights_C_ptr + choice_TK, mask=has_row, other=0)
-        w_TK = w_TK.to(tl.float64) if ACC_FP64 else w_TK.to(tl.float32)
-        src = src * w_TK[:, :, None]
-    out = tl.sum(src, axis=1)
-    tl.store(out_TD_ptr + offs_t[:, None] * stride_out + offs_d[None, :], out.to(out_TD_ptr.dtype.element_ty),
-             mask=mask_t[:, None] & mask_d[None, :])
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float64 if ACC_FP64 else tl.float32)
+    for k in tl.static_range(TOP_K):
+        row_t = tl.load(row_of_choice_C_ptr + offs_t * TOP_K + k, mask=mask_t, other=-1)
+        has_row = row_t >= 0
+        src = tl.load(src_ND_ptr + row_t.to(tl.int64)[:, None] * stride_src + offs_d[None, :],
+                      mask=has_row[:, None] & mask_d[None, :], other=0)
+        src = src.to(tl.float64) if ACC_FP64 else src.to(tl.float32)
+        if HAS_WEIGHTS:
+            w_t = tl.load(weights_C_ptr + offs_t * TOP_K + k, mask=has_row, other=0)
+            w_t = w_t.to(tl.float64) if ACC_FP64 else w_t.to(tl.float32)
+            src = src * w_t[:, None]
+        acc += src
+    out = _round_to(acc, out_TD_ptr.dtype.element_ty, EMULATE_RNE)
+    tl.store(out_TD_ptr + offs_t[:, None] * stride_out + offs_d[None, :], out, mask=mask_t[:, None] & mask_d[None, :])
 
 
 def _unpermute_backward_configs() -> list[dict[str, int]]:
@@ -245,6 +265,7 @@ def _unpermute_backward_configs() -> list[dict[str, int]]:
 def _unpermute_backward_kernel(grad_y_TD_ptr, y_ND_ptr, row_of_choice_C_ptr, weights_C_ptr, grad_y_ND_ptr,
                                grad_weights_C_ptr, T, D, top_k, stride_g, stride_y, stride_gy,
                                NEED_GRAD_Y: tl.constexpr, NEED_GRAD_W: tl.constexpr, ACC_FP64: tl.constexpr,
+                               EMULATE_RNE: tl.constexpr,
                                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     # From y_TD[t] = sum_k w[t,k] y_ND[row(t,k)] and g = dL/dy_TD:
     #   dL/dy_ND[row(t,k)] = w[t,k] * g[t]                (every row belongs to exactly one (t, k))
@@ -259,7 +280,8 @@ def _unpermute_backward_kernel(grad_y_TD_ptr, y_ND_ptr, row_of_choice_C_ptr, wei
     row_TK = row_TK.to(tl.int64)
     w_TK = tl.load(weights_C_ptr + choice_TK, mask=has_row, other=0)
     w_TK = w_TK.to(tl.float64) if ACC_FP64 else w_TK.to(tl.float32)
-    acc_TK = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float64 if ACC_FP64 else tl.float32)
+    # The dot products accumulate elementwise and are reduced over D once, after the loop.
+    acc_TKD = tl.zeros([BLOCK_T, BLOCK_K, BLOCK_D], dtype=tl.float64 if ACC_FP64 else tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
@@ -270,13 +292,14 @@ def _unpermute_backward_kernel(grad_y_TD_ptr, y_ND_ptr, row_of_choice_C_ptr, wei
         if NEED_GRAD_Y:
             grad_rows = w_TK[:, :, None] * g_TD[:, None, :]
             tl.store(grad_y_ND_ptr + row_TK[:, :, None] * stride_gy + offs_d[None, None, :],
-                     grad_rows.to(grad_y_ND_ptr.dtype.element_ty), mask=mask_rows)
+                     _round_to(grad_rows, grad_y_ND_ptr.dtype.element_ty, EMULATE_RNE), mask=mask_rows)
         if NEED_GRAD_W:
             y = tl.load(y_ND_ptr + row_TK[:, :, None] * stride_y + offs_d[None, None, :], mask=mask_rows, other=0)
             y = y.to(tl.float64) if ACC_FP64 else y.to(tl.float32)
-            acc_TK += tl.sum(y * g_TD[:, None, :], axis=2)
+            acc_TKD += y * g_TD[:, None, :]
     if NEED_GRAD_W:
-        tl.store(grad_weights_C_ptr + choice_TK, acc_TK.to(grad_weights_C_ptr.dtype.element_ty), mask=mask_tk)
+        grad_w_TK = _round_to(tl.sum(acc_TKD, axis=2), grad_weights_C_ptr.dtype.element_ty, EMULATE_RNE)
+        tl.store(grad_weights_C_ptr + choice_TK, grad_w_TK, mask=mask_tk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,9 +336,10 @@ def _launch(kernel, grid, config: dict[str, int] | None, *args, **constexprs) ->
         kernel.fn[grid](*args, **constexprs, **config)
 
 
-def row_of_choice(choice_N: torch.Tensor, num_choices: int) -> torch.Tensor:
+def invert_choice_triton(choice_N: torch.Tensor, num_choices: int) -> torch.Tensor:
     """The inverse map of choice_N: (C,) int32 with row_of_choice_C[choice_N[n]] = n, -1 elsewhere."""
     _check_index("choice_N", choice_N, 1, choice_N.device)
+    choice_N = choice_N.contiguous()
     row_of_choice_C = torch.full((num_choices,), -1, dtype=torch.int32, device=choice_N.device)
     if choice_N.numel():
         block = 1024
@@ -350,7 +374,8 @@ def expert_order_triton(
     num_blocks, num_buckets = triton.cdiv(num_choices, block_c), num_experts + 1
     counts_GB = torch.empty(num_buckets, num_blocks, dtype=torch.int32, device=device)
     _expert_count_kernel[(num_blocks, triton.cdiv(num_buckets, block_g))](
-        experts_C, counts_GB, num_choices, num_experts, num_blocks, BLOCK_C=block_c, BLOCK_G=block_g, num_warps=num_warps
+        experts_C, counts_GB, num_choices, num_experts, num_blocks, BLOCK_C=block_c, BLOCK_G=block_g,
+        num_warps=num_warps,
     )
     counts_G = counts_GB.sum(dim=1)  # int64
     tokens_per_expert_E = counts_G[:num_experts]
@@ -388,11 +413,13 @@ def _combine(src_ND, row_of_choice_C, weights_C, num_tokens, top_k, out_dtype, c
     width = src_ND.shape[1]
     out_TD = torch.empty(num_tokens, width, dtype=out_dtype, device=src_ND.device)
     if num_tokens and width:
-        grid = lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]), triton.cdiv(width, meta["BLOCK_D"]))  # noqa: E731
-        _launch(_combine_kernel, grid, config, src_ND, row_of_choice_C, row_of_choice_C if weights_C is None else weights_C,
-                out_TD, num_tokens, width, top_k, src_ND.stride(0), out_TD.stride(0),
-                HAS_WEIGHTS=weights_C is not None, ACC_FP64=src_ND.dtype == torch.float64,
-                BLOCK_K=triton.next_power_of_2(top_k))
+        def grid(meta):
+            return triton.cdiv(num_tokens, meta["BLOCK_T"]), triton.cdiv(width, meta["BLOCK_D"])
+
+        weights_or_unused = row_of_choice_C if weights_C is None else weights_C
+        _launch(_combine_kernel, grid, config, src_ND, row_of_choice_C, weights_or_unused,
+                out_TD, num_tokens, width, src_ND.stride(0), out_TD.stride(0), TOP_K=top_k,
+                HAS_WEIGHTS=weights_C is not None, ACC_FP64=src_ND.dtype == torch.float64, EMULATE_RNE=interpreting())
     return out_TD
 
 
@@ -404,7 +431,7 @@ def permute_backward_triton(
     _check_index("choice_N", choice_N, 1, grad_x_ND.device)
     if choice_N.numel() != grad_x_ND.shape[0]:
         raise ValueError(f"choice_N has {choice_N.numel()} rows, grad_x_ND {grad_x_ND.shape[0]}: expected equal")
-    row_of_choice_C = row_of_choice(choice_N, num_tokens * top_k)
+    row_of_choice_C = invert_choice_triton(choice_N, num_tokens * top_k)
     return _combine(grad_x_ND, row_of_choice_C, None, num_tokens, top_k, grad_x_ND.dtype, config)
 
 
@@ -429,7 +456,7 @@ def unpermute_triton(
     y_ND = _check_rows("y_ND", y_ND)
     _check_choices_and_weights(choice_N, y_ND.shape[0], weights_TK, num_tokens, y_ND.device)
     top_k = weights_TK.shape[1]
-    row_of_choice_C = row_of_choice(choice_N, num_tokens * top_k)
+    row_of_choice_C = invert_choice_triton(choice_N, num_tokens * top_k)
     return _combine(y_ND, row_of_choice_C, weights_TK.contiguous(), num_tokens, top_k, y_ND.dtype, config)
 
 
@@ -454,12 +481,13 @@ def unpermute_backward_triton(
     grad_weights_TK = torch.zeros(weights_TK.shape if need_grad_weights else (0,), dtype=weights_TK.dtype,
                                   device=grad_y_TD.device)
     if num_tokens and width and (need_grad_y or need_grad_weights):
-        row_of_choice_C = row_of_choice(choice_N, num_tokens * top_k)
+        row_of_choice_C = invert_choice_triton(choice_N, num_tokens * top_k)
         grid = lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]),)  # noqa: E731
         _launch(_unpermute_backward_kernel, grid, config, grad_y_TD, y_ND, row_of_choice_C, weights_TK.contiguous(),
                 grad_y_ND, grad_weights_TK, num_tokens, width, top_k, grad_y_TD.stride(0), y_ND.stride(0), width,
                 NEED_GRAD_Y=need_grad_y, NEED_GRAD_W=need_grad_weights,
-                ACC_FP64=grad_y_TD.dtype == torch.float64, BLOCK_K=triton.next_power_of_2(top_k))
+                ACC_FP64=grad_y_TD.dtype == torch.float64, EMULATE_RNE=interpreting(),
+                BLOCK_K=triton.next_power_of_2(top_k))
     return grad_y_ND, grad_weights_TK
 
 
@@ -478,7 +506,7 @@ def _expert_order_op(
 @_expert_order_op.register_fake
 def _(experts_TK, num_experts, num_rows):
     num_choices = experts_TK.numel()
-    rows = torch.library.get_ctx().new_dynamic_size() if num_rows is None else min(num_rows, num_choices)
+    rows = torch.library.get_ctx().new_dynamic_size() if num_rows is None else torch.sym_min(num_rows, num_choices)
     return (experts_TK.new_empty(rows, dtype=torch.int64), experts_TK.new_empty(num_experts, dtype=torch.int64),
             experts_TK.new_empty(num_choices, dtype=torch.int32))
 
@@ -520,7 +548,9 @@ _permute_op.register_autograd(_permute_autograd, setup_context=_permute_setup_co
 
 
 @torch.library.custom_op("moe_engine::unpermute", mutates_args=())
-def _unpermute_op(y_ND: torch.Tensor, choice_N: torch.Tensor, weights_TK: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def _unpermute_op(
+    y_ND: torch.Tensor, choice_N: torch.Tensor, weights_TK: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
     return unpermute_triton(y_ND, choice_N, weights_TK, num_tokens)
 
 
@@ -545,19 +575,21 @@ def _(grad_y_TD, y_ND, choice_N, weights_TK, need_grad_y, need_grad_weights):
 
 def _unpermute_setup_context(ctx, inputs, output) -> None:
     y_ND, choice_N, weights_TK, _ = inputs
-    need_y, _, need_w, _ = ctx.needs_input_grad
+    need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     # y_ND is only read for the weight gradient: keep it alive only then.
     ctx.save_for_backward(y_ND if need_w else None, choice_N, weights_TK)
 
 
 def _unpermute_autograd(ctx, grad_y_TD):
-    need_y, _, need_w, _ = ctx.needs_input_grad
+    need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     if not (need_y or need_w):
         return None, None, None, None
     y_ND, choice_N, weights_TK = ctx.saved_tensors
     if y_ND is None:  # not read without the weight gradient
         y_ND = grad_y_TD.new_empty(0, grad_y_TD.shape[1])
-    grad_y_ND, grad_weights_TK = torch.ops.moe_engine.unpermute_backward(grad_y_TD, y_ND, choice_N, weights_TK, need_y, need_w)
+    grad_y_ND, grad_weights_TK = torch.ops.moe_engine.unpermute_backward(
+        grad_y_TD, y_ND, choice_N, weights_TK, need_y, need_w
+    )
     return grad_y_ND if need_y else None, None, grad_weights_TK if need_w else None, None
 
 

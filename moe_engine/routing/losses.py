@@ -1,15 +1,27 @@
-"""Load-balancing and stability losses of routers (pure torch; Triton versions live in kernels/).
+"""Load-balancing and stability losses of routers.
 
-Definitions (see ../shared/REFERENCES.md):
+The losses live in moe_engine.kernels.aux_losses, each with its Triton kernel and its torch
+reference; the public functions re-exported here pick one through MOE_ENGINE_KERNELS (Triton on
+CUDA, torch on CPU by default). Definitions (see ../shared/REFERENCES.md):
 - Switch/GShard:  L = E * sum_i f_i * P_i, f_i = fraction of the T*K routed choices that chose
   expert i (counted before capacity drops), P_i = mean over tokens of the router probability of i.
 - Sequence-level: the same per sequence, averaged over sequences (DeepSeek-V3's complementary loss).
 - z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2.
+- Shazeer's importance and load losses: CV^2 (biased variance / mean^2) of the per-expert sums
+  of the gates, and of a load vector.
 """
 
 from __future__ import annotations
 
 import torch
+
+from moe_engine.kernels.aux_losses import (
+    importance_cv_squared,
+    load_cv_squared,
+    router_z_loss,
+    sequence_load_balancing_loss,
+    switch_load_balancing_loss,
+)
 
 
 def expert_choice_fractions(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -22,43 +34,24 @@ def expert_choice_fractions(experts_TK: torch.Tensor, num_experts: int) -> torch
     return counts_E.float() / max(experts_TK.numel(), 1)
 
 
-def switch_load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
-    """E * sum_i f_i * P_i over the whole batch. Gradient flows through P only (f is a count).
-
-    probs_TE: (T, E) float32, rows sum to 1. experts_TK: (T, K) int64. Returns () float32.
-    A perfectly uniform router gives 1.0; everything on one expert gives E.
-    """
-    num_experts = probs_TE.shape[-1]
-    f_E = expert_choice_fractions(experts_TK, num_experts)
-    p_E = probs_TE.float().mean(dim=0)
-    return num_experts * torch.dot(f_E, p_E)
-
-
-def sequence_load_balancing_loss(
-    probs_TE: torch.Tensor, experts_TK: torch.Tensor, sequence_ids_T: torch.Tensor
+def switch_loss_from_stats(
+    counts_E: torch.Tensor, prob_sums_E: torch.Tensor, num_tokens: int, top_k: int
 ) -> torch.Tensor:
-    """The Switch loss computed within each sequence, then averaged over sequences.
+    """E * sum_i (counts_i / (T*K)) * (prob_sums_i / T), from `topk_gating`'s statistics. () float32.
 
-    probs_TE: (T, E) float32; experts_TK: (T, K) int64; sequence_ids_T: (T,) int64 in [0, S).
-    Sequences with no tokens do not count in the average. Returns () float32.
+    Gradient flows through prob_sums_E only. No tokens: 0.
     """
-    num_tokens, num_experts = probs_TE.shape
-    top_k = experts_TK.shape[-1]
-    num_seqs = int(sequence_ids_T.max()) + 1 if num_tokens else 0  # NOTE: device-to-host sync
-    tokens_S = torch.bincount(sequence_ids_T, minlength=num_seqs).float()
-    # Per-(sequence, expert) choice counts and probability sums, via flat index s*E + e.
-    seq_TK = sequence_ids_T[:, None].expand_as(experts_TK)
-    valid = experts_TK >= 0
-    flat = (seq_TK * num_experts + experts_TK)[valid]
-    counts_SE = torch.bincount(flat, minlength=num_seqs * num_experts).view(num_seqs, num_experts).float()
-    prob_sums_SE = torch.zeros(num_seqs, num_experts, dtype=torch.float32, device=probs_TE.device)
-    prob_sums_SE = prob_sums_SE.index_add(0, sequence_ids_T, probs_TE.float())
-    present = tokens_S > 0
-    f_SE = counts_SE[present] / (tokens_S[present, None] * top_k)
-    p_SE = prob_sums_SE[present] / tokens_S[present, None]
-    return num_experts * (f_SE * p_SE).sum(dim=-1).mean()
+    num_experts = counts_E.shape[0]
+    scale = num_experts / (max(num_tokens, 1) ** 2 * top_k)
+    return scale * torch.dot(counts_E.float(), prob_sums_E.float())
 
 
-def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    """mean_t logsumexp(logits_t)^2, which keeps router logits small (ST-MoE). Returns () float32."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+__all__ = [
+    "expert_choice_fractions",
+    "importance_cv_squared",
+    "load_cv_squared",
+    "router_z_loss",
+    "sequence_load_balancing_loss",
+    "switch_load_balancing_loss",
+    "switch_loss_from_stats",
+]

@@ -1,0 +1,11 @@
+"""Thin entry point: `python benchmarks/permute.py [--quick] [--shapes ...] [--routing ...] [--out PATH]`.
+
+See moe_engine/bench/permute.py for what it measures; `moe-engine bench` runs every benchmark at once.
+"""
+
+import sys
+
+from moe_engine.bench.permute import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Tests of `moe-engine bench`: the quick run through the CLI, and the checks that make its numbers mean something.
+
+The quick run happens once, in this process (module fixture), as `moe_engine.cli.main` runs it;
+the tests read its JSON. The agreement helper and the per-path error handling are unit-tested on
+their own with outputs that are wrong on purpose.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_engine import cli
+from moe_engine.bench.common import BenchOptions, TimingSettings, compare
+from moe_engine.bench.layer import run_path
+from moe_engine.bench.peers import PEERS, PeerEnv, PeerRun, PeerSkipped, build_torch_loop
+from moe_engine.bench.problem import QUICK_SHAPES, Shape, compute_reference, make_problem
+
+CPU = torch.device("cpu")
+TINY = Shape("tiny", 96, 32, 32, 4, 2, "float32")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, dict]:
+    out = tmp_path_factory.mktemp("bench") / "r.json"
+    threads = torch.get_num_threads()
+    code = cli.main(["bench", "--quick", "--out", str(out)])
+    # --quick benchmarks with one CPU thread and must give the caller's setting back.
+    assert torch.get_num_threads() == threads
+    return code, out, json.loads(out.read_text())
+
+
+def test_quick_run_writes_json_and_png(quick) -> None:
+    code, out, report = quick
+    assert code == 0
+    assert report["complete"] is True
+    png = out.with_suffix(".png")
+    assert report["plot"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_run_leaves_no_process_group(quick) -> None:
+    # The run set up a 1-process gloo group for DeepSpeed and megatron-core; it must tear it down.
+    assert not torch.distributed.is_initialized()
+
+
+def test_report_names_device_versions_date_and_backend(quick) -> None:
+    _, _, report = quick
+    assert report["schema"] == "moe_engine.bench/1"
+    assert report["device"]["type"] == "cpu" and report["device"]["name"]
+    assert set(report["versions"]) >= {"torch", "triton", "deepspeed", "megatron_core", "python"}
+    assert report["versions"]["torch"] == torch.__version__
+    assert dt.datetime.fromisoformat(report["date"]).tzinfo is not None
+    assert report["kernels"]["backend"] in ("torch", "triton")
+    assert report["copy_bandwidth_gbps"] > 0
+    assert report["settings"]["shapes"] == [s.name for s in QUICK_SHAPES]
+
+
+def test_every_layer_path_is_timed_and_agrees_or_says_why(quick) -> None:
+    _, _, report = quick
+    assert [r["shape"] for r in report["layer"]] == [s.name for s in QUICK_SHAPES]
+    for record in report["layer"]:
+        assert {"T", "D", "F", "E", "K", "dtype", "routing", "flops_fwd", "flops_fwd_bwd", "load"} <= set(record)
+        assert record["flops_fwd_bwd"] == 18 * record["T"] * record["K"] * record["D"] * record["F"]
+        assert list(record["paths"]) == list(PEERS)
+        for name, entry in record["paths"].items():
+            where = f"{record['shape']}/{name}: {entry}"
+            assert entry["status"] in ("ok", "skipped"), where
+            if entry["status"] == "skipped":
+                assert entry["skip_reason"], where
+                continue
+            assert entry["fwd_ms"] > 0 and entry["fwd_bwd_ms"] > 0, where
+            assert entry["fwd_tflops"] > 0 and entry["fwd_bwd_tflops"] > 0, where
+            assert entry["peak_mem_bytes"] is None, where  # CPU: no peak memory counter
+            agreement = entry["agreement"]
+            assert agreement["ok"], where
+            for output in ("y", "dx"):
+                assert agreement[output]["max_rel"] <= agreement[output]["tol"] == record["tolerance"], where
+            if name != "ours":
+                assert record["ours_speedup"][name]["fwd_bwd"] > 0, where
+
+
+def test_expected_paths_run_on_cpu(quick) -> None:
+    _, _, report = quick
+    by_shape = {r["shape"]: r["paths"] for r in report["layer"]}
+    for paths in by_shape.values():
+        for name in ("ours", "torch_loop", "deepspeed", "deepspeed_dropless"):
+            assert paths[name]["status"] == "ok", paths[name]
+        assert paths["megatron"]["skip_reason"].startswith("needs CUDA")
+        assert paths["deepspeed"]["notes"]["drops_tokens"] is True
+        assert 0 <= paths["deepspeed"]["notes"]["dropped_fraction"] < 1
+    # F = 50 fp32 rows are 200 bytes: torch._grouped_mm cannot take them, and says so.
+    assert "16 bytes" in by_shape["quick_e7"]["grouped_mm"]["skip_reason"]
+    assert by_shape["quick_e8"]["grouped_mm"]["status"] == "ok"
+
+
+def test_micro_benchmarks_report_bandwidth(quick) -> None:
+    _, _, report = quick
+    for kind, ops in (("router", {"router", "topk_gating"}), ("permute", {"expert_order", "permute", "unpermute"})):
+        assert len(report[kind]) == len(QUICK_SHAPES)
+        for record in report[kind]:
+            assert set(record["ops"]) == ops
+            for op, op_record in record["ops"].items():
+                assert op_record["bytes"] > 0
+                for name, entry in op_record["paths"].items():
+                    where = f"{kind}/{record['shape']}/{op}/{name}: {entry}"
+                    assert entry["status"] in ("ok", "skipped"), where
+                    if entry["status"] == "ok":
+                        assert entry["gbps"] > 0 and entry["agreement"]["ok"], where
+
+
+# ------------------------------------------------------------------- the agreement helper
+
+
+def test_compare_accepts_rounding_and_rejects_a_perturbed_element() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(64, 16, generator=gen)
+    close = compare(ref + 1e-7 * torch.randn(64, 16, generator=gen), ref, tol=1e-4)
+    assert close.ok and close.max_rel < 1e-4 and close.compared_rows == 64
+
+    wrong = ref.clone()
+    wrong[3, 5] += 0.1 * ref.abs().max()
+    result = compare(wrong, ref, tol=2e-2)
+    assert not result.ok
+    assert result.max_rel == pytest.approx(0.1, rel=1e-3)
+
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[3] = False  # the row a near tie would exclude
+    excluded = compare(wrong, ref, tol=2e-2, keep_T=keep)
+    assert excluded.ok and excluded.excluded_rows == 1 and excluded.compared_rows == 63
+
+
+def test_compare_rejects_nan_and_wrong_shape() -> None:
+    ref = torch.ones(8, 4)
+    bad = ref.clone()
+    bad[0, 0] = float("nan")
+    assert not compare(bad, ref, tol=1.0).ok
+    assert compare(bad, ref, tol=1.0).max_abs is None
+    assert not compare(ref[:, :3], ref, tol=1.0).ok
+
+
+# ------------------------------------------------------------------- one path at a time
+
+
+@pytest.fixture(scope="module")
+def case():
+    problem = make_problem(TINY, "balanced", CPU, seed=1)
+    opts = BenchOptions(CPU, (TINY,), ("balanced",), ("torch_loop",), TimingSettings(warmup=1, reps=1))
+    return problem, compute_reference(problem), PeerEnv(CPU), opts
+
+
+def test_a_correct_peer_is_timed(case) -> None:
+    entry = run_path(build_torch_loop, *case)
+    assert entry["status"] == "ok" and entry["fwd_ms"] > 0 and entry["agreement"]["ok"]
+
+
+def test_a_peer_that_disagrees_is_not_timed(case) -> None:
+    def off_by_five_percent(problem, env) -> PeerRun:
+        run = build_torch_loop(problem, env)
+        return PeerRun(lambda: run.forward() * 1.05, run.params)
+
+    entry = run_path(off_by_five_percent, *case)
+    assert entry["status"] == "disagrees"
+    assert entry["fwd_ms"] is None and entry["fwd_bwd_ms"] is None
+    assert not entry["agreement"]["y"]["ok"] and entry["agreement"]["y"]["max_rel"] == pytest.approx(0.05, rel=0.05)
+
+
+def test_a_failing_or_skipped_peer_is_recorded_not_raised(case) -> None:
+    def broken(problem, env):
+        raise RuntimeError("boom")
+
+    def absent(problem, env):
+        raise PeerSkipped("not installed")
+
+    failed = run_path(broken, *case)
+    assert failed["status"] == "error" and "RuntimeError: boom" in failed["error"]
+    skipped = run_path(absent, *case)
+    assert skipped["status"] == "skipped" and skipped["skip_reason"] == "not installed"
+
+
+def test_skewed_routing_makes_expert_0_hot() -> None:
+    shape = Shape("skew", 2048, 64, 16, 16, 2, "float32")
+    balanced = compute_reference(make_problem(shape, "balanced", CPU)).tokens_per_expert_E
+    skewed = compute_reference(make_problem(shape, "skewed", CPU)).tokens_per_expert_E
+    assert balanced.max() / balanced.float().mean() < 2
+    assert int(skewed.argmax()) == 0 and skewed.max() / skewed.float().mean() > 3
+
+
+def test_bad_arguments_exit_2_naming_the_flag(tmp_path, capsys) -> None:
+    assert cli.main(["bench", "--quick", "--shapes", "mixtral,nope", "--out", str(tmp_path / "r.json")]) == 2
+    assert "--shapes" in capsys.readouterr().err
+    assert cli.main(["bench", "--quick", "--routing", "zipf", "--out", str(tmp_path / "r.json")]) == 2
+    assert "--routing" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
