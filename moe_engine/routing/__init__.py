@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from moe_engine.routing.capacity import DROP_POLICIES, drop_over_capacity, expert_capacity
-from moe_engine.routing.losses import router_z_loss, sequence_load_balancing_loss, switch_load_balancing_loss
+from moe_engine.routing.losses import (
+    importance_cv_squared,
+    load_cv_squared,
+    router_z_loss,
+    sequence_load_balancing_loss,
+    switch_load_balancing_loss,
+)
 from moe_engine.routing.router import TopKRouter
 from moe_engine.routing.types import Routing, RoutingContext
 
@@ -34,6 +40,8 @@ __all__ = [
     "build_router",
     "drop_over_capacity",
     "expert_capacity",
+    "importance_cv_squared",
+    "load_cv_squared",
     "router_z_loss",
     "sequence_load_balancing_loss",
     "switch_load_balancing_loss",
