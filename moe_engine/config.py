@@ -108,8 +108,9 @@ class MoEConfig:
     num_shared_experts: int = 0
     # Qwen2-MoE's sigmoid gate on the shared experts' output.
     shared_expert_gate: bool = False
-    # "auto": torch._grouped_mm where this torch supports it for the device and dtype, else the loop.
-    experts_impl: Literal["auto", "loop", "grouped_mm"] = "auto"
+    # "auto": the Triton kernels where MOE_ENGINE_KERNELS selects them (CUDA by default), else
+    # torch._grouped_mm where this torch supports the device and dtype, else the per-expert loop.
+    experts_impl: Literal["auto", "loop", "grouped_mm", "triton"] = "auto"
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:

@@ -13,6 +13,14 @@ import torch
 import reference_moe as ref
 from moe_engine.experts import MLP, GroupedExperts
 
+
+@pytest.fixture(autouse=True)
+def _torch_reference_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests pin down the torch paths (and what "auto" picks on CPU); the Triton kernels
+    have their own tests (tests/test_kernel_*.py, tests/test_layer_triton.py)."""
+    monkeypatch.delenv("MOE_ENGINE_KERNELS", raising=False)
+
+
 # (dtype, atol, rtol): fp32 tight; bf16 as vLLM/SonicMoE test their bf16 kernels.
 DTYPE_TOLERANCES = [
     (torch.float32, 1e-5, 1e-5),

@@ -18,6 +18,14 @@ from moe_engine.config import MoEConfig, RouterConfig
 from moe_engine.layer import MoELayer, MoEOutput
 from moe_engine.routing import RoutingContext
 
+
+@pytest.fixture(autouse=True)
+def _torch_reference_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests pin down the torch paths (and what "auto" picks on CPU); the Triton kernels
+    have their own tests (tests/test_kernel_*.py, tests/test_layer_triton.py)."""
+    monkeypatch.delenv("MOE_ENGINE_KERNELS", raising=False)
+
+
 # (dtype, atol, rtol): fp32 against the float64 reference; bf16 parameters and inputs against the
 # reference computed from the same bf16-rounded values. For bf16, atol is relative to the scale of
 # the compared tensor (see `assert_close`).
