@@ -22,6 +22,7 @@ from moe_engine.bench.common import (
     free_memory,
     gbps,
     measure,
+    say,
 )
 from moe_engine.bench.peers import PeerSkipped
 
@@ -125,3 +126,20 @@ def format_micro_case(kind: str, record: dict[str, Any]) -> str:
     headers = ["op", "path", "status", "fwd ms", "f+b ms", "GB/s", "of copy bw", "ours x", "note"]
     legend = "GB/s: useful bytes read + written / fwd median; ours x: the peer's fwd time / ours"
     return title + "\n" + format_table(headers, rows) + "\n" + legend
+
+
+def run_cases(
+    kind: str,
+    bench_case: Callable[..., dict[str, Any]],
+    opts: BenchOptions,
+    copy_gbps: float,
+    records: list[dict[str, Any]],
+    save: Callable[[], None],
+) -> None:
+    """Every (shape, routing) case of one micro-benchmark in order: append its record, print it, save the report."""
+    for shape in opts.shapes:
+        for routing in opts.routings:
+            record = bench_case(shape, routing, opts, copy_gbps)
+            records.append(record)
+            say(format_micro_case(kind, record))
+            save()

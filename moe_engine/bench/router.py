@@ -19,8 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from moe_engine.bench.common import BenchOptions, say
-from moe_engine.bench.micro import MicroPath, format_micro_case, run_op
+from moe_engine.bench.common import BenchOptions
+from moe_engine.bench.micro import MicroPath, run_cases, run_op
 from moe_engine.bench.peers import PeerSkipped
 from moe_engine.bench.problem import Problem, Shape, make_problem, near_tie_keep_mask, softmax_topk
 
@@ -112,12 +112,7 @@ def bench_case(shape: Shape, routing: str, opts: BenchOptions, copy_gbps: float)
 
 def run(opts: BenchOptions, copy_gbps: float, records: list[dict[str, Any]], save: Callable[[], None]) -> None:
     """Every (shape, routing) case in order: append its record, print its table, save the report."""
-    for shape in opts.shapes:
-        for routing in opts.routings:
-            record = bench_case(shape, routing, opts, copy_gbps)
-            records.append(record)
-            say(format_micro_case("router", record))
-            save()
+    run_cases("router", bench_case, opts, copy_gbps, records, save)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ any other (EP=2 saved, EP=4 or EP=1 loaded), and single-process runs read it unc
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -27,6 +27,28 @@ def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+def _map_expert_states(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    optim_sd: dict[str, Any],
+    fn: Callable[[torch.Tensor], torch.Tensor],
+) -> dict[str, Any]:
+    """`optim_sd` with `fn` applied to the per-expert state tensors (exp_avg, ...) of expert parameters.
+
+    Builds new inner dicts: optimizer.state_dict() shares them with the live optimizer.
+    """
+    expert_ids = {id(p) for p in expert_parameters(model)}
+    params = _optimizer_params(optimizer)
+    state = {}
+    for index, param_state in optim_sd["state"].items():
+        param = params[index]
+        if id(param) in expert_ids:
+            # Tensors shaped like the parameter are per expert; scalars such as `step` are not.
+            param_state = {k: fn(v) if torch.is_tensor(v) and v.dim() == param.dim() else v for k, v in param_state.items()}
+        state[index] = param_state
+    return {**optim_sd, "state": state}
+
+
 def canonical_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, groups: ParallelGroups | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -37,19 +59,7 @@ def canonical_state(
         return model_sd, optim_sd
     expert_names = _expert_names(model)
     model_sd = {k: gather_expert_tensor(v, groups) if k in expert_names else v for k, v in model_sd.items()}
-    expert_ids = {id(p) for p in expert_parameters(model)}
-    params = _optimizer_params(optimizer)
-    state = {}
-    for index, param_state in optim_sd["state"].items():
-        param = params[index]
-        if id(param) in expert_ids:
-            # A copy: optimizer.state_dict() shares these inner dicts with the live optimizer.
-            param_state = {
-                k: gather_expert_tensor(v, groups) if torch.is_tensor(v) and v.shape == param.shape else v
-                for k, v in param_state.items()
-            }
-        state[index] = param_state
-    return model_sd, {**optim_sd, "state": state}
+    return model_sd, _map_expert_states(model, optimizer, optim_sd, lambda v: gather_expert_tensor(v, groups))
 
 
 def load_canonical_state(
@@ -67,15 +77,6 @@ def load_canonical_state(
     )
     if optimizer is None or optim_sd is None:
         return
-    expert_ids = {id(p) for p in expert_parameters(model)}
-    params = _optimizer_params(optimizer)
-    state = {}
-    for index, param_state in optim_sd["state"].items():
-        param = params[index]
-        if id(param) in expert_ids:
-            param_state = {
-                k: local_expert_slice(v, ep_rank, ep_size) if torch.is_tensor(v) and v.dim() == param.dim() else v
-                for k, v in param_state.items()
-            }
-        state[index] = param_state
-    optimizer.load_state_dict({**optim_sd, "state": state})
+    optimizer.load_state_dict(
+        _map_expert_states(model, optimizer, optim_sd, lambda v: local_expert_slice(v, ep_rank, ep_size))
+    )
