@@ -9,6 +9,8 @@
 - `kernel_configs(op, candidates)`: the autotune candidates of one kernel, narrowed to a single
   config pinned by `MOE_ENGINE_<OP>_CONFIG="BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=3"`,
   and to the first candidate under the interpreter (autotuning there would only cost time).
+- `jit` and `autotune(op, candidates, key, ...)`: the decorators kernel modules use; without
+  triton they leave the function undecorated (its op then only runs the torch reference).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import torch
 
 try:
     import triton
-    import triton.language as tl  # noqa: F401  (re-exported for kernel modules)
 
     TRITON_AVAILABLE = True
 except ImportError:  # pragma: no cover - triton is a dependency; this guards broken installs
@@ -75,3 +76,27 @@ def kernel_configs(op: str, candidates: list[dict[str, int]]) -> list[Any]:
         launch = {k: v for k, v in c.items() if k in _LAUNCH_KEYS}
         configs.append(triton.Config(meta, **launch))
     return configs
+
+
+def jit(fn):
+    return triton.jit(fn) if TRITON_AVAILABLE else fn
+
+
+def autotune(
+    op: str,
+    candidates: list[dict[str, int]],
+    key: list[str],
+    reset_to_zero: list[str] | None = None,
+    prune: Any = None,
+):
+    """`triton.autotune` over `kernel_configs(op, candidates)` around `triton.jit`.
+
+    reset_to_zero: output buffers that accumulate (atomics) and must be zeroed between trials.
+    prune: an `early_config_prune(configs, named_args, **kwargs)` function, or None.
+    """
+    if not TRITON_AVAILABLE:
+        return lambda fn: fn
+    prune_by = {"early_config_prune": prune} if prune is not None else None
+    return lambda fn: triton.autotune(
+        configs=kernel_configs(op, candidates), key=key, reset_to_zero=reset_to_zero, prune_configs_by=prune_by
+    )(triton.jit(fn))

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import torch
 
-from moe_engine.kernels._triton import TRITON_AVAILABLE, kernel_configs, triton
+from moe_engine.kernels._triton import TRITON_AVAILABLE, triton
+from moe_engine.kernels._triton import autotune as _autotune
+from moe_engine.kernels._triton import jit as _jit
 from moe_engine.kernels.backend import select_backend
 
 if TRITON_AVAILABLE:
@@ -127,18 +129,6 @@ def _tile_configs() -> list[dict[str, int]]:
         {"BLOCK_T": 16, "BLOCK_E": 256, "num_warps": 4},
         {"BLOCK_T": 128, "BLOCK_E": 64, "num_warps": 8},
     ]
-
-
-def _autotune(op: str, candidates: list[dict[str, int]], key: list[str], reset_to_zero: list[str] | None = None):
-    if not TRITON_AVAILABLE:
-        return lambda fn: fn
-    return lambda fn: triton.autotune(configs=kernel_configs(op, candidates), key=key, reset_to_zero=reset_to_zero)(
-        triton.jit(fn)
-    )
-
-
-def _jit(fn):
-    return triton.jit(fn) if TRITON_AVAILABLE else fn
 
 
 # Shapes: probs (T, E) float, row stride stride_p; experts (T, K) int64 contiguous; seq (T,) int64

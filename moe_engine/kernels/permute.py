@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 
 from moe_engine.kernels._triton import TRITON_AVAILABLE, interpreting, kernel_configs, triton
+from moe_engine.kernels._triton import autotune as _autotune
+from moe_engine.kernels._triton import jit as _jit
 from moe_engine.kernels.backend import select_backend
 
 if TRITON_AVAILABLE:
@@ -83,16 +85,6 @@ def unpermute_reference(
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
-
-
-def _jit(fn):
-    return triton.jit(fn) if TRITON_AVAILABLE else fn
-
-
-def _autotune(op: str, candidates: list[dict[str, int]], key: list[str]):
-    if not TRITON_AVAILABLE:
-        return lambda fn: fn
-    return lambda fn: triton.autotune(configs=kernel_configs(op, candidates), key=key)(triton.jit(fn))
 
 
 @_jit
@@ -575,7 +567,7 @@ def _(grad_y_TD, y_ND, choice_N, weights_TK, need_grad_y, need_grad_weights):
 
 def _unpermute_setup_context(ctx, inputs, output) -> None:
     y_ND, choice_N, weights_TK, _ = inputs
-    need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    need_w = ctx.needs_input_grad[2]
     # y_ND is only read for the weight gradient: keep it alive only then.
     ctx.save_for_backward(y_ND if need_w else None, choice_N, weights_TK)
 

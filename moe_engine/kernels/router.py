@@ -40,7 +40,8 @@ from typing import NamedTuple
 
 import torch
 
-from moe_engine.kernels._triton import TRITON_AVAILABLE, kernel_configs, triton
+from moe_engine.kernels._triton import TRITON_AVAILABLE, autotune, triton
+from moe_engine.kernels._triton import jit as _jit
 from moe_engine.kernels.backend import select_backend
 
 if TRITON_AVAILABLE:
@@ -175,10 +176,6 @@ def _topk_gating_backward_configs() -> list[dict[str, int]]:
     return _topk_gating_configs()
 
 
-def _jit(fn):
-    return triton.jit(fn) if TRITON_AVAILABLE else fn
-
-
 def _autotune(op: str, candidates: list[dict[str, int]], key: list[str], max_elements_per_thread: int,
               reset_to_zero: list[str] | None = None):
     """Autotune over the candidates whose (BLOCK_T, E_PAD) tiles fit in registers and fill the threads.
@@ -195,12 +192,7 @@ def _autotune(op: str, candidates: list[dict[str, int]], key: list[str], max_ele
         kept = [c for c in configs if 4 <= per_thread(c) <= max_elements_per_thread]
         return kept or [min(configs, key=lambda c: abs(per_thread(c) - max_elements_per_thread))]
 
-    if not TRITON_AVAILABLE:
-        return lambda fn: fn
-    return lambda fn: triton.autotune(
-        configs=kernel_configs(op, candidates), key=key, prune_configs_by={"early_config_prune": prune},
-        reset_to_zero=reset_to_zero,
-    )(triton.jit(fn))
+    return autotune(op, candidates, key, reset_to_zero=reset_to_zero, prune=prune)
 
 
 @_jit
