@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from a checkpoint file or run directory; alone: the newest in train.out_dir, if any",
     )
     train.add_argument("--overwrite", action="store_true", help="start over in a train.out_dir that holds checkpoints")
+    train.add_argument(
+        "--deepspeed_config", "--deepspeed-config", metavar="JSON",
+        help="train under DeepSpeed's engine with this config (same as --set parallel.deepspeed_config=JSON)",
+    )
+    # The deepspeed launcher passes --local_rank to every rank; LOCAL_RANK in the environment says the same.
+    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     show = commands.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(show)
     bench = commands.add_parser("bench", help="benchmark our MoE layer and kernels against their peers")
@@ -69,13 +75,17 @@ def format_report(cfg: Config, trainer: Trainer, result: TrainResult) -> str:
 
 def _train(args: argparse.Namespace) -> int:
     from moe_engine.checkpoint import CheckpointMismatchError
+    from moe_engine.parallel.deepspeed_engine import DeepSpeedConfigError
     from moe_engine.parallel.runtime import shutdown_distributed
     from moe_engine.train import NonFiniteLossError, RunDirectoryError, Trainer, TrainingInterrupted
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.deepspeed_config:
+        overrides.append(f"parallel.deepspeed_config={args.deepspeed_config}")
+    cfg = load_config(args.config, overrides)
     try:
         trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (CheckpointMismatchError, RunDirectoryError, FileNotFoundError) as err:
+    except (CheckpointMismatchError, RunDirectoryError, FileNotFoundError, DeepSpeedConfigError) as err:
         print(f"moe-engine train: error: {err}", file=sys.stderr)
         return 2
     main_rank = trainer.run_info.is_main  # under a launcher, rank 0 speaks for the job

@@ -177,6 +177,9 @@ class ParallelConfig:
     fixed_splits: bool = False
     # Collective backend: "auto" takes nccl on CUDA, gloo on CPU.
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # A DeepSpeed JSON config (e.g. configs/deepspeed_zero2.json): DeepSpeed's engine then runs
+    # backward, ZeRO gradient reduction, clipping, the optimizer step and checkpoints. null: moe_engine's own loop.
+    deepspeed_config: str | None = None
 
     def __post_init__(self) -> None:
         _check_choices(self, "parallel")
@@ -306,6 +309,12 @@ class Config:
         ep = self.parallel.expert_parallel_size
         if self.moe.num_experts % ep:
             _fail("parallel.expert_parallel_size", ep, f"must divide moe.num_experts ({self.moe.num_experts})")
+        if self.parallel.deepspeed_config is not None and ep > 1:
+            _fail(
+                "parallel.expert_parallel_size", ep,
+                "must be 1 under parallel.deepspeed_config: DeepSpeed's engine shards experts only inside its own "
+                "MoE class; launch expert parallelism with torchrun (launch/torchrun.sh)",
+            )
         if self.parallel.fixed_splits and self.moe.router.capacity_factor is None:
             _fail("parallel.fixed_splits", True, "needs moe.router.capacity_factor (dropless routing has no fixed splits)")
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from moe_engine.checkpoint import (
     CheckpointManager,
     CheckpointMismatchError,
+    config_mismatches,
     load_checkpoint,
     resolve_checkpoint,
     rng_state,
@@ -44,6 +45,12 @@ from moe_engine.parallel.runtime import (
     init_distributed,
     rank_slice,
     signal_any_rank,
+)
+from moe_engine.parallel.deepspeed_engine import (
+    init_deepspeed_distributed,
+    initialize_engine,
+    latest_tag,
+    load_deepspeed_config,
 )
 from moe_engine.parallel.sharding import canonical_state, load_canonical_state
 from moe_engine.parallel.telemetry import load_imbalance
@@ -165,6 +172,10 @@ class Trainer:
         self.out_dir = Path(cfg.train.out_dir)
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_checkpoints)
         device_type = "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
+        use_deepspeed = cfg.parallel.deepspeed_config is not None
+        if use_deepspeed:
+            backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
+            init_deepspeed_distributed(backend)
         self.run_info: DistributedRun = init_distributed(
             cfg.parallel.backend, device_type, cfg.parallel.expert_parallel_size, cfg.moe.num_experts,
             needs_groups=cfg.parallel.dispatcher == "all_to_all",
@@ -182,9 +193,20 @@ class Trainer:
         self.batches = ResumableBatches(self.data.train, cfg.data.batch_size, seed=cfg.train.seed)
         self.step = 0
         self.last_checkpoint: Path | None = None
-        state = load_checkpoint(resume_path, cfg.to_dict()) if resume_path is not None else None
-        if state is not None:
+        # Under DeepSpeed the engine runs backward, reduction, clipping, the steps and checkpoints.
+        self.engine = None
+        if use_deepspeed:
+            ds_config = load_deepspeed_config(
+                cfg.parallel.deepspeed_config, cfg, self.run_info.world_size, bf16=self.amp_dtype == torch.bfloat16
+            )
+            self.engine = initialize_engine(self.model, self.optimizer, self.scheduler, ds_config)
+        state = None
+        if resume_path is not None and self.engine is not None:
+            state = self._load_deepspeed_checkpoint(resume_path)
+        elif resume_path is not None:
+            state = load_checkpoint(resume_path, cfg.to_dict())
             self._load_state(state)
+        if state is not None:
             self.last_checkpoint = resume_path
         # Rank 0 writes the logs; the other ranks compute the same (all-reduced) numbers.
         self.logger = MetricsLogger(
@@ -223,10 +245,22 @@ class Trainer:
         load_canonical_state(model, None, whole.state_dict(), None, groups.ep_rank, groups.ep_size)
         return model.to(self.device)
 
+    def _latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint of this run directory: a step_XXXXXXXX.pt file, or DeepSpeed's latest tag folder."""
+        if self.cfg.parallel.deepspeed_config is not None:
+            tag = latest_tag(self.checkpoints.directory)
+            return self.checkpoints.directory / tag if tag else None
+        return self.checkpoints.latest()
+
     def _resume_path(self, resume: str | None, overwrite: bool) -> Path | None:
-        existing = self.checkpoints.latest()
+        existing = self._latest_checkpoint()
         if resume == "auto":
             return existing
+        if resume is not None and self.cfg.parallel.deepspeed_config is not None:
+            path = Path(resume)
+            if not (path / "mp_rank_00_model_states.pt").is_file() and not any(path.glob("*model_states.pt")):
+                raise FileNotFoundError(f"--resume {resume!r}: not a DeepSpeed checkpoint folder (checkpoints/step_XXXXXXXX)")
+            return path
         if resume is not None:
             return resolve_checkpoint(resume)
         if existing is not None and not overwrite:
@@ -235,7 +269,7 @@ class Trainer:
                 "pass --resume to continue that run, --overwrite to start over, or --set train.out_dir=... for a new one"
             )
         if existing is not None and self.run_info.is_main:
-            shutil.rmtree(self.out_dir / "checkpoints")  # the logs go when MetricsLogger starts fresh
+            shutil.rmtree(self.checkpoints.directory)  # the logs go when MetricsLogger starts fresh
         barrier(self.run_info)  # nobody looks at the directory again before rank 0 has cleared it
         return None
 
@@ -274,8 +308,35 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step = state["step"]
 
+    def _client_state(self) -> dict[str, Any]:
+        """What DeepSpeed's checkpoint does not hold by itself: step, config, data position, RNG."""
+        return {"step": self.step, "config": self.cfg.to_dict(), "data": self.batches.state_dict(), "rng": rng_state()}
+
+    def _load_deepspeed_checkpoint(self, path: Path) -> dict[str, Any]:
+        try:
+            _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointMismatchError(f"DeepSpeed checkpoint {path} does not fit this model: {err}") from err
+        problems = config_mismatches(client["config"], self.cfg.to_dict())
+        if problems:
+            raise CheckpointMismatchError(f"checkpoint {path} does not match the config:\n  " + "\n  ".join(problems))
+        self.batches.load_state_dict(client["data"])
+        set_rng_state(client["rng"])
+        self.step = client["step"]
+        return client
+
     def save_checkpoint(self) -> Path:
-        """Every rank takes part (expert shards are gathered); rank 0 writes the file."""
+        """Every rank takes part (expert shards are gathered, or DeepSpeed saves its partitions); rank 0 writes."""
+        if self.engine is not None:
+            tag = f"step_{self.step:08d}"
+            self.engine.save_checkpoint(str(self.checkpoints.directory), tag=tag, client_state=self._client_state())
+            if self.run_info.is_main:
+                tags = sorted(p for p in self.checkpoints.directory.glob("step_*") if p.is_dir())
+                for old in tags[: -self.checkpoints.keep]:
+                    shutil.rmtree(old)
+            barrier(self.run_info)
+            self.last_checkpoint = self.checkpoints.directory / tag
+            return self.last_checkpoint
         state = self.state_dict()
         if self.run_info.is_main:
             self.checkpoints.save(state, self.step)
@@ -310,16 +371,19 @@ class Trainer:
         logged = all_reduce_sum(logged, run).tolist()  # NOTE: device-to-host sync, once a step, for the NaN guard and the log
         if not math.isfinite(logged[0]):
             self._non_finite("loss", logged[0])
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if run.groups is not None:
-            all_reduce_gradients(self.model, run.groups)
-        grad_norm = clip_gradients(self.model, run.groups, self.cfg.optim.grad_clip)
-        if not math.isfinite(grad_norm):
-            self._non_finite("gradient norm", grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        if self.engine is not None:
+            grad_norm = self._deepspeed_step(loss)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if run.groups is not None:
+                all_reduce_gradients(self.model, run.groups)
+            grad_norm = clip_gradients(self.model, run.groups, self.cfg.optim.grad_clip)
+            if not math.isfinite(grad_norm):
+                self._non_finite("gradient norm", grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
         self.step += 1
         present = task_counts(task, num_tasks) if global_counts is None else global_counts
         metrics = {"loss": logged[0], "task_loss": logged[1], "aux_loss": logged[2], "grad_norm": grad_norm, "lr": lr}
@@ -336,6 +400,22 @@ class Trainer:
                     layer.router.update_expert_bias(counts_E, rate)
         metrics.update(self._traffic())
         return metrics
+
+    def _deepspeed_step(self, loss: torch.Tensor) -> float:
+        """backward, ZeRO reduction, clipping, optimizer and scheduler step, all by the engine.
+
+        DeepSpeed divides reduced gradients by the world size; our losses are normalised for a
+        sum over ranks, so the loss is scaled by the world size first (see deepspeed_engine.py).
+        """
+        self.engine.backward(loss * self.run_info.world_size)
+        self.engine.step()
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if math.isnan(grad_norm) and self.cfg.optim.grad_clip is None:
+            return grad_norm  # DeepSpeed measures the norm only when it clips
+        if not math.isfinite(grad_norm):
+            self._non_finite("gradient norm (after DeepSpeed's update; the last checkpoint is untouched)", grad_norm)
+        return grad_norm
 
     def _traffic(self) -> dict[str, float]:
         """This rank's all-to-all volume (MB, both directions, forward and backward) and time this step."""

@@ -22,6 +22,8 @@ STEPS = 6
 TINY = [
     "model.d_model=16", "model.num_layers=2", "model.num_heads=2", "model.ffn_hidden=16", "model.dropout=0.0",
     "moe.num_experts=4", "moe.ffn_hidden=16", "moe.router.aux_loss_coef=0.0",
+    # A constant schedule: a run stopped at max_steps = STEPS / 2 and resumed to STEPS sees the same lrs.
+    "optim.warmup_steps=0", "optim.schedule=constant",
     "data.batch_size=16", "data.eval_batch_size=128", "data.pairs_per_task=100",
     f"train.max_steps={STEPS}", "train.eval_every=1000", "train.checkpoint_every=3", "train.num_threads=1",
     "logging.log_every=1", "logging.progress_bar=false", "logging.tensorboard=false",
