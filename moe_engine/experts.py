@@ -15,6 +15,7 @@ from torch import nn
 
 from moe_engine.kernels._triton import TRITON_AVAILABLE
 from moe_engine.kernels.backend import select_backend
+from moe_engine.kernels.permute import GatheredRows
 from moe_engine.kernels.grouped_gemm import (
     grouped_linear_grouped_mm,
     grouped_linear_loop,
@@ -49,8 +50,9 @@ class GroupedExperts(nn.Module):
         w_in:  (E, H, D), H = 2F for SwiGLU (gate rows, then up rows) or F for GELU.
         w_out: (E, D, F).
 
-    forward(x_ND, tokens_per_expert_E) -> y_ND: x_ND (N, D) rows sorted by expert;
-    tokens_per_expert_E (E,) int64 sums to N (experts with 0 rows are fine).
+    forward(x_ND, tokens_per_expert_E) -> y_ND: x_ND (N, D) rows sorted by expert, or the
+    `GatheredRows` a dispatcher hands over instead of the copy; tokens_per_expert_E (E,) int64
+    sums to N (experts with 0 rows are fine).
     forward_gathered(x_TD, gather_index_N, tokens_per_expert_E) -> y_ND: the same on rows
     x_TD[gather_index_N]; the Triton path reads them through the index, without the copy.
 
@@ -92,7 +94,12 @@ class GroupedExperts(nn.Module):
             return "grouped_mm" if reason is None else "loop"
         return self.impl
 
-    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor | GatheredRows, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        if isinstance(x_ND, GatheredRows):
+            # The Triton path reads the rows through the index; the torch paths need the copy.
+            if self.resolve_impl(x_ND.x_TD.device, _compute_dtype(x_ND.x_TD)) == "triton":
+                return self.forward_gathered(x_ND.x_TD, x_ND.index_N, tokens_per_expert_E)
+            x_ND = x_ND.materialize()
         dtype = _compute_dtype(x_ND)
         impl = self.resolve_impl(x_ND.device, dtype)
         x_ND = x_ND.to(dtype)

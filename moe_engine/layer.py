@@ -38,7 +38,8 @@ class MoELayer(nn.Module):
     Args:
         router: (x_TD, ctx) -> Routing.
         experts: (x_ND, tokens_per_expert_E) -> y_ND, e.g. GroupedExperts.
-        dispatcher: moves rows to experts and back; defaults to LocalDispatcher (all experts here).
+        dispatcher: moves rows to experts and back; defaults to LocalDispatcher (all experts here),
+            which lets experts that can fuse the row gather into their up-projection do so.
         shared_experts: a dense MLP every token also passes through, added to the routed output.
         shared_expert_gate: (D -> 1) whose sigmoid scales the shared output per token (Qwen2-MoE).
     """
@@ -54,7 +55,7 @@ class MoELayer(nn.Module):
         super().__init__()
         self.router = router
         self.experts = experts
-        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(experts.num_experts)
+        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(experts.num_experts, fuse_gather=True)
         self.shared_experts = shared_experts
         self.shared_expert_gate = shared_expert_gate
 

@@ -327,3 +327,19 @@ def test_unset_backend_picks_triton_only_on_cuda(monkeypatch):
     assert select_backend("op", torch.device("cpu"), has_triton=True) == "torch"
     assert select_backend("op", torch.device("cuda"), has_triton=True) == "triton"
     assert select_backend("op", torch.device("cuda"), has_triton=False) == "torch"
+
+
+def test_fused_gather_dispatch_hands_over_rows_equal_to_the_permuted_copy() -> None:
+    from moe_engine.kernels.permute import GatheredRows
+    from moe_engine.parallel import LocalDispatcher
+    from moe_engine.routing import Routing
+
+    torch.manual_seed(0)
+    x_TD = torch.randn(6, 4)
+    experts_TK = torch.tensor([[0, 2], [2, 1], [1, 0], [2, 0], [0, 1], [1, 2]])
+    routing = Routing(torch.rand(6, 2), experts_TK, torch.rand(6, 3), torch.zeros(()))
+    rows, tokens_fused, _ = LocalDispatcher(3, fuse_gather=True).dispatch(x_TD, routing)
+    x_ND, tokens, _ = LocalDispatcher(3).dispatch(x_TD, routing)
+    assert isinstance(rows, GatheredRows) and torch.equal(tokens_fused, tokens)
+    assert torch.equal(rows.materialize(), x_ND)
+    assert torch.equal(x_TD[rows.index_N], x_ND)

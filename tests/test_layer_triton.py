@@ -85,3 +85,19 @@ def test_compiled_triton_layer_matches_eager() -> None:
     g_compiled = torch.autograd.grad(out.y.sum() + out.aux_loss, [x, layer.experts.w_in])
     for a, b in zip(g_compiled, g_eager):
         torch.testing.assert_close(a, b)
+
+
+def test_triton_layer_reads_tokens_through_the_index_without_the_permuted_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default local dispatcher hands GatheredRows over; the Triton experts must never copy them out.
+    from moe_engine.kernels.permute import GatheredRows
+
+    def refuse(self):
+        raise AssertionError("the fused path materialised x_ND")
+
+    monkeypatch.setattr(GatheredRows, "materialize", refuse)
+    torch.manual_seed(1)
+    layer = _layer(16, 16, 5, 2, torch.float32)
+    x = torch.randn(7, 16, requires_grad=True)
+    out = layer(x)
+    out.y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -24,6 +24,8 @@ runs permute's backward); the launchers take `config=` to force one tile (tests,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from moe_engine.kernels._triton import TRITON_AVAILABLE, interpreting, kernel_configs, triton
@@ -615,3 +617,25 @@ def unpermute(y_ND: torch.Tensor, choice_N: torch.Tensor, weights_TK: torch.Tens
     if select_backend("unpermute", y_ND.device, has_triton=TRITON_AVAILABLE) == "triton":
         return torch.ops.moe_engine.unpermute(y_ND, choice_N, weights_TK, num_tokens)
     return unpermute_reference(y_ND, choice_N, weights_TK, num_tokens)
+
+
+@dataclass(frozen=True)
+class GatheredRows:
+    """The rows x_TD[choice_N // top_k] of a permute not performed yet.
+
+    A dispatcher hands this to experts that can fuse the gather into their first GEMM (the
+    Triton grouped MLP reads x_TD through the index, so the (N, D) permuted copy never exists);
+    any other consumer calls `materialize()`, which is exactly `permute`.
+    """
+
+    x_TD: torch.Tensor
+    choice_N: torch.Tensor
+    top_k: int
+
+    @property
+    def index_N(self) -> torch.Tensor:
+        """(N,) int64: the token row each dispatched row reads."""
+        return self.choice_N // self.top_k
+
+    def materialize(self) -> torch.Tensor:
+        return permute(self.x_TD, self.choice_N, self.top_k)

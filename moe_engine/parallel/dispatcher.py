@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from moe_engine.kernels.permute import expert_order, permute, unpermute
+from moe_engine.kernels.permute import GatheredRows, expert_order, unpermute
 from moe_engine.routing.types import Routing
 
 
@@ -40,20 +40,30 @@ class TokenDispatcher(Protocol):
 
 
 class LocalDispatcher:
-    """All E experts on this process: a sort-based permute of rows by expert, and its weighted inverse."""
+    """All E experts on this process: a sort-based permute of rows by expert, and its weighted inverse.
 
-    def __init__(self, num_experts: int) -> None:
+    fuse_gather: hand the experts `GatheredRows` (x_TD and the row index) instead of the permuted
+    copy x_ND, so experts that fuse the gather into their up-projection skip the copy; others
+    materialise it with the same permute op.
+    """
+
+    def __init__(self, num_experts: int, fuse_gather: bool = False) -> None:
         self.num_experts = num_experts
         self.num_local_experts = num_experts
+        self.fuse_gather = fuse_gather
 
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, LocalDispatchMeta]:
-        """x_TD: (T, D). Returns x_ND (N, D) grouped by expert, tokens_per_expert_E (E,) int64, meta."""
+    def dispatch(
+        self, x_TD: torch.Tensor, routing: Routing
+    ) -> tuple[torch.Tensor | GatheredRows, torch.Tensor, LocalDispatchMeta]:
+        """x_TD: (T, D). Returns x_ND (N, D) grouped by expert (or its GatheredRows), tokens_per_expert_E
+        (E,) int64, and the meta combine needs."""
         if routing.num_experts != self.num_experts:
             raise ValueError(f"routing over {routing.num_experts} experts given to a dispatcher of {self.num_experts}")
         # Dropless routing has exactly T*K rows, so the row count needs no device-to-host sync.
         num_rows = routing.experts_TK.numel() if routing.capacity is None else None
         choice_N, tokens_per_expert_E = expert_order(routing.experts_TK, self.num_experts, num_rows)
-        x_ND = permute(x_TD, choice_N, routing.top_k)
+        rows = GatheredRows(x_TD, choice_N, routing.top_k)
+        x_ND = rows if self.fuse_gather else rows.materialize()
         return x_ND, tokens_per_expert_E, LocalDispatchMeta(choice_N, routing.weights_TK)
 
     def combine(self, y_ND: torch.Tensor, meta: LocalDispatchMeta) -> torch.Tensor:
