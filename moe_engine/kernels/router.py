@@ -229,6 +229,17 @@ def _key_value(key):
 # scores (T, E) fp32; weights (T, K) fp32; experts (T, K) int64; counts (E,) int64 and
 # prob_sums (E,) fp32, both zeroed beforehand; lse (T,) fp32. E_PAD = next_pow2(E),
 # K_PAD = next_pow2(K), GROUP_SIZE = E // N_GROUPS. Grid: (cdiv(T, BLOCK_T),).
+@_jit
+def _load_logit_tile(logits_ptr, rows, cols, num_tokens, num_experts, stride_t):
+    # The (BLOCK_T, E_PAD) fp32 logit tile of the forward and backward kernels, with its masks.
+    # Padding rows load 0 (finite, so no NaN reaches the column sums); padding experts are -inf.
+    row_ok = rows < num_tokens
+    col_ok = cols < num_experts
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(logits_ptr + rows[:, None] * stride_t + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    return tl.where(col_ok[None, :], x, float("-inf")), row_ok, col_ok, tile_ok
+
+
 @_autotune("topk_gating", _topk_gating_configs(), key=["E_PAD", "TOP_K", "N_GROUPS", "TOPK_GROUPS", "SIGMOID"],
            reset_to_zero=["counts_ptr", "prob_sums_ptr"], max_elements_per_thread=32)
 def _topk_gating_kernel(
@@ -247,12 +258,7 @@ def _topk_gating_kernel(
     #   w_tk  = scaling * s_{t,e_k} / max(sum_j s_{t,e_j}, 1e-20)  (the division only if RENORMALIZE)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_PAD)
-    row_ok = rows < num_tokens
-    col_ok = cols < num_experts
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    # Padding rows load 0 (finite, so no NaN reaches the column sums); padding experts are -inf.
-    x = tl.load(logits_ptr + rows[:, None] * stride_t + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    x = tl.where(col_ok[None, :], x, float("-inf"))
+    x, row_ok, col_ok, tile_ok = _load_logit_tile(logits_ptr, rows, cols, num_tokens, num_experts, stride_t)
     row_max = tl.max(x, axis=1)
     exp_sum = tl.sum(tl.exp(x - row_max[:, None]), axis=1)
     inv_sum = 1.0 / exp_sum
@@ -344,11 +350,7 @@ def _topk_gating_backward_kernel(
     #   lse:      dlse/dx = softmax(x)  =>  dL/dx += gl * softmax(x).
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, E_PAD)
-    row_ok = rows < num_tokens
-    col_ok = cols < num_experts
-    tile_ok = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(logits_ptr + rows[:, None] * stride_t + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    x = tl.where(col_ok[None, :], x, float("-inf"))
+    x, row_ok, col_ok, tile_ok = _load_logit_tile(logits_ptr, rows, cols, num_tokens, num_experts, stride_t)
     row_max = tl.max(x, axis=1)
     inv_sum = 1.0 / tl.sum(tl.exp(x - row_max[:, None]), axis=1)
     probs = _score(x, row_max[:, None], inv_sum[:, None], False)
