@@ -24,16 +24,6 @@ from moe_engine.kernels.aux_losses import (
 )
 
 
-def expert_choice_fractions(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(E,) float32: the fraction of routed choices per expert; choices of -1 are not counted.
-
-    The denominator is T*K so that the fractions of a dropless routing sum to 1.
-    """
-    valid = experts_TK >= 0
-    counts_E = torch.bincount(experts_TK[valid], minlength=num_experts)
-    return counts_E.float() / max(experts_TK.numel(), 1)
-
-
 def switch_loss_from_stats(
     counts_E: torch.Tensor, prob_sums_E: torch.Tensor, num_tokens: int, top_k: int
 ) -> torch.Tensor:
@@ -47,7 +37,6 @@ def switch_loss_from_stats(
 
 
 __all__ = [
-    "expert_choice_fractions",
     "importance_cv_squared",
     "load_cv_squared",
     "router_z_loss",
