@@ -175,6 +175,9 @@ class ParallelConfig:
     expert_parallel_size: int = 1
     # Capacity routing only: pad each expert's rows to the capacity so all-to-all splits are static.
     fixed_splits: bool = False
+    # Split each all-to-all into this many chunks of tokens, so chunk i+1's exchange runs while the
+    # experts compute chunk i (async collectives); 1: one exchange per direction.
+    a2a_chunks: int = 1
     # Collective backend: "auto" takes nccl on CUDA, gloo on CPU.
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     # A DeepSpeed JSON config (e.g. configs/deepspeed_zero2.json): DeepSpeed's engine then runs
@@ -185,6 +188,8 @@ class ParallelConfig:
         _check_choices(self, "parallel")
         if self.expert_parallel_size < 1:
             _fail("parallel.expert_parallel_size", self.expert_parallel_size, "must be >= 1")
+        if self.a2a_chunks < 1:
+            _fail("parallel.a2a_chunks", self.a2a_chunks, "must be >= 1")
         if self.expert_parallel_size > 1 and self.dispatcher != "all_to_all":
             _fail("parallel.expert_parallel_size", self.expert_parallel_size, "needs parallel.dispatcher = 'all_to_all'")
 

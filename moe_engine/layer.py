@@ -75,10 +75,22 @@ class MoELayer(nn.Module):
             shared_expert_gate=gate,
         )
 
-    def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> MoEOutput:
-        """x: (..., D), any leading shape; ctx fields are per token of the flattened input."""
+    def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None, routing: Routing | None = None) -> MoEOutput:
+        """x: (..., D), any leading shape; ctx fields are per token of the flattened input.
+
+        routing: a decision made elsewhere for these tokens (e.g. Conditional MoE's FFN reusing the
+        attention MoE's routing); the layer's own router is then skipped and the returned aux_loss
+        is 0, since the routing's own was counted where it was made.
+        """
         x_TD = x.reshape(-1, x.shape[-1])
-        routing = self.router(x_TD, ctx)
+        own_routing = routing is None
+        if own_routing:
+            routing = self.router(x_TD, ctx)
+        elif routing.experts_TK.shape[0] != x_TD.shape[0] or routing.num_experts != self.dispatcher.num_experts:
+            raise ValueError(
+                f"routing for {routing.experts_TK.shape[0]} tokens over {routing.num_experts} experts given to a "
+                f"layer of {self.dispatcher.num_experts} experts with {x_TD.shape[0]} tokens"
+            )
         x_ND, tokens_per_expert_E, meta = self.dispatcher.dispatch(x_TD, routing)
         y_ND = self.experts(x_ND, tokens_per_expert_E)
         y_TD = self.dispatcher.combine(y_ND, meta)
@@ -87,4 +99,5 @@ class MoELayer(nn.Module):
             if self.shared_expert_gate is not None:
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
-        return MoEOutput(y_TD.view(x.shape).to(x.dtype), routing.aux_loss, tokens_per_expert_E.detach(), routing)
+        aux_loss = routing.aux_loss if own_routing else torch.zeros_like(routing.aux_loss)
+        return MoEOutput(y_TD.view(x.shape).to(x.dtype), aux_loss, tokens_per_expert_E.detach(), routing)
