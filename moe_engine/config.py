@@ -55,6 +55,62 @@ def _check_positive(section: str, **values: float) -> None:
 
 
 @dataclass
+class TaskRoutingConfig:
+    """Settings of the task-conditional routers (moe_engine.mtl); plain top-k routers ignore them.
+
+    Which fields a router reads: task_gate (M3ViT) gate_mode, noise; mod_squad score_epsilon,
+    mi_loss_coef; attribute (Conditional MoE) noise, num_attributes, attribute_dim,
+    attribute_with_tokens; dselect_k dselect_gate, gamma, entropy_coef; task_level task_level_gate.
+    mi_loss_coef also applies to task_gate.
+    """
+
+    # "per_task": one gate per task (M3ViT, Mod-Squad); "concat": one gate over [token ; one-hot task].
+    gate_mode: Literal["per_task", "concat"] = "per_task"
+    # Noise on the gate logits in training: "learned" (Shazeer's softplus(x W_noise), task_gate only),
+    # "fixed" (N(0, 1/E^2), V-MoE and Uni-Perceiver-MoE), "none".
+    noise: Literal["none", "learned", "fixed"] = "none"
+    # Mod-Squad: scores = softmax(logits) + score_epsilon before the top-k.
+    score_epsilon: float = 1e-3
+    # Mod-Squad's task-expert mutual-information loss weight (5e-3 in its config); 0 turns it off.
+    mi_loss_coef: float = 0.0
+    # Conditional MoE: attributes per token; null takes the model's count (moe_engine.mtl.model).
+    num_attributes: int | None = None
+    # Width of the attribute embedding (LayerNorm(Linear(attributes))); null: d_model.
+    attribute_dim: int | None = None
+    # The gate sees [attribute embedding ; token] instead of the attribute embedding alone.
+    attribute_with_tokens: bool = False
+    # DSelect-k: "static" (per-task selectors) or "per_example" (selectors computed from the token).
+    dselect_gate: Literal["static", "per_example"] = "static"
+    # DSelect-k smooth-step width gamma and its entropy regularisation weight.
+    gamma: float = 1.0
+    entropy_coef: float = 1e-6
+    # Task-level MoE: "table" (learned per-task logits) or "embedding_mlp" (Ye et al.: task embedding -> MLP).
+    task_level_gate: Literal["table", "embedding_mlp"] = "table"
+    # AdaMV-MoE (task_gate, mod_squad): each task's k moves in [adaptive_k_min, top_k] with its
+    # validation loss at every evaluation (moe_engine.mtl.adaptive_k); false: every task uses top_k.
+    adaptive_k: bool = False
+    adaptive_k_min: int = 1
+    # Evaluations without improvement before a task's k rises.
+    adaptive_patience: int = 1
+
+    def __post_init__(self) -> None:
+        _check_choices(self, "moe.router.task")
+        _check_positive("moe.router.task", adaptive_k_min=self.adaptive_k_min, adaptive_patience=self.adaptive_patience)
+        _check_positive("moe.router.task", gamma=self.gamma)
+        for name in ("score_epsilon", "mi_loss_coef", "entropy_coef"):
+            if getattr(self, name) < 0:
+                _fail(f"moe.router.task.{name}", getattr(self, name), "must be >= 0")
+        for name in ("num_attributes", "attribute_dim"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                _fail(f"moe.router.task.{name}", value, "must be >= 1, or null")
+
+
+# Routers that read RoutingContext.task_ids_T (and need the number of tasks).
+TASK_ROUTERS = ("task_gate", "mod_squad", "dselect_k", "task_level")
+
+
+@dataclass
 class RouterConfig:
     """How tokens choose experts (moe_engine.routing)."""
 
@@ -63,8 +119,9 @@ class RouterConfig:
     # Divide the k chosen weights by their sum (Mixtral, Qwen3-MoE) before scaling.
     renormalize: bool = True
     scaling_factor: float = 1.0
-    # Load-balancing loss: "switch" (over the batch), "seq_switch" (per sequence, averaged), "none".
-    aux_loss_type: Literal["switch", "seq_switch", "none"] = "switch"
+    # Load-balancing loss: "switch" (over the batch), "seq_switch" (per sequence, averaged),
+    # "importance_load" (Shazeer's CV^2 losses: noisy_topk, task_gate), "none".
+    aux_loss_type: Literal["switch", "seq_switch", "importance_load", "none"] = "switch"
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     # None: dropless. Otherwise each expert keeps ceil(capacity_factor * T * K / E) choices.
@@ -77,6 +134,8 @@ class RouterConfig:
     # Group-limited routing (DeepSeek-V3): experts in n_groups groups, tokens pick among the best topk_groups.
     n_groups: int = 1
     topk_groups: int = 1
+    # The task-conditional routers' settings (moe_engine.mtl).
+    task: TaskRoutingConfig = field(default_factory=TaskRoutingConfig)
 
     def __post_init__(self) -> None:
         _check_choices(self, "moe.router")
@@ -94,6 +153,25 @@ class RouterConfig:
             _fail("moe.router.n_groups", self.n_groups, "must be >= 1")
         if not 1 <= self.topk_groups <= self.n_groups:
             _fail("moe.router.topk_groups", self.topk_groups, f"must be in [1, moe.router.n_groups = {self.n_groups}]")
+        self._check_router_specific()
+
+    def _check_router_specific(self) -> None:
+        """Options that only some router types implement are refused for the others."""
+        topk_types = ("softmax_topk", "sigmoid_topk")
+        if self.type not in topk_types and (self.n_groups > 1 or self.expert_bias_rate > 0):
+            _fail("moe.router.type", self.type, "n_groups/topk_groups and expert_bias_rate need softmax_topk or sigmoid_topk")
+        if self.aux_loss_type == "seq_switch" and self.type not in topk_types:
+            _fail("moe.router.aux_loss_type", "seq_switch", "allowed with softmax_topk or sigmoid_topk only")
+        if self.aux_loss_type == "importance_load" and self.type not in ("noisy_topk", "task_gate", "mod_squad"):
+            _fail("moe.router.aux_loss_type", "importance_load", "allowed with noisy_topk, task_gate or mod_squad only")
+        if self.type in ("dselect_k", "task_level") and self.capacity_factor is not None:
+            _fail("moe.router.capacity_factor", self.capacity_factor, f"must be null for moe.router.type = {self.type!r}")
+        if self.task.adaptive_k and self.type not in ("task_gate", "mod_squad"):
+            _fail("moe.router.task.adaptive_k", True, "allowed with task_gate or mod_squad only")
+        if self.task.adaptive_k and self.task.adaptive_k_min > self.top_k:
+            _fail("moe.router.task.adaptive_k_min", self.task.adaptive_k_min, f"must be <= moe.router.top_k ({self.top_k})")
+        if self.task.noise == "learned" and self.type not in ("task_gate", "mod_squad"):
+            _fail("moe.router.task.noise", "learned", "allowed with task_gate or mod_squad only (noisy_topk always has it)")
 
 
 @dataclass
@@ -292,6 +370,9 @@ class LoggingConfig:
     csv: bool = True
     tensorboard: bool = True
     progress_bar: bool = True
+    # Task x expert utilisation and routing entropy per MoE layer: logged every log_every steps,
+    # drawn as out_dir/routing/task_expert_layer{l}.png at the end of the run.
+    routing_telemetry: bool = True
 
     def __post_init__(self) -> None:
         _check_choices(self, "logging")

@@ -14,7 +14,8 @@ from torch import nn
 
 from moe_engine.experts import MLP, GroupedExperts
 from moe_engine.parallel import LocalDispatcher, TokenDispatcher
-from moe_engine.routing import Routing, RoutingContext, build_router
+from moe_engine.routers import build_any_router
+from moe_engine.routing import Routing, RoutingContext
 
 if TYPE_CHECKING:
     from moe_engine.config import MoEConfig
@@ -60,7 +61,12 @@ class MoELayer(nn.Module):
         self.shared_expert_gate = shared_expert_gate
 
     @classmethod
-    def from_config(cls, d_model: int, cfg: MoEConfig, dispatcher: TokenDispatcher | None = None) -> MoELayer:
+    def from_config(
+        cls, d_model: int, cfg: MoEConfig, dispatcher: TokenDispatcher | None = None, *, num_tasks: int = 1,
+        num_attributes: int | None = None,
+    ) -> MoELayer:
+        """The layer `cfg` describes. num_tasks, num_attributes: what task-conditional routers gate
+        over (see moe_engine.routers.build_any_router); plain routers ignore them."""
         shared = gate = None
         if cfg.num_shared_experts:
             shared = MLP(d_model, cfg.num_shared_experts * cfg.ffn_hidden, cfg.activation)
@@ -68,7 +74,7 @@ class MoELayer(nn.Module):
         # Under expert parallelism this process builds only the experts its dispatcher routes to it.
         num_local = dispatcher.num_local_experts if dispatcher is not None else cfg.num_experts
         return cls(
-            router=build_router(d_model, cfg.num_experts, cfg.router),
+            router=build_any_router(d_model, cfg.num_experts, cfg.router, num_tasks=num_tasks, num_attributes=num_attributes),
             experts=GroupedExperts(num_local, d_model, cfg.ffn_hidden, cfg.activation, cfg.experts_impl),
             dispatcher=dispatcher,
             shared_experts=shared,

@@ -134,6 +134,24 @@ ERROR_CASES = {
     "shared gate without shared experts": (["moe.shared_expert_gate=true"], ["moe.shared_expert_gate", "moe.num_shared_experts >= 1"]),
     "list item of wrong type": (["data.tasks=[digit, 3]"], ["data.tasks[1]", "3", "must be a string"]),
     "through a scalar, no earlier value": (["model.d_model.x=1"], ["model.d_model", "{'x': 1}", "must be an integer"]),
+    "unknown task gate mode": (["moe.router.task.gate_mode=mixed"], ["moe.router.task.gate_mode", "'mixed'", "'per_task'", "'concat'"]),
+    "unknown noise": (["moe.router.task.noise=uniform"], ["moe.router.task.noise", "'uniform'", "'learned'", "'fixed'"]),
+    "gamma = 0": (["moe.router.task.gamma=0"], ["moe.router.task.gamma", "0", "must be > 0"]),
+    "negative mi loss": (["moe.router.task.mi_loss_coef=-1"], ["moe.router.task.mi_loss_coef", "-1", "must be >= 0"]),
+    "num_attributes = 0": (["moe.router.task.num_attributes=0"], ["moe.router.task.num_attributes", "0", ">= 1, or null"]),
+    "learned noise on attribute router": (
+        ["moe.router.type=attribute", "moe.router.task.noise=learned"], ["moe.router.task.noise", "learned", "task_gate or mod_squad"]
+    ),
+    "capacity with dselect_k": (["moe.router.type=dselect_k", "moe.router.capacity_factor=1.5"], ["moe.router.capacity_factor", "1.5", "null"]),
+    "seq_switch with task router": (["moe.router.type=task_gate", "moe.router.aux_loss_type=seq_switch"], ["seq_switch", "softmax_topk or sigmoid_topk"]),
+    "importance_load with softmax_topk": (["moe.router.aux_loss_type=importance_load"], ["importance_load", "noisy_topk, task_gate or mod_squad"]),
+    "groups with a task router": (["moe.router.type=mod_squad", "moe.router.n_groups=2"], ["moe.router.type", "mod_squad", "n_groups"]),
+    "adaptive k on dselect": (["moe.router.type=dselect_k", "moe.router.task.adaptive_k=true"], ["moe.router.task.adaptive_k", "task_gate or mod_squad"]),
+    "adaptive k_min > top_k": (
+        ["moe.router.type=task_gate", "moe.router.task.adaptive_k=true", "moe.router.task.adaptive_k_min=3"],
+        ["moe.router.task.adaptive_k_min", "3", "<= moe.router.top_k (2)"],
+    ),
+    "negative a2a chunks": (["parallel.a2a_chunks=0"], ["parallel.a2a_chunks", "0", "must be >= 1"]),
 }
 
 

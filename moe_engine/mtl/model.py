@@ -112,13 +112,30 @@ class MultiTaskTransformer(nn.Module):
         for i in range(cfg.num_layers):
             if (i + 1) % cfg.moe_every == 0:
                 dispatcher = make_dispatcher(moe_cfg) if make_dispatcher else None
-                ffn: nn.Module = MoELayer.from_config(cfg.d_model, moe_cfg, dispatcher)
+                ffn: nn.Module = MoELayer.from_config(
+                    cfg.d_model, moe_cfg, dispatcher, num_tasks=len(self.tasks), num_attributes=self.num_attributes
+                )
             else:
                 ffn = MLP(cfg.d_model, cfg.ffn_hidden, moe_cfg.activation)
             blocks.append(Block(cfg.d_model, cfg.num_heads, ffn, cfg.dropout))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(cfg.d_model)
         self.heads = nn.ModuleList(nn.Linear(cfg.d_model, t.num_classes) for t in tasks)
+
+    @property
+    def num_attributes(self) -> int:
+        """Attributes per token (see `token_attributes`)."""
+        return 2 + len(self.tasks)
+
+    def token_attributes(self, task_ids_B: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """attributes_TA (B*S, 2 + num_tasks) float32, Uni-Perceiver-style bits per token:
+        [is the task token, is an image patch, one-hot of the task]."""
+        B = task_ids_B.shape[0]
+        role_SA = torch.zeros(seq_len, 2, device=task_ids_B.device)
+        role_SA[0, 0] = 1.0
+        role_SA[1:, 1] = 1.0
+        task_BA = F.one_hot(task_ids_B, len(self.tasks)).float()
+        return torch.cat([role_SA.expand(B, -1, -1), task_BA[:, None].expand(-1, seq_len, -1)], dim=-1).reshape(B * seq_len, -1)
 
     @property
     def moe_layers(self) -> list[MoELayer]:
@@ -137,6 +154,7 @@ class MultiTaskTransformer(nn.Module):
         B, S, _ = x_BSD.shape
         ctx = RoutingContext(
             task_ids_T=task_ids_B.repeat_interleave(S),
+            attributes_TA=self.token_attributes(task_ids_B, S),
             sequence_ids_T=torch.arange(B, device=x_BSD.device).repeat_interleave(S),
         )
         aux_loss = x_BSD.new_zeros((), dtype=torch.float32)

@@ -12,13 +12,25 @@ combine runs the same steps backwards, then the weighted sum over each token's K
 Capacity mode (`fixed_splits=True` with a capacity router): every rank sends exactly C rows per
 expert, zero rows padding the empty slots. Splits are then static: no count exchange, no
 device-to-host sync, and static shapes, at the price of computing the padding rows.
+
+Overlap (`num_chunks > 1`, through `dispatch_compute_combine`): the T tokens are cut into
+contiguous chunks (capacity slots in fixed-split mode) and each chunk's exchanges are issued
+asynchronously, so chunk c+1 travels while the experts compute chunk c, and the combine of
+chunk c while the experts compute chunk c+1. Backward overlaps the same way: each exchange's
+reverse is issued by one autograd node and waited for by another. Every rank must issue the
+same collectives in the same order, so the nodes that issue backward exchanges are chained by a
+scalar "order" tensor: autograd then runs them in the reverse of the forward order on every
+rank, whatever else each rank's graph holds. Results equal num_chunks = 1 up to float summation
+order (expert weight gradients sum chunk by chunk).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 import torch.distributed as dist
 
 from moe_engine.kernels.permute import expert_order, permute, unpermute
@@ -49,13 +61,19 @@ class AllToAllDispatcher:
     """Moves rows to the ranks of `ep_group` that hold their experts, and back.
 
     num_experts: E in the whole model; the group's size P must divide it. fixed_splits: in
-    capacity mode, pad each expert's rows to the capacity so splits are static.
+    capacity mode, pad each expert's rows to the capacity so splits are static. num_chunks: how
+    many pieces `dispatch_compute_combine` cuts the exchanges into to overlap them with the experts.
     """
 
-    def __init__(self, num_experts: int, ep_group: dist.ProcessGroup, *, fixed_splits: bool = False) -> None:
+    def __init__(
+        self, num_experts: int, ep_group: dist.ProcessGroup, *, fixed_splits: bool = False, num_chunks: int = 1
+    ) -> None:
+        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
+            raise ValueError(f"num_chunks = {num_chunks!r}: must be an int >= 1 (1: no overlap)")
         self.ep_size = dist.get_world_size(ep_group)
         if num_experts % self.ep_size:
             raise ValueError(f"expert-parallel size {self.ep_size} does not divide num_experts {num_experts}")
+        self.num_chunks = num_chunks
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.ep_size
         self.ep_rank = dist.get_rank(ep_group)
@@ -87,21 +105,14 @@ class AllToAllDispatcher:
         both = torch.stack([counts_PL.sum(1), received_PL.sum(1)]).tolist()  # NOTE: device-to-host sync (split sizes)
         send_splits, recv_splits = both
         x_RD = all_to_all(x_ND, recv_splits, send_splits, self.group, self.traffic)
-        # Received rows come by (source rank, local expert); a stable sort by local expert regroups them.
-        local_expert_R = torch.repeat_interleave(
-            torch.arange(L, device=x_TD.device).repeat(P), received_PL.reshape(-1), output_size=x_RD.shape[0]
-        )
-        regroup_M = torch.argsort(local_expert_R, stable=True)
+        regroup_M = _regroup_index(received_PL, x_RD.shape[0])
         x_MD = permute(x_RD, regroup_M, 1)
         meta = AllToAllDispatchMeta(choice_N, routing.weights_TK, send_splits, recv_splits, regroup_M, None)
         return x_MD, received_PL.sum(0), meta
 
     def _dispatch_fixed(self, x_ND, choice_N, tokens_per_expert_E, routing):
         P, L, C = self.ep_size, self.num_local_experts, routing.capacity
-        expert_N = routing.experts_TK.reshape(-1).index_select(0, choice_N)
-        starts_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
-        slot_N = expert_N * C + (torch.arange(choice_N.numel(), device=x_ND.device) - starts_E[expert_N])
-        x_padded = x_ND.new_zeros(self.num_experts * C, x_ND.shape[1]).index_copy(0, slot_N, x_ND)
+        x_padded, slot_N = _pad_to_capacity(x_ND, choice_N, tokens_per_expert_E, routing)
         splits = [L * C] * P
         x_RD = all_to_all(x_padded, splits, splits, self.group, self.traffic)
         # (source, local expert, slot) -> (local expert, source, slot): a fixed transpose, no index.
@@ -118,8 +129,220 @@ class AllToAllDispatcher:
             y_padded = all_to_all(y_RD, meta.send_splits, meta.recv_splits, self.group, self.traffic)
             y_ND = y_padded.index_select(0, meta.slot_N)
         else:
-            inverse_R = torch.empty_like(meta.regroup_M)
-            inverse_R[meta.regroup_M] = torch.arange(meta.regroup_M.numel(), device=y_MD.device)
-            y_RD = permute(y_MD, inverse_R, 1)
+            y_RD = permute(y_MD, _inverse(meta.regroup_M), 1)
             y_ND = all_to_all(y_RD, meta.send_splits, meta.recv_splits, self.group, self.traffic)
         return unpermute(y_ND, meta.choice_N, meta.weights_TK, num_tokens)
+
+    def dispatch_compute_combine(
+        self, x_TD: torch.Tensor, routing: Routing, experts: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """dispatch -> experts -> combine, with the exchanges cut into `num_chunks` pieces that
+        overlap with the experts' compute (forward and backward). Collective over the EP group.
+
+        x_TD: (T, D) this rank's tokens (T may be 0, or smaller than num_chunks); experts:
+        (x_MD, tokens_per_local_expert_L) -> y_MD, as MoELayer calls them. Returns y_TD (T, D),
+        exactly what combine(experts(*dispatch(x_TD, routing)[:2]), meta) returns, and
+        tokens_per_local_expert_L (L,) int64, the rows the local experts computed (all chunks).
+        """
+        if self.num_chunks == 1:
+            x_MD, tokens_per_local_expert_L, meta = self.dispatch(x_TD, routing)
+            return self.combine(experts(x_MD, tokens_per_local_expert_L), meta), tokens_per_local_expert_L
+        params = experts.parameters() if isinstance(experts, nn.Module) else ()
+        needs_grad = torch.is_grad_enabled() and (
+            x_TD.requires_grad or routing.weights_TK.requires_grad or any(p.requires_grad for p in params)
+        )
+        # The head of the chain that orders the backward exchanges (see the module docstring).
+        order = torch.zeros((), device=x_TD.device, requires_grad=needs_grad)
+        if self.fixed_splits and routing.capacity is not None:
+            return self._overlap_fixed(x_TD, routing, experts, order)
+        return self._overlap(x_TD, routing, experts, order)
+
+    def _overlap(self, x_TD, routing, experts, order):
+        """Chunks of contiguous tokens, each dispatched and combined on its own uneven splits."""
+        P, L, K, n = self.ep_size, self.num_local_experts, routing.top_k, self.num_chunks
+        bounds = _chunk_bounds(x_TD.shape[0], n)
+        dropless = routing.capacity is None
+        choices, counts = [], []
+        for start, stop in bounds:
+            experts_cK = routing.experts_TK[start:stop]
+            choice_N, tokens_per_expert_E = expert_order(experts_cK, self.num_experts, experts_cK.numel() if dropless else None)
+            choices.append(choice_N)
+            counts.append(tokens_per_expert_E.view(P, L))
+        # One count exchange for all chunks: counts_PCL[r, c, l] rows of chunk c for expert l of rank r.
+        counts_PCL = torch.stack(counts, 1)
+        received_PCL = all_to_all_counts(counts_PCL, self.group)
+        send_CP, recv_CP = torch.stack([counts_PCL.sum(2).T, received_PCL.sum(2).T]).tolist()  # NOTE: device-to-host sync (split sizes)
+
+        def issue_dispatch(c):
+            start, stop = bounds[c]
+            x_ND = permute(x_TD[start:stop], choices[c], K)
+            return _issue(x_ND, recv_CP[c], send_CP[c], self.group, self.traffic)
+
+        in_flight = [issue_dispatch(0)]
+        returning = []
+        for c in range(n):
+            if c + 1 < n:
+                in_flight.append(issue_dispatch(c + 1))
+            x_RD, order = _await(in_flight[c], order, last=False)
+            regroup_M = _regroup_index(received_PCL[:, c], x_RD.shape[0])
+            y_MD = experts(permute(x_RD, regroup_M, 1), received_PCL[:, c].sum(0))
+            y_RD = permute(y_MD, _inverse(regroup_M), 1)
+            returning.append(_issue(y_RD, send_CP[c], recv_CP[c], self.group, self.traffic))
+        y_chunks = []
+        for c, (start, stop) in enumerate(bounds):
+            y_ND, order = _await(returning[c], order, last=c == n - 1)
+            y_chunks.append(unpermute(y_ND, choices[c], routing.weights_TK[start:stop], stop - start))
+        return torch.cat(y_chunks), received_PCL.sum((0, 1))
+
+    def _overlap_fixed(self, x_TD, routing, experts, order):
+        """Fixed splits: chunks of capacity slots (every expert's slots [s0, s1) at once), static splits."""
+        P, L, C, D = self.ep_size, self.num_local_experts, routing.capacity, x_TD.shape[1]
+        choice_N, tokens_per_expert_E = expert_order(routing.experts_TK, self.num_experts, None)
+        x_ND = permute(x_TD, choice_N, routing.top_k)
+        x_padded, slot_N = _pad_to_capacity(x_ND, choice_N, tokens_per_expert_E, routing)
+        x_ECD = x_padded.view(self.num_experts, C, D)
+        bounds = _chunk_bounds(C, self.num_chunks)
+
+        def issue_dispatch(c):
+            s0, s1 = bounds[c]
+            splits = [L * (s1 - s0)] * P
+            return _issue(x_ECD[:, s0:s1].reshape(-1, D), splits, splits, self.group, self.traffic)
+
+        in_flight = [issue_dispatch(0)]
+        returning = []
+        for c, (s0, s1) in enumerate(bounds):
+            if c + 1 < len(bounds):
+                in_flight.append(issue_dispatch(c + 1))
+            x_RD, order = _await(in_flight[c], order, last=False)
+            width = s1 - s0
+            # (source, local expert, slot) -> (local expert, source, slot), as in _dispatch_fixed.
+            x_MD = x_RD.view(P, L, width, D).transpose(0, 1).reshape(L * P * width, D)
+            tokens_L = torch.full((L,), P * width, dtype=torch.int64, device=x_TD.device)
+            y_MD = experts(x_MD, tokens_L)
+            y_RD = y_MD.view(L, P, width, D).transpose(0, 1).reshape(P * L * width, D)
+            splits = [L * width] * P
+            returning.append(_issue(y_RD, splits, splits, self.group, self.traffic))
+        y_chunks = []
+        for c, (s0, s1) in enumerate(bounds):
+            y_chunk, order = _await(returning[c], order, last=c == len(bounds) - 1)
+            y_chunks.append(y_chunk.view(self.num_experts, s1 - s0, D))
+        y_ND = torch.cat(y_chunks, 1).view(self.num_experts * C, D).index_select(0, slot_N)
+        tokens_per_local_expert_L = torch.full((L,), P * C, dtype=torch.int64, device=x_TD.device)
+        return unpermute(y_ND, choice_N, routing.weights_TK, x_TD.shape[0]), tokens_per_local_expert_L
+
+
+def _pad_to_capacity(x_ND, choice_N, tokens_per_expert_E, routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_padded (E*C, D): each expert's rows in its C slots, zeros in the empty ones; slot_N (N,) the slot of each row)."""
+    C = routing.capacity
+    expert_N = routing.experts_TK.reshape(-1).index_select(0, choice_N)
+    starts_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
+    slot_N = expert_N * C + (torch.arange(choice_N.numel(), device=x_ND.device) - starts_E[expert_N])
+    x_padded = x_ND.new_zeros(tokens_per_expert_E.numel() * C, x_ND.shape[1]).index_copy(0, slot_N, x_ND)
+    return x_padded, slot_N
+
+
+def _chunk_bounds(size: int, num_chunks: int) -> list[tuple[int, int]]:
+    """[start, stop) of num_chunks contiguous pieces of range(size), sizes differing by at most 1 (some may be empty)."""
+    stops = [size * (c + 1) // num_chunks for c in range(num_chunks)]
+    return list(zip([0, *stops[:-1]], stops))
+
+
+def _regroup_index(received_PL: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """(M,) received-row index of each row regrouped by local expert.
+
+    Received rows come by (source rank, local expert); a stable sort by local expert regroups them.
+    """
+    P, L = received_PL.shape
+    local_expert_R = torch.repeat_interleave(
+        torch.arange(L, device=received_PL.device).repeat(P), received_PL.reshape(-1), output_size=num_rows
+    )
+    return torch.argsort(local_expert_R, stable=True)
+
+
+def _inverse(index_M: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(index_M)
+    inverse[index_M] = torch.arange(index_M.numel(), device=index_M.device)
+    return inverse
+
+
+class _Pending:
+    """One all-to-all in flight: issued now, waited for later. Keeps the tensors it reads and
+    writes alive until it has finished, and counts its off-rank bytes in `meter` (the time is the
+    wait: what the exchange cost the compute that could not overlap it)."""
+
+    def __init__(self, group, meter: TrafficMeter | None) -> None:
+        self.group, self.meter = group, meter
+        self.work = None
+        self.tensors: tuple[torch.Tensor, ...] = ()
+        self.bytes = (0, 0)
+        self.splits: tuple[list[int], list[int]] = ([], [])
+
+    def issue(self, x: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
+        x = x.contiguous()
+        out = x.new_empty(sum(output_splits), *x.shape[1:])
+        self.work = dist.all_to_all_single(out, x, output_splits, input_splits, group=self.group, async_op=True)
+        self.tensors = (x, out)
+        me = dist.get_rank(self.group)
+        row_bytes = math.prod(x.shape[1:]) * x.element_size()
+        self.bytes = ((sum(input_splits) - input_splits[me]) * row_bytes, (sum(output_splits) - output_splits[me]) * row_bytes)
+        return out
+
+    def wait(self) -> None:
+        if self.meter is None:
+            self.work.wait()
+        else:
+            with self.meter.measure(*self.bytes, self.tensors[1].is_cuda):
+                self.work.wait()
+        self.work, self.tensors = None, ()
+
+
+class _IssueAllToAll(torch.autograd.Function):
+    """Forward: start the exchange of x_ND, return its (not yet filled) output buffer.
+    Backward: wait for the reverse exchange that `_AwaitAllToAll.backward` started; its buffer is the gradient."""
+
+    @staticmethod
+    def forward(ctx, x_ND, output_splits: list[int], input_splits: list[int], pending: _Pending) -> torch.Tensor:
+        ctx.pending = pending
+        pending.splits = (output_splits, input_splits)
+        return pending.issue(x_ND, output_splits, input_splits)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        ctx.pending.wait()
+        return grad_out, None, None, None
+
+
+class _AwaitAllToAll(torch.autograd.Function):
+    """Forward: wait for the exchange, return its output; pass the order chain on unless `last`.
+    Backward: start the reverse exchange of the gradient (the all-to-all with the splits swapped)."""
+
+    @staticmethod
+    def forward(ctx, out_RD, order, pending: _Pending, last: bool):
+        pending.wait()
+        ctx.pending, ctx.last = pending, last
+        ctx.set_materialize_grads(True)
+        return out_RD if last else (out_RD, torch.zeros_like(order))
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_order=None):
+        output_splits, input_splits = ctx.pending.splits
+        grad_in = ctx.pending.issue(grad_out, input_splits, output_splits)
+        if not ctx.needs_input_grad[0]:
+            ctx.pending.wait()  # nobody upstream waits for it: the input needed no gradient
+            grad_in = None
+        grad_order = torch.zeros((), device=grad_out.device) if grad_order is None else grad_order
+        return grad_in, grad_order, None, None
+
+
+def _issue(x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], group, meter) -> tuple[torch.Tensor, _Pending]:
+    """Start an exchange: (its output buffer, filled once `_await` returns it; the exchange in flight)."""
+    pending = _Pending(group, meter)
+    return _IssueAllToAll.apply(x_ND, list(output_splits), list(input_splits), pending), pending
+
+
+def _await(in_flight: tuple[torch.Tensor, _Pending], order: torch.Tensor, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the exchanged rows, the next link of the order chain); the last link closes the chain."""
+    out, pending = in_flight
+    if last:
+        return _AwaitAllToAll.apply(out, order, pending, True), order
+    return _AwaitAllToAll.apply(out, order, pending, False)

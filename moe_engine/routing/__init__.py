@@ -20,20 +20,33 @@ if TYPE_CHECKING:
 
     from moe_engine.config import RouterConfig
 
-# The names `moe.router.type` accepts. Task-conditional routers (moe_engine.mtl) extend this.
-ROUTER_TYPES = ("softmax_topk", "sigmoid_topk")
+# The routers of this package, which need nothing but the tokens.
+PLAIN_ROUTER_TYPES = ("softmax_topk", "sigmoid_topk", "noisy_topk")
+# The task-conditional routers of moe_engine.mtl (built by moe_engine.routers.build_any_router).
+TASK_ROUTER_TYPES = ("task_gate", "mod_squad", "attribute", "dselect_k", "task_level")
+# The names `moe.router.type` accepts.
+ROUTER_TYPES = PLAIN_ROUTER_TYPES + TASK_ROUTER_TYPES
 
 
 def build_router(d_model: int, num_experts: int, cfg: RouterConfig) -> nn.Module:
-    """The router named by `cfg.type`; its forward is (x_TD, ctx) -> Routing."""
+    """The plain router named by `cfg.type`; its forward is (x_TD, ctx) -> Routing."""
     if cfg.type in ("softmax_topk", "sigmoid_topk"):
         return TopKRouter.from_config(d_model, num_experts, cfg)
-    raise ValueError(f"moe.router.type = {cfg.type!r}: allowed: {', '.join(ROUTER_TYPES)}")
+    if cfg.type == "noisy_topk":
+        from moe_engine.routing.noisy import NoisyTopKRouter
+
+        return NoisyTopKRouter(
+            d_model, num_experts, cfg.top_k, aux_loss_coef=cfg.aux_loss_coef if cfg.aux_loss_type != "none" else 0.0,
+            capacity_factor=cfg.capacity_factor, drop_policy=cfg.drop_policy,
+        )
+    raise ValueError(f"moe.router.type = {cfg.type!r}: allowed here: {', '.join(PLAIN_ROUTER_TYPES)}")
 
 
 __all__ = [
     "DROP_POLICIES",
+    "PLAIN_ROUTER_TYPES",
     "ROUTER_TYPES",
+    "TASK_ROUTER_TYPES",
     "Routing",
     "RoutingContext",
     "TopKRouter",

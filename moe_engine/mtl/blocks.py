@@ -1,0 +1,138 @@
+"""`TaskMoEBlock`: a pre-norm transformer block whose attention and FFN may each be a mixture of experts.
+
+    x   <- x + task_embed[task of each token]                   (Mod-Squad: before every block)
+    x   <- x + dropout(attn(LayerNorm(x)))                      MoEAttention or dense attention
+    x   <- x + dropout(ffn(LayerNorm(x)))                       MoELayer or dense MLP
+
+share_routing=True is Conditional MoE / Uni-Perceiver-MoE's coupling (Zhu et al. 2022): the FFN
+reuses the attention's routing decision for the same tokens, so a token meets the same experts
+in both halves of the block and one router (and one aux loss) serves both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moe_engine.layer import MoELayer
+from moe_engine.mtl.moe_attention import MoEAttention
+from moe_engine.mtl.statistics import check_task_ids
+from moe_engine.routing.types import Routing, RoutingContext
+
+
+@dataclass(frozen=True)
+class TaskBlockOutput:
+    """x: (B, S, D), the block's output. aux_loss: () float32, the weighted aux losses of the
+    routers that ran in this block, each counted once. routings: the routing decisions made in
+    this block, attention's first, tokens in (B*S) order; a shared decision appears once."""
+
+    x: torch.Tensor
+    aux_loss: torch.Tensor
+    routings: tuple[Routing, ...]
+
+
+class TaskMoEBlock(nn.Module):
+    """Pre-norm block over (B, S, D) with MoE or dense attention and MoE or dense FFN.
+
+    Args:
+        d_model: D.
+        num_heads: H; must match `attn.num_heads` where the attention module has that attribute.
+        attn: an MoEAttention (forward(x_BSD, ctx, routing) -> (y, Routing)) or a dense attention
+            module (forward(x_BSD) -> y_BSD).
+        ffn: a moe_engine.layer.MoELayer (forward(x, ctx, routing) -> MoEOutput) or a dense MLP
+            (forward(x) -> y).
+        dropout: on both residual branches, in training only.
+        share_routing: the FFN MoELayer reuses the attention's routing (needs an MoEAttention and
+            an MoELayer over the same number of experts). The FFN's own router then never runs:
+            its parameters get no gradient (build the MoELayer with any small router, and tell
+            DDP to expect unused parameters if it holds one).
+        task_embed: nn.Embedding(num_tasks, D) whose row for each token's task
+            (ctx.task_ids_T) is added to x before the block (Mod-Squad).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        attn: nn.Module,
+        ffn: nn.Module,
+        dropout: float = 0.0,
+        share_routing: bool = False,
+        task_embed: nn.Embedding | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout = {dropout}: must be in [0, 1)")
+        attn_heads = getattr(attn, "num_heads", num_heads)
+        if attn_heads != num_heads:
+            raise ValueError(f"num_heads = {num_heads}: attn has num_heads = {attn_heads}; they must match")
+        if task_embed is not None and task_embed.embedding_dim != d_model:
+            raise ValueError(
+                f"task_embed.embedding_dim = {task_embed.embedding_dim}: must equal d_model = {d_model}"
+            )
+        if share_routing:
+            if not isinstance(attn, MoEAttention):
+                raise ValueError(f"share_routing = True: attn must be an MoEAttention, got {type(attn).__name__}")
+            if not isinstance(ffn, MoELayer):
+                raise ValueError(f"share_routing = True: ffn must be an MoELayer, got {type(ffn).__name__}")
+            if attn.num_experts != ffn.dispatcher.num_experts:
+                raise ValueError(
+                    f"share_routing = True: attn has num_experts = {attn.num_experts} but ffn has "
+                    f"{ffn.dispatcher.num_experts}; a shared routing needs the same number of experts"
+                )
+        self.d_model, self.num_heads = d_model, num_heads
+        self.share_routing = share_routing
+        self.task_embed = task_embed
+        self.norm_attn = nn.LayerNorm(d_model)
+        self.attn = attn
+        self.norm_ffn = nn.LayerNorm(d_model)
+        self.ffn = ffn
+        self.dropout = nn.Dropout(dropout)
+
+    @property
+    def moe_attention(self) -> bool:
+        return isinstance(self.attn, MoEAttention)
+
+    @property
+    def moe_ffn(self) -> bool:
+        return isinstance(self.ffn, MoELayer)
+
+    def forward(self, x_BSD: torch.Tensor, ctx: RoutingContext | None = None) -> TaskBlockOutput:
+        """x_BSD: (B, S, D); ctx: per token of the flattened (B*S) input (task ids for task_embed
+        and for task-conditional routers)."""
+        B, S, D = x_BSD.shape
+        if self.task_embed is not None:
+            task_ids_T = check_task_ids(
+                ctx.task_ids_T if ctx is not None else None, B * S, self.task_embed.num_embeddings, "TaskMoEBlock.task_embed"
+            )
+            x_BSD = x_BSD + self.task_embed(task_ids_T).view(B, S, D).to(x_BSD.dtype)
+        aux_loss = x_BSD.new_zeros((), dtype=torch.float32)
+        routings: list[Routing] = []
+
+        h_BSD = self.norm_attn(x_BSD)
+        attn_routing = None
+        if self.moe_attention:
+            a_BSD, attn_routing = self.attn(h_BSD, ctx)
+            aux_loss = aux_loss + attn_routing.aux_loss
+            routings.append(attn_routing)
+        else:
+            a_BSD = self.attn(h_BSD)
+        x_BSD = x_BSD + self.dropout(a_BSD)
+
+        h_BSD = self.norm_ffn(x_BSD)
+        if self.moe_ffn:
+            # With a shared routing the layer skips its router and returns 0 aux: counted above.
+            out = self.ffn(h_BSD, ctx, routing=attn_routing if self.share_routing else None)
+            f_BSD = out.y
+            aux_loss = aux_loss + out.aux_loss
+            if not self.share_routing:
+                routings.append(out.routing)
+        else:
+            f_BSD = self.ffn(h_BSD)
+        return TaskBlockOutput(x_BSD + self.dropout(f_BSD), aux_loss, tuple(routings))
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, num_heads={self.num_heads}, share_routing={self.share_routing}"
