@@ -64,7 +64,8 @@ class TaskTableRouter(nn.Module):
         task_ids_T = check_task_ids(ctx.task_ids_T if ctx else None, x_TD.shape[0], num_tasks, "TaskTableRouter")
         experts_TK = self.table_XK[task_ids_T]
         weights_TK = self.weights(self.logits_XK, task_ids_T)
-        scores_TE = weights_TK.new_zeros(x_TD.shape[0], self.num_experts).scatter_add(1, experts_TK.clamp(min=0), weights_TK)
+        scores_TE = weights_TK.new_zeros(x_TD.shape[0], self.num_experts)
+        scores_TE = scores_TE.scatter_add(1, experts_TK.clamp(min=0), weights_TK)
         capacity = x_TD.shape[0] if bool((self.table_XK < 0).any()) else None
         return Routing(weights_TK, experts_TK, scores_TE, weights_TK.new_zeros(()), {}, capacity)
 
@@ -268,7 +269,8 @@ def test_forward_errors() -> None:
     with pytest.raises(ValueError, match=r"x_BSD has shape \(6, 8\): expected \(B, S, 8\)"):
         attn(torch.randn(6, 8))
     wrong = TopKRouter(8, 4, 2)(torch.randn(5, 8))
-    with pytest.raises(ValueError, match=r"routing for 5 tokens over 4 experts given to an MoEAttention of 4 experts with 6 tokens"):
+    match = r"routing for 5 tokens over 4 experts given to an MoEAttention of 4 experts with 6 tokens"
+    with pytest.raises(ValueError, match=match):
         attn(torch.randn(2, 3, 8), routing=wrong)
     with pytest.raises(ValueError, match=r"TaskTableRouter needs RoutingContext.task_ids_T"):
         MoEAttention(8, 2, 4, TaskTableRouter([[0]], 4))(torch.randn(1, 2, 8))
@@ -354,7 +356,8 @@ def test_shared_routing_carries_the_ffn_gradient_to_the_attention_router() -> No
 @pytest.mark.parametrize(
     "parts, match",
     [
-        (lambda: (DenseAttention(D, H), moe_parts()[1]), r"share_routing = True: attn must be an MoEAttention, got DenseAttention"),
+        (lambda: (DenseAttention(D, H), moe_parts()[1]),
+         r"share_routing = True: attn must be an MoEAttention, got DenseAttention"),
         (lambda: (moe_parts()[0], MLP(D, F_HIDDEN)), r"share_routing = True: ffn must be an MoELayer, got MLP"),
         (lambda: moe_parts(E=4, E_ffn=3), r"share_routing = True: attn has num_experts = 4 but ffn has 3"),
     ],

@@ -158,12 +158,14 @@ def test_check_task_ids_returns_int64() -> None:
     "task_ids_T, match",
     [
         (None, r"MyGate needs RoutingContext.task_ids_T \(the task of each token\); got None"),
-        (torch.zeros(2, 3, dtype=torch.int64), r"MyGate: task_ids_T has shape \(2, 3\): expected \(6,\), one id per token"),
+        (torch.zeros(2, 3, dtype=torch.int64),
+         r"MyGate: task_ids_T has shape \(2, 3\): expected \(6,\), one id per token"),
         (torch.zeros(5, dtype=torch.int64), r"MyGate: task_ids_T has shape \(5,\): expected \(6,\)"),
         (torch.zeros(6), r"MyGate: task_ids_T has dtype torch.float32: expected an integer dtype"),
         (torch.zeros(6, dtype=torch.bool), r"MyGate: task_ids_T has dtype torch.bool: expected an integer dtype"),
         (torch.tensor([0, 1, 2, 3, 1, 0]), r"MyGate: task_ids_T has values in \[0, 3\]: allowed \[0, 2\] \(3 tasks\)"),
-        (torch.tensor([0, -1, 2, 1, 1, 0]), r"MyGate: task_ids_T has values in \[-1, 2\]: allowed \[0, 2\] \(3 tasks\)"),
+        (torch.tensor([0, -1, 2, 1, 1, 0]),
+         r"MyGate: task_ids_T has values in \[-1, 2\]: allowed \[0, 2\] \(3 tasks\)"),
     ],
 )
 def test_check_task_ids_errors(task_ids_T, match) -> None:

@@ -213,13 +213,13 @@ def test_check_task_range_false_skips_only_the_range_check():
     telemetry = TaskExpertTelemetry(1, 3, 2)
     telemetry.update([make_routing(HAND_EXPERTS, HAND_SCORES)], HAND_TASKS.int(), check_task_range=False)
     assert telemetry.counts_LXE[0].tolist() == HAND_COUNTS
-    with pytest.raises(ValueError, match=r"task_ids_T is \(5, 1\) torch.int64: expected \(5,\) integer task ids"):
+    with pytest.raises(ValueError, match=r"task_ids_T has shape \(5, 1\): expected \(5,\)"):
         telemetry.update([make_routing(HAND_EXPERTS, HAND_SCORES)], HAND_TASKS[:, None], check_task_range=False)
     with pytest.raises(ValueError, match=r"routes 5 tokens but task_ids_T has 4"):
         telemetry.update([make_routing(HAND_EXPERTS, HAND_SCORES)], HAND_TASKS[:4], check_task_range=False)
-    with pytest.raises(ValueError, match=r"task_ids_T is None"):
+    with pytest.raises(ValueError, match=r"task_ids_T .*got None"):
         telemetry.update([make_routing(HAND_EXPERTS, HAND_SCORES)], None, check_task_range=False)
-    with pytest.raises(ValueError, match=r"torch.float32: expected \(5,\) integer"):
+    with pytest.raises(ValueError, match=r"dtype torch.float32: expected an integer dtype"):
         telemetry.update([make_routing(HAND_EXPERTS, HAND_SCORES)], HAND_TASKS.float(), check_task_range=False)
 
 

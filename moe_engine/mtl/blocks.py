@@ -105,9 +105,8 @@ class TaskMoEBlock(nn.Module):
         and for task-conditional routers)."""
         B, S, D = x_BSD.shape
         if self.task_embed is not None:
-            task_ids_T = check_task_ids(
-                ctx.task_ids_T if ctx is not None else None, B * S, self.task_embed.num_embeddings, "TaskMoEBlock.task_embed"
-            )
+            task_ids_T = ctx.task_ids_T if ctx is not None else None
+            task_ids_T = check_task_ids(task_ids_T, B * S, self.task_embed.num_embeddings, "TaskMoEBlock.task_embed")
             x_BSD = x_BSD + self.task_embed(task_ids_T).view(B, S, D).to(x_BSD.dtype)
         aux_loss = x_BSD.new_zeros((), dtype=torch.float32)
         routings: list[Routing] = []

@@ -13,12 +13,15 @@ from __future__ import annotations
 import torch
 
 
-def check_task_ids(task_ids_T: torch.Tensor | None, num_tokens: int, num_tasks: int, who: str) -> torch.Tensor:
+def check_task_ids(
+    task_ids_T: torch.Tensor | None, num_tokens: int, num_tasks: int, who: str, *, check_range: bool = True
+) -> torch.Tensor:
     """Validate RoutingContext.task_ids_T for a task-conditional component; returns it as int64.
 
     Raises ValueError naming `who`, the bad value and what was allowed. Checking the range needs a
     device-to-host sync, which is cheap next to a routed layer and turns a silent gather out of
-    range (or a CUDA assert) into a readable error.
+    range (or a CUDA assert) into a readable error; check_range=False skips it (for callers whose
+    ids a router has already checked).
     """
     if task_ids_T is None:
         raise ValueError(f"{who} needs RoutingContext.task_ids_T (the task of each token); got None")
@@ -26,7 +29,7 @@ def check_task_ids(task_ids_T: torch.Tensor | None, num_tokens: int, num_tasks: 
         raise ValueError(f"{who}: task_ids_T has shape {tuple(task_ids_T.shape)}: expected ({num_tokens},), one id per token")
     if task_ids_T.dtype.is_floating_point or task_ids_T.dtype == torch.bool:
         raise ValueError(f"{who}: task_ids_T has dtype {task_ids_T.dtype}: expected an integer dtype")
-    if num_tokens:
+    if check_range and num_tokens:
         lo, hi = torch.aminmax(task_ids_T)
         lo, hi = int(lo), int(hi)  # NOTE: device-to-host sync (validation)
         if lo < 0 or hi >= num_tasks:

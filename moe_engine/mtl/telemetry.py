@@ -88,12 +88,7 @@ class TaskExpertTelemetry:
                     f"{num_tokens}: expected one task id per routed token"
                 )
         T = routings[0].scores_TE.shape[0]
-        if check_task_range:
-            task_ids_T = check_task_ids(task_ids_T, T, self.num_tasks, _WHO)
-        elif task_ids_T is None or task_ids_T.shape != (T,) or task_ids_T.dtype.is_floating_point or task_ids_T.dtype == torch.bool:
-            # check_task_ids less its range check, the part that syncs.
-            got = None if task_ids_T is None else f"{tuple(task_ids_T.shape)} {task_ids_T.dtype}"
-            raise ValueError(f"{_WHO}: task_ids_T is {got}: expected ({T},) integer task ids, one per token")
+        task_ids_T = check_task_ids(task_ids_T, T, self.num_tasks, _WHO, check_range=check_task_range)
         self._move_to(routings[0].scores_TE.device)
         task_ids_T = task_ids_T.to(self.counts_LXE.device, torch.long)
         ones_T = torch.ones(T, dtype=torch.float64, device=task_ids_T.device)
