@@ -186,7 +186,9 @@ def test_bf16_input_routes_like_its_fp32_values():
     x_TD = torch.randn(10, 8).bfloat16()
     routing, (gates_TE, chosen, importance, load) = routing_and_reference(router, x_TD, True)
     assert routing.experts_TK.tolist() == chosen and routing.weights_TK.dtype == torch.float32
-    torch.testing.assert_close(routing.weights_TK, gates_TE.gather(1, routing.experts_TK).float(), atol=FP32_ATOL, rtol=FP32_RTOL)
+    torch.testing.assert_close(
+        routing.weights_TK, gates_TE.gather(1, routing.experts_TK).float(), atol=FP32_ATOL, rtol=FP32_RTOL
+    )
     torch.testing.assert_close(routing.aux_terms["load_loss"], load.float(), atol=FP32_ATOL, rtol=FP32_RTOL)
 
 
@@ -332,7 +334,8 @@ def test_constructor_errors(kwargs, match):
 
 def test_noise_argument_errors():
     router = NoisyTopKRouter(8, 4, 2)
-    with pytest.raises(ValueError, match=r"noise_TE has shape \(3, 5\) torch.float32: expected a float tensor \(3, 4\)"):
+    match = r"noise_TE has shape \(3, 5\) torch.float32: expected a float tensor \(3, 4\)"
+    with pytest.raises(ValueError, match=match):
         router(torch.randn(3, 8), noise_TE=torch.randn(3, 5))
     router.eval()
     with pytest.raises(ValueError, match="noise_TE was given in eval mode"):

@@ -95,8 +95,9 @@ def transcription(router, x_TD, task_ids, gate, noise_gate=None, noise_TE=None):
     out["balance_loss"] = num_experts * sum(
         counts[i] / (num_tokens * top_k) * scores[:, i].mean() for i in range(num_experts)
     )
+    zero = torch.zeros((), dtype=x_TD.dtype)
     gates = torch.stack([
-        torch.stack([sum((weights[t, j] for j in range(top_k) if expert_rows[t][j] == i), torch.zeros((), dtype=x_TD.dtype))
+        torch.stack([sum((weights[t, j] for j in range(top_k) if expert_rows[t][j] == i), zero)
                      for i in range(num_experts)])
         for t in range(num_tokens)
     ])
@@ -143,7 +144,9 @@ def check_routing(routing, expected, aux_loss=None):
     torch.testing.assert_close(routing.weights_TK, expected["weights"].float(), atol=FP32_ATOL, rtol=FP32_RTOL)
     torch.testing.assert_close(routing.scores_TE, expected["scores"].float(), atol=FP32_ATOL, rtol=FP32_RTOL)
     for name, value in routing.aux_terms.items():
-        torch.testing.assert_close(value, expected[name].float(), atol=FP32_ATOL, rtol=FP32_RTOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            value, expected[name].float(), atol=FP32_ATOL, rtol=FP32_RTOL, msg=lambda m: f"{name}: {m}"
+        )
     if aux_loss is not None:
         torch.testing.assert_close(routing.aux_loss, aux_loss.float(), atol=FP32_ATOL, rtol=FP32_RTOL)
 

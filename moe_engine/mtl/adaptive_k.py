@@ -106,7 +106,9 @@ class AdaptiveTopK:
                 raise ValueError(f"val_losses has {len(val_losses)} losses: expected one per task ({self.num_tasks})")
             losses = dict(enumerate(val_losses))
         else:
-            raise ValueError(f"val_losses = {type(val_losses).__name__}: expected a mapping {{task: loss}} or a sequence")
+            raise ValueError(
+                f"val_losses = {type(val_losses).__name__}: expected a mapping {{task: loss}} or a sequence"
+            )
         checked = {}
         for task, loss in losses.items():
             try:
@@ -133,11 +135,15 @@ class AdaptiveTopK:
             raise ValueError(f"AdaptiveTopK state lacks {', '.join(sorted(missing))}")
         for name in ("best", "num_stalled", "task_k"):
             if len(state[name]) != self.num_tasks:
-                raise ValueError(f"AdaptiveTopK state {name!r} has {len(state[name])} entries: expected {self.num_tasks}")
+                raise ValueError(
+                    f"AdaptiveTopK state {name!r} has {len(state[name])} entries: expected {self.num_tasks}"
+                )
         task_k = [int(k) for k in state["task_k"]]
         bad = [k for k in task_k if not self.k_min <= k <= self.k_max]
         if bad:
-            raise ValueError(f"AdaptiveTopK state task_k = {task_k}: each must be in [k_min = {self.k_min}, k_max = {self.k_max}]")
+            raise ValueError(
+                f"AdaptiveTopK state task_k = {task_k}: each must be in [k_min = {self.k_min}, k_max = {self.k_max}]"
+            )
         self.best = [None if b is None else float(b) for b in state["best"]]
         self.num_stalled = [int(n) for n in state["num_stalled"]]
         self.task_k = task_k

@@ -238,7 +238,7 @@ class TaskGateRouter(nn.Module):
                 )
                 experts_TK = virtual_TK.masked_fill(virtual_TK == num_experts, -1)
             elif masked:
-                capacity = num_tokens
+                capacity = max(num_tokens, 1)
         return Routing(weights_TK, experts_TK, gating.scores_TE, aux_loss, aux_terms, capacity)
 
     def _aux_losses(

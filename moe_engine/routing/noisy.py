@@ -60,7 +60,8 @@ def check_noise(noise_TE: torch.Tensor | None, shape: tuple[int, int], training:
         raise ValueError(f"{who}: noise_TE was given in eval mode, where no noise is added; pass it in training only")
     if tuple(noise_TE.shape) != tuple(shape) or not noise_TE.is_floating_point():
         raise ValueError(
-            f"{who}: noise_TE has shape {tuple(noise_TE.shape)} {noise_TE.dtype}: expected a float tensor {tuple(shape)}"
+            f"{who}: noise_TE has shape {tuple(noise_TE.shape)} {noise_TE.dtype}: "
+            f"expected a float tensor {tuple(shape)}"
         )
 
 
@@ -99,7 +100,7 @@ def prob_in_top_k(
     top_TW = noisy_TE.topk(width, dim=-1).values
     k_T1 = k_T.view(-1, 1)
     # In the top k: stay in if the noisy logit beats the (k+1)-th value; out: it must beat the k-th.
-    threshold_if_in_T1 = top_TW.gather(1, k_T1 - 1)
+    threshold_if_in_T1 = top_TW.gather(1, k_T1.clamp_max(width - 1))
     threshold_if_out_T1 = top_TW.gather(1, k_T1 - 1)
     prob_if_in_TE = torch.special.ndtr((clean_TE - threshold_if_in_T1) / noise_std_TE)
     prob_if_out_TE = torch.special.ndtr((clean_TE - threshold_if_out_T1) / noise_std_TE)
