@@ -100,10 +100,11 @@ class TaskRoutingConfig:
         for name in ("score_epsilon", "mi_loss_coef", "entropy_coef"):
             if getattr(self, name) < 0:
                 _fail(f"moe.router.task.{name}", getattr(self, name), "must be >= 0")
-        for name in ("num_attributes", "attribute_dim"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                _fail(f"moe.router.task.{name}", value, "must be >= 1, or null")
+        if self.num_attributes is not None and self.num_attributes < 1:
+            _fail("moe.router.task.num_attributes", self.num_attributes, "must be >= 1, or null")
+        # A LayerNorm over one feature outputs a constant: the gate would see nothing.
+        if self.attribute_dim is not None and self.attribute_dim < 2:
+            _fail("moe.router.task.attribute_dim", self.attribute_dim, "must be >= 2, or null")
 
 
 # Routers that read RoutingContext.task_ids_T (and need the number of tasks).

@@ -148,6 +148,7 @@ def drop_choices(
     expert_rows: list[list[int]], weight_rows: list[list[torch.Tensor]], num_experts: int, capacity: int, policy: str
 ) -> None:
     """In place: set every choice beyond its expert's capacity to expert -1 and a weight of 0.
+    Choices that are -1 already stay dropped and take no slot.
 
     expert_rows[t][k], weight_rows[t][k]: the K choices of token t. "position" visits choices in
     (k, t) order; "score" by descending weight, ties by the lower flat index t*K + k.
@@ -163,7 +164,9 @@ def drop_choices(
     taken = [0] * num_experts
     for t, k in visit:
         e = expert_rows[t][k]
-        if taken[e] < capacity:
+        if e < 0:  # dropped before: stays dropped, takes no slot
+            weight_rows[t][k] = torch.zeros_like(weight_rows[t][k])
+        elif taken[e] < capacity:
             taken[e] += 1
         else:
             expert_rows[t][k] = -1

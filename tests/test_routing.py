@@ -460,3 +460,20 @@ def test_router_with_bf16_input_and_weight_returns_fp32():
 def test_router_rejects_bad_arguments(top_k, kwargs, match):
     with pytest.raises(ValueError, match=match):
         TopKRouter(4, 4, top_k, **kwargs)
+
+
+@pytest.mark.parametrize("policy", ["position", "score"])
+def test_choices_dropped_before_stay_dropped_and_take_no_slot(policy: str) -> None:
+    # Token 0's second choice is already dropped (-1); expert 1 has capacity 1.
+    experts_TK = torch.tensor([[1, -1], [1, 0], [0, 1]])
+    weights_TK = torch.tensor([[0.9, 0.0], [0.6, 0.4], [0.7, 0.3]])
+    experts, weights = drop_over_capacity(experts_TK, weights_TK, 2, 1, policy)
+    rows = [list(r) for r in experts_TK.tolist()]
+    weight_rows = [[w for w in row.unbind(0)] for row in weights_TK]
+    ref.drop_choices(rows, weight_rows, 2, 1, policy)
+    assert experts.tolist() == rows
+    assert experts[0, 1] == -1 and weights[0, 1] == 0
+    torch.testing.assert_close(weights, torch.stack([torch.stack(r) for r in weight_rows]))
+    # Only one choice per expert survives, and the -1 never claimed expert 1's (the last expert's) slot.
+    kept = experts[experts >= 0]
+    assert torch.bincount(kept, minlength=2).tolist() == [1, 1]

@@ -308,6 +308,20 @@ def test_extract_task_model_equals_the_model(activation, num_shared, gated, gate
     assert len(model.moe_layers) == 2 and isinstance(model.moe_layers[0].router, TaskLevelRouter)
 
 
+def test_extract_task_model_of_a_config_built_model():
+    torch.manual_seed(9)
+    tasks = [TaskSpec(f"task{i}", 4, 0.25, "a test task") for i in range(2)]
+    moe_cfg = MoEConfig(num_experts=4, ffn_hidden=8, router=RouterConfig(type="task_level", top_k=2))
+    model_cfg = ModelConfig(d_model=8, num_layers=2, num_heads=2, ffn_hidden=16, moe_every=1, patch_size=4)
+    model = MultiTaskTransformer(model_cfg, moe_cfg, tasks, (8, 12)).eval()
+    assert all(isinstance(layer.router, TaskLevelRouter) for layer in model.moe_layers)
+    images, task_ids_B = torch.rand(2, 8, 12), torch.ones(2, dtype=torch.long)
+    extracted = extract_task_model(model, 1)
+    assert extracted.moe_layers == []
+    torch.testing.assert_close(extracted(images, task_ids_B).features_BD, model(images, task_ids_B).features_BD,
+                               atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------

@@ -96,7 +96,9 @@ class AttributeRouter(nn.Module):
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k = {top_k}: must be in [1, num_experts = {num_experts}]")
         if attribute_dim < 2:
-            raise ValueError(f"attribute_dim = {attribute_dim}: must be >= 2 (a LayerNorm over one feature is constant)")
+            raise ValueError(
+                f"attribute_dim = {attribute_dim}: must be >= 2 (a LayerNorm over one feature is constant)"
+            )
         if not (math.isfinite(noise_std) and noise_std >= 0):
             raise ValueError(f"noise_std = {noise_std}: must be a finite number >= 0, or None for 1/num_experts")
         if not (math.isfinite(aux_loss_coef) and aux_loss_coef >= 0):
@@ -136,7 +138,7 @@ class AttributeRouter(nn.Module):
             gate_in = torch.cat([g_TA, x_TD.float()], dim=-1) if self.use_tokens else g_TA
             logits_TE = gate_in @ self.weight.float().t()
             if self.training and self.noise_std > 0:
-                logits_TE = logits_TE + 2 * self.noise_std * torch.randn_like(logits_TE)
+                logits_TE = logits_TE + self.noise_std * torch.randn_like(logits_TE)
             gating = topk_gating(logits_TE, self.top_k, renormalize=self.renormalize)
             weights_TK, experts_TK = gating.weights_TK, gating.experts_TK
             num_tokens = x_TD.shape[0]
@@ -174,7 +176,8 @@ class AttributeRouter(nn.Module):
             )
         if attributes_TA.shape[0] != num_tokens:
             raise ValueError(
-                f"AttributeRouter: attributes_TA has {attributes_TA.shape[0]} rows: expected T = {num_tokens}, one per token"
+                f"AttributeRouter: attributes_TA has {attributes_TA.shape[0]} rows: "
+                f"expected T = {num_tokens}, one per token"
             )
         if attributes_TA.shape[1] != self.num_attributes:
             raise ValueError(

@@ -230,13 +230,8 @@ class TaskGateRouter(nn.Module):
             capacity = None
             if self.capacity_factor is not None:
                 capacity = expert_capacity(num_tokens, top_k, num_experts, self.capacity_factor)
-                # drop_over_capacity wants ids in [0, E): the masked choices go to a virtual expert E
-                # that never runs, so they take no real expert's slots.
-                virtual_TK = experts_TK.masked_fill(experts_TK < 0, num_experts)
-                virtual_TK, weights_TK = drop_over_capacity(
-                    virtual_TK, weights_TK, num_experts + 1, capacity, self.drop_policy
-                )
-                experts_TK = virtual_TK.masked_fill(virtual_TK == num_experts, -1)
+                # Masked (-1) choices take no expert's slots.
+                experts_TK, weights_TK = drop_over_capacity(experts_TK, weights_TK, num_experts, capacity, self.drop_policy)
             elif masked:
                 capacity = max(num_tokens, 1)
         return Routing(weights_TK, experts_TK, gating.scores_TE, aux_loss, aux_terms, capacity)

@@ -12,8 +12,8 @@ needs only its experts. Two gates give the task's logits over the E experts:
 
 In training, `gumbel=True` adds Gumbel(0, 1) noise to each task's logits before the temperature
 (Ye et al.'s Gumbel-softmax exploration); the noise is drawn once per task per forward, so all
-tokens of a task still share one routing within a batch. No auxiliary loss: balance across tasks
-is the table's business, and a balance loss over a batch would only penalise task mixing.
+tokens of a task still share one routing within a batch. The router adds no auxiliary loss
+(aux_loss is 0): which experts each task uses is what the gate learns from the task losses.
 
 `extract_task_ffn` turns a layer into the dense module of one task; `extract_task_model` does so
 for every task-level layer of a model.
@@ -46,7 +46,7 @@ class TaskLevelRouter(nn.Module):
         d_model: width D of the tokens (not read: the routing depends on the task only).
         num_experts: E.
         top_k: K, 1 <= K <= E.
-        num_tasks: tasks ids lie in [0, num_tasks); read from ctx.task_ids_T.
+        num_tasks: task ids lie in [0, num_tasks); read from ctx.task_ids_T.
         gate: "table" (learned logits per task, init N(0, 0.02^2)) or "embedding_mlp" (a task
             embedding of task_embed_dim through Linear -> ReLU -> Linear to E logits).
         task_embed_dim: width of the task embedding and of the MLP's hidden layer ("embedding_mlp").
@@ -231,7 +231,8 @@ def extract_task_ffn(layer: MoELayer, task: int) -> TaskFFN:
         raise TypeError(f"extract_task_ffn: the layer's experts are {type(experts).__name__}: needs GroupedExperts")
     if experts.num_experts != router.num_experts:
         raise ValueError(
-            f"extract_task_ffn: the layer has {experts.num_experts} experts but its router routes over {router.num_experts}"
+            f"extract_task_ffn: the layer has {experts.num_experts} experts "
+            f"but its router routes over {router.num_experts}"
         )
     experts_K, weights_K = router.task_experts(task)
     w_in, w_out = experts.w_in.detach(), experts.w_out.detach()

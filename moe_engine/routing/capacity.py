@@ -26,12 +26,16 @@ def drop_over_capacity(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mark the choices beyond each expert's capacity as dropped.
 
-    experts_TK: (T, K) int64 in [0, E). weights_TK: (T, K) float. Returns new tensors of the same
-    shapes with dropped choices set to expert -1 and weight 0 (the weights keep their autograd graph).
+    experts_TK: (T, K) int64 in [0, E), or -1 for a choice already dropped (it stays dropped and
+    takes no slot). weights_TK: (T, K) float. Returns new tensors of the same shapes with dropped
+    choices set to expert -1 and weight 0 (the weights keep their autograd graph).
     """
     if policy not in DROP_POLICIES:
         raise ValueError(f"drop policy {policy!r}: allowed: {', '.join(DROP_POLICIES)}")
     num_tokens, top_k = experts_TK.shape
+    # Choices dropped before (-1) go to a bucket E past the real experts, which keeps nothing.
+    dropped_before_TK = experts_TK < 0
+    experts_TK = experts_TK.masked_fill(dropped_before_TK, num_experts)
     # Visit order inside each expert: choice-major (k, t) for "position", weight-descending for "score".
     if policy == "position":
         order = torch.arange(num_tokens * top_k, device=experts_TK.device).view(num_tokens, top_k).t().reshape(-1)
@@ -39,10 +43,10 @@ def drop_over_capacity(
         order = torch.argsort(weights_TK.detach().reshape(-1), descending=True, stable=True)
     # A stable sort by expert keeps that visit order within each expert's run.
     by_expert = order[torch.argsort(experts_TK.reshape(-1)[order], stable=True)]
-    counts_E = torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
+    counts_E = torch.bincount(experts_TK.reshape(-1), minlength=num_experts + 1)
     starts_E = torch.cumsum(counts_E, dim=0) - counts_E
     slot = torch.arange(by_expert.numel(), device=experts_TK.device) - starts_E[experts_TK.reshape(-1)[by_expert]]
     keep = torch.empty_like(slot, dtype=torch.bool)
     keep[by_expert] = slot < capacity
-    keep_TK = keep.view(num_tokens, top_k)
+    keep_TK = keep.view(num_tokens, top_k) & ~dropped_before_TK
     return experts_TK.masked_fill(~keep_TK, -1), weights_TK.masked_fill(~keep_TK, 0.0)
