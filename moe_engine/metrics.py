@@ -44,6 +44,11 @@ class MetricsLogger:
             purge = None if resume_step is None else resume_step + 1
             self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge)
 
+    @property
+    def writer(self):
+        """The TensorBoard SummaryWriter, or None when TensorBoard logging is off (for images, figures)."""
+        return self._writer
+
     def csv_path(self, split: str) -> Path:
         return self.out_dir / f"{split}.csv"
 

@@ -184,29 +184,32 @@ class TaskExpertTelemetry:
 
     def scalars(self, prefix: str = "routing") -> dict[str, float | None]:
         """Flat log entries: `<prefix>/layer<l>/token_entropy/<task>`, `.../usage_entropy/<task>` and
-        `<prefix>/layer<l>/task_expert_mi`. None where a task has no tokens yet (MetricsLogger writes
+        `<prefix>/layer<l>/task_expert_mi` (no `<prefix>/` when prefix is ""). None where a task has no tokens yet (MetricsLogger writes
         a blank), so the set of names never changes. One device-to-host sync."""
         L, X = self.num_layers, self.num_tasks
         flat = torch.cat([self.mean_entropy().flatten(), self.usage_entropy().flatten(), self.mutual_information()])
         values = [None if math.isnan(v) else v for v in flat.tolist()]  # NOTE: device-to-host sync
         out: dict[str, float | None] = {}
+        head = f"{prefix}/" if prefix else ""
         for layer in range(L):
             for t, task in enumerate(self.task_names):
-                out[f"{prefix}/layer{layer}/token_entropy/{task}"] = values[layer * X + t]
-                out[f"{prefix}/layer{layer}/usage_entropy/{task}"] = values[L * X + layer * X + t]
-            out[f"{prefix}/layer{layer}/task_expert_mi"] = values[2 * L * X + layer]
+                out[f"{head}layer{layer}/token_entropy/{task}"] = values[layer * X + t]
+                out[f"{head}layer{layer}/usage_entropy/{task}"] = values[L * X + layer * X + t]
+            out[f"{head}layer{layer}/task_expert_mi"] = values[2 * L * X + layer]
         return out
 
     # ------------------------------------------------------------------ output
 
-    def log_tensorboard(self, writer: Any, step: int, prefix: str = "routing", images: bool = True) -> None:
+    def log_tensorboard(
+        self, writer: Any, step: int, prefix: str = "routing", images: bool = True, scalars: bool = True
+    ) -> None:
         """Write `scalars(prefix)` with `writer.add_scalar` and, if `images`, each layer's heatmap
         with `writer.add_image` (`<prefix>/layer<l>/task_expert`). `writer` is a
         torch.utils.tensorboard SummaryWriter, such as the one MetricsLogger opens.
 
         add_scalar per name rather than add_scalars: add_scalars opens one event file per name.
         """
-        for name, value in self.scalars(prefix).items():
+        for name, value in (self.scalars(prefix) if scalars else {}).items():
             if value is not None:
                 writer.add_scalar(name, value, step)
         if images:

@@ -12,6 +12,7 @@ from moe_engine.routing.losses import (
     sequence_load_balancing_loss,
     switch_load_balancing_loss,
 )
+from moe_engine.routing.noisy import NoisyTopKRouter
 from moe_engine.routing.router import TopKRouter
 from moe_engine.routing.types import Routing, RoutingContext
 
@@ -33,8 +34,6 @@ def build_router(d_model: int, num_experts: int, cfg: RouterConfig) -> nn.Module
     if cfg.type in ("softmax_topk", "sigmoid_topk"):
         return TopKRouter.from_config(d_model, num_experts, cfg)
     if cfg.type == "noisy_topk":
-        from moe_engine.routing.noisy import NoisyTopKRouter
-
         return NoisyTopKRouter(
             d_model, num_experts, cfg.top_k, aux_loss_coef=cfg.aux_loss_coef if cfg.aux_loss_type != "none" else 0.0,
             capacity_factor=cfg.capacity_factor, drop_policy=cfg.drop_policy,
@@ -44,6 +43,7 @@ def build_router(d_model: int, num_experts: int, cfg: RouterConfig) -> nn.Module
 
 __all__ = [
     "DROP_POLICIES",
+    "NoisyTopKRouter",
     "PLAIN_ROUTER_TYPES",
     "ROUTER_TYPES",
     "TASK_ROUTER_TYPES",
