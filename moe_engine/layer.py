@@ -97,9 +97,13 @@ class MoELayer(nn.Module):
                 f"routing for {routing.experts_TK.shape[0]} tokens over {routing.num_experts} experts given to a "
                 f"layer of {self.dispatcher.num_experts} experts with {x_TD.shape[0]} tokens"
             )
-        x_ND, tokens_per_expert_E, meta = self.dispatcher.dispatch(x_TD, routing)
-        y_ND = self.experts(x_ND, tokens_per_expert_E)
-        y_TD = self.dispatcher.combine(y_ND, meta)
+        if getattr(self.dispatcher, "num_chunks", 1) > 1:
+            # The dispatcher overlaps its exchanges with the experts' compute, chunk by chunk.
+            y_TD, tokens_per_expert_E = self.dispatcher.dispatch_compute_combine(x_TD, routing, self.experts)
+        else:
+            x_ND, tokens_per_expert_E, meta = self.dispatcher.dispatch(x_TD, routing)
+            y_ND = self.experts(x_ND, tokens_per_expert_E)
+            y_TD = self.dispatcher.combine(y_ND, meta)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:

@@ -21,10 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from moe_engine.checkpoint import (
+    MODEL_FILE,
     CheckpointManager,
     CheckpointMismatchError,
     config_mismatches,
+    expert_shard_file,
     load_checkpoint,
+    read_expert_shard,
     resolve_checkpoint,
     rng_state,
     set_rng_state,
@@ -52,7 +55,13 @@ from moe_engine.parallel.deepspeed_engine import (
     latest_tag,
     load_deepspeed_config,
 )
-from moe_engine.parallel.sharding import canonical_state, load_canonical_state
+from moe_engine.parallel.sharding import (
+    canonical_state,
+    expert_shard_state,
+    load_canonical_state,
+    load_sharded_state,
+    replicated_state,
+)
 from moe_engine.parallel.telemetry import load_imbalance
 
 
@@ -238,7 +247,8 @@ class Trainer:
         model = MultiTaskTransformer(
             cfg.model, cfg.moe, self.data.tasks, image_shape,
             make_dispatcher=lambda moe_cfg: AllToAllDispatcher(
-                moe_cfg.num_experts, groups.ep_group, fixed_splits=cfg.parallel.fixed_splits
+                moe_cfg.num_experts, groups.ep_group, fixed_splits=cfg.parallel.fixed_splits,
+                num_chunks=cfg.parallel.a2a_chunks,
             ),
         )
         torch.set_rng_state(rng_after_init)
@@ -294,10 +304,19 @@ class Trainer:
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint of either layout (one canonical file, or per-shard folder) at this run's EP size."""
         groups = self.run_info.groups
         ep_rank, ep_size = (groups.ep_rank, groups.ep_size) if groups is not None else (0, 1)
         try:
-            load_canonical_state(self.model, self.optimizer, state["model"], state["optimizer"], ep_rank, ep_size)
+            if "expert_shards" in state:
+                shards = state["expert_shards"]
+                read = lambda r: read_expert_shard(shards["directory"], r, shards["ep_size"], state["step"])  # noqa: E731
+                load_sharded_state(
+                    self.model, self.optimizer, state["model"], state["optimizer"], shards["num_experts"], read,
+                    shards["ep_size"], ep_rank, ep_size,
+                )
+            else:
+                load_canonical_state(self.model, self.optimizer, state["model"], state["optimizer"], ep_rank, ep_size)
         except (RuntimeError, ValueError) as err:  # missing/unexpected keys or shapes torch names
             raise CheckpointMismatchError(f"the checkpoint's tensors do not fit this model: {err}") from err
         self.scheduler.load_state_dict(state["scheduler"])
@@ -326,7 +345,9 @@ class Trainer:
         return client
 
     def save_checkpoint(self) -> Path:
-        """Every rank takes part (expert shards are gathered, or DeepSpeed saves its partitions); rank 0 writes."""
+        """Every rank takes part. Expert-parallel runs (EP > 1) write a step_XXXXXXXX/ folder: each rank of
+        the first expert-data-parallel replica its expert shard, rank 0 the rest. Other runs: rank 0
+        writes step_XXXXXXXX.pt. Under DeepSpeed, DeepSpeed saves its partitions."""
         if self.engine is not None:
             tag = f"step_{self.step:08d}"
             self.engine.save_checkpoint(str(self.checkpoints.directory), tag=tag, client_state=self._client_state())
@@ -337,12 +358,35 @@ class Trainer:
             barrier(self.run_info)
             self.last_checkpoint = self.checkpoints.directory / tag
             return self.last_checkpoint
+        groups = self.run_info.groups
+        if groups is not None and groups.ep_size > 1:  # one file per expert shard, nothing gathered
+            self.last_checkpoint = self.checkpoints.save_sharded(
+                self.step, self._sharded_checkpoint_files(), is_main=self.run_info.is_main,
+                barrier=lambda: barrier(self.run_info),
+            )
+            return self.last_checkpoint
         state = self.state_dict()
         if self.run_info.is_main:
             self.checkpoints.save(state, self.step)
         barrier(self.run_info)  # the file exists for everyone once save_checkpoint returns
         self.last_checkpoint = self.checkpoints.path_for(self.step)
         return self.last_checkpoint
+
+    def _sharded_checkpoint_files(self) -> dict[str, dict[str, Any]]:
+        """The files of a per-shard checkpoint this rank writes: its expert shard if it belongs to the
+        first expert-data-parallel replica (ranks 0..P-1), and model.pt on rank 0."""
+        groups = self.run_info.groups
+        files = {}
+        if groups.rank < groups.ep_size:
+            shard = expert_shard_state(self.model, self.optimizer, groups.ep_rank, groups.ep_size)
+            files[expert_shard_file(groups.ep_rank, groups.ep_size)] = shard
+        if self.run_info.is_main:
+            model_sd, optim_sd, num_experts = replicated_state(self.model, self.optimizer, groups.ep_size)
+            files[MODEL_FILE] = {
+                **self._client_state(), "model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
+                "expert_shards": {"ep_size": groups.ep_size, "num_experts": num_experts},
+            }
+        return files
 
     # ---------------------------------------------------------------- the loop
 

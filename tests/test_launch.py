@@ -36,4 +36,4 @@ def test_two_node_torchrun_launch_trains_and_checkpoints(tmp_path: Path) -> None
     assert "tokens per expert" in outputs[0] and "tokens per expert" not in outputs[1]
     with (tmp_path / "train.csv").open() as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 9))
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004.pt", "step_00000008.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004", "step_00000008"]

@@ -30,8 +30,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 import torch.distributed as dist
+from torch import nn
 
 from moe_engine.kernels.permute import expert_order, permute, unpermute
 from moe_engine.parallel.collectives import all_to_all, all_to_all_counts
@@ -161,17 +161,21 @@ class AllToAllDispatcher:
         """Chunks of contiguous tokens, each dispatched and combined on its own uneven splits."""
         P, L, K, n = self.ep_size, self.num_local_experts, routing.top_k, self.num_chunks
         bounds = _chunk_bounds(x_TD.shape[0], n)
-        dropless = routing.capacity is None
+        if routing.capacity is None:
+            rows_C = [(stop - start) * K for start, stop in bounds]
+        else:  # capacity dropped some choices: count the kept ones of every chunk at once
+            kept_T = (routing.experts_TK >= 0).sum(1)
+            rows_C = torch.stack([kept_T[start:stop].sum() for start, stop in bounds]).tolist()  # NOTE: device-to-host sync
         choices, counts = [], []
-        for start, stop in bounds:
-            experts_cK = routing.experts_TK[start:stop]
-            choice_N, tokens_per_expert_E = expert_order(experts_cK, self.num_experts, experts_cK.numel() if dropless else None)
+        for (start, stop), num_rows in zip(bounds, rows_C):
+            choice_N, tokens_per_expert_E = expert_order(routing.experts_TK[start:stop], self.num_experts, num_rows)
             choices.append(choice_N)
             counts.append(tokens_per_expert_E.view(P, L))
         # One count exchange for all chunks: counts_PCL[r, c, l] rows of chunk c for expert l of rank r.
         counts_PCL = torch.stack(counts, 1)
         received_PCL = all_to_all_counts(counts_PCL, self.group)
-        send_CP, recv_CP = torch.stack([counts_PCL.sum(2).T, received_PCL.sum(2).T]).tolist()  # NOTE: device-to-host sync (split sizes)
+        splits = torch.stack([counts_PCL.sum(2).T, received_PCL.sum(2).T])
+        send_CP, recv_CP = splits.tolist()  # NOTE: device-to-host sync (split sizes of every chunk)
 
         def issue_dispatch(c):
             start, stop = bounds[c]
@@ -276,6 +280,7 @@ class _Pending:
         self.tensors: tuple[torch.Tensor, ...] = ()
         self.bytes = (0, 0)
         self.splits: tuple[list[int], list[int]] = ([], [])
+        self.grad_input: torch.Tensor | None = None
 
     def issue(self, x: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
         x = x.contiguous()
@@ -298,7 +303,8 @@ class _Pending:
 
 class _IssueAllToAll(torch.autograd.Function):
     """Forward: start the exchange of x_ND, return its (not yet filled) output buffer.
-    Backward: wait for the reverse exchange that `_AwaitAllToAll.backward` started; its buffer is the gradient."""
+    Backward: wait for the reverse exchange that `_AwaitAllToAll.backward` started; its output is
+    x_ND's gradient (the gradient autograd hands in is only the dependency edge)."""
 
     @staticmethod
     def forward(ctx, x_ND, output_splits: list[int], input_splits: list[int], pending: _Pending) -> torch.Tensor:
@@ -307,9 +313,10 @@ class _IssueAllToAll(torch.autograd.Function):
         return pending.issue(x_ND, output_splits, input_splits)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, _):
         ctx.pending.wait()
-        return grad_out, None, None, None
+        grad_x_ND, ctx.pending.grad_input = ctx.pending.grad_input, None
+        return grad_x_ND, None, None, None
 
 
 class _AwaitAllToAll(torch.autograd.Function):
@@ -319,19 +326,21 @@ class _AwaitAllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out_RD, order, pending: _Pending, last: bool):
         pending.wait()
-        ctx.pending, ctx.last = pending, last
+        ctx.pending = pending
         ctx.set_materialize_grads(True)
         return out_RD if last else (out_RD, torch.zeros_like(order))
 
     @staticmethod
     def backward(ctx, grad_out, grad_order=None):
         output_splits, input_splits = ctx.pending.splits
-        grad_in = ctx.pending.issue(grad_out, input_splits, output_splits)
+        ctx.pending.grad_input = ctx.pending.issue(grad_out, input_splits, output_splits)
         if not ctx.needs_input_grad[0]:
             ctx.pending.wait()  # nobody upstream waits for it: the input needed no gradient
-            grad_in = None
-        grad_order = torch.zeros((), device=grad_out.device) if grad_order is None else grad_order
-        return grad_in, grad_order, None, None
+            ctx.pending.grad_input = None
+        if grad_order is None:
+            grad_order = torch.zeros((), device=grad_out.device)
+        # grad_out only carries the edge to `_IssueAllToAll.backward`, which returns the exchanged gradient.
+        return grad_out if ctx.needs_input_grad[0] else None, grad_order, None, None
 
 
 def _issue(x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], group, meter) -> tuple[torch.Tensor, _Pending]:

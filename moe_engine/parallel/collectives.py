@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -16,7 +18,8 @@ def _exchange(x: torch.Tensor, output_splits: list[int], input_splits: list[int]
         return out
     # Only rows that cross to another rank count as traffic; the own-rank block is a local copy.
     me = dist.get_rank(group)
-    row_bytes = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
+    # From the shape, not x[0]: a rank may send no rows at all.
+    row_bytes = math.prod(x.shape[1:]) * x.element_size()
     sent = (sum(input_splits) - input_splits[me]) * row_bytes
     received = (sum(output_splits) - output_splits[me]) * row_bytes
     with meter.measure(sent, received, x.is_cuda):
