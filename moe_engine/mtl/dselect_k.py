@@ -5,7 +5,7 @@ Notation: E experts, m = max(1, ceil(log2 E)) bits, k selectors, X tasks, C = 2^
     S(t)      = 0 if t <= -g/2;  1 if t >= g/2;  else -2t^3/g^3 + 3t/(2g) + 1/2       (g = gamma)
     r(z)_e    = prod_j ( S(z_j) if bit_j(e) = 1 else 1 - S(z_j) ),  z in R^m            (one selector)
     q         = sum_i softmax(w)_i r(z^(i)),  restricted to the E real experts
-    reg       = entropy_coef * sum_i H(r(z^(i)))  +  nonexistent_coef * sum_i N_i / R_i
+    reg       = entropy_coef * sum_i H(r(z^(i)))  -  nonexistent_coef * sum_i log(1 - N_i)
 
 bit_j(e) is bit j of e written with m digits, most significant first (the official code's
 `np.binary_repr`). A saturated selector (every |z_j| >= g/2) puts all its mass on one code, so q
@@ -14,12 +14,14 @@ has at most k nonzeros; the entropy term drives the selectors there during train
 When E is not a power of two the C - E codes >= E name no expert. r and q are taken over the E real
 experts only and NOT renormalised (as the official google-research `dselect_k_moe` code): mass a
 selector puts on a non-existent code is simply lost, so q sums to 1 only once no selector has any.
-R_i = mass of selector i on real codes, N_i = 1 - R_i its mass on non-existent ones; the penalty
-N_i / R_i is the official 1/R_i shifted to read 0 once settled (same gradient). It is a barrier
-(it grows like 1/R near a non-existent code, where the entropy over real experts would otherwise
-pull a selector, because it falls to 0 there too) and it has its own weight, 1 as in the official
-code, because folded into entropy_coef (about 1e-6) it would stop nothing. With E a power of two
-N_i is 0 and the term is skipped.
+N_i = sum over the codes >= E of r(z^(i))_c, the mass selector i puts on non-existent codes, is
+penalised by -log(1 - N_i): about N_i when small, 0 once settled, and a barrier near N_i = 1. A
+barrier is needed because H, taken over the real experts as in the official code, falls to 0 on a
+non-existent code too; without it entropy minimisation parks selectors there (tested). The
+official code uses 1/(1 - N_i), infinite (NaN gradients) for a selector saturated on non-existent
+codes; -log(1 - N_i), with 1 - N_i floored at 1e-6, stays finite (at most 13.8 a selector), and
+such a selector has no gradient anyway. The term has its own weight, 1 as in the official code: folded into entropy_coef
+(about 1e-6) it would stop nothing. With E a power of two N_i is 0 and the term is skipped.
 
 Reductions: the static gate's regulariser is summed over the k selectors of every task, present in
 the batch or not (as the official code, one gate per task, each adding its own term); the
@@ -40,7 +42,7 @@ from moe_engine.mtl.statistics import check_task_ids
 from moe_engine.routing.types import Routing, RoutingContext
 
 GATE_KINDS = ("static", "per_example")
-# The official code's floor for R in the 1/R penalty (its EPSILON).
+# Floor of a selector's mass 1 - N on real experts in -log(1 - N): bounds a dead selector's penalty.
 _MASS_FLOOR = 1e-6
 
 
@@ -58,22 +60,23 @@ def binary_codes(num_codes: int, num_bits: int, device: torch.device | None = No
 def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
     """S(t) elementwise, same shape and dtype as t; exactly 0 / 1 (gradient exactly 0) outside (-g/2, g/2).
 
-    Inside, the cubic is evaluated in its factored form 0.5 (1 + 2s)^2 (1 - s), s = t/g (it has a
-    double root at s = -1/2): near the edges the expanded form sums O(1) terms to a value near 0
-    and can round below 0; the factored form stays >= 0 and keeps its relative precision.
+    Evaluated as u^2 (3 - 2u) with u = (t + g/2) / g, the paper's cubic rewritten: t + g/2 is exact
+    near the lower edge, so S keeps its relative precision where it is tiny (the expanded cubic sums
+    O(1) terms to a value near 0, which rounds to 0 or below). The edges sit at +-g/2 in t's dtype.
     """
-    s = t / gamma
-    cubic = 0.5 * (1.0 + 2.0 * s).square() * (1.0 - s)
     half = gamma / 2
-    return torch.where(t <= -half, torch.zeros_like(t), torch.where(t >= half, torch.ones_like(t), cubic))
+    rise, fall = t + half, half - t
+    u = rise / gamma
+    cubic = u.square() * (3.0 - 2.0 * u)
+    return torch.where(rise <= 0, torch.zeros_like(t), torch.where(fall <= 0, torch.ones_like(t), cubic))
 
 
 def selector_weights(z_XM: torch.Tensor, bits_EM: torch.Tensor, gamma: float) -> torch.Tensor:
     """r (..., E): r_e = prod_j (S(z_j) if bit_j(e) else 1 - S(z_j)) for selectors z_XM (..., m).
 
     bits_EM: (E, m) 0/1 or bool codes (rows may be any subset of the C codes). 1 - S(z) is taken as
-    S(-z), equal in exact arithmetic (S(t) + S(-t) = 1), so it is exactly 0 with gradient exactly 0
-    when z >= g/2, instead of a rounding residue of 1 - S.
+    S(-z), equal in exact arithmetic (S(t) + S(-t) = 1): just below z = g/2, 1 - S would round to 0
+    (dropping an expert whose weight is not 0) where S(-z) keeps its relative precision.
     """
     on_X1M = smooth_step(z_XM, gamma).unsqueeze(-2)
     off_X1M = smooth_step(-z_XM, gamma).unsqueeze(-2)
@@ -142,7 +145,8 @@ class DSelectKGate(nn.Module):
         if gate == "per_example" and (d_model is None or d_model < 1):
             raise ValueError(f"d_model = {d_model}: the per_example gate needs d_model >= 1")
         self.num_experts, self.k, self.num_tasks = num_experts, k, num_tasks
-        self.gamma, self.entropy_coef, self.nonexistent_coef = float(gamma), float(entropy_coef), float(nonexistent_coef)
+        self.gamma, self.entropy_coef = float(gamma), float(entropy_coef)
+        self.nonexistent_coef = float(nonexistent_coef)
         self.kind, self.d_model = gate, d_model
         self.num_bits = num_selector_bits(num_experts)
         self.power_of_two = num_experts == 2**self.num_bits
@@ -165,11 +169,11 @@ class DSelectKGate(nn.Module):
     def forward(self, x_TD: torch.Tensor, task_ids_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x_TD: (T, D) any float dtype (the static gate reads only T); task_ids_T: (T,) int in [0, X),
         may be None when X = 1. Returns q_TE (T, E) fp32 and reg_loss () fp32 (weighted)."""
-        out = self.weights(x_TD, self.check_task_ids(x_TD, task_ids_T, "DSelectKGate"))
+        out = self.weights(x_TD, self.task_ids_for(x_TD, task_ids_T, "DSelectKGate"))
         return out.q_TE, out.reg_loss
 
-    def check_task_ids(self, x_TD: torch.Tensor, task_ids_T: torch.Tensor | None, who: str) -> torch.Tensor:
-        """Validated (T,) int64 task ids; None stands for task 0 when there is one task."""
+    def task_ids_for(self, x_TD: torch.Tensor, task_ids_T: torch.Tensor | None, who: str) -> torch.Tensor:
+        """x_TD's shape checked, and its (T,) int64 task ids validated; None means task 0 when X = 1."""
         if x_TD.dim() != 2:
             raise ValueError(f"{who}: x_TD has shape {tuple(x_TD.shape)}: expected (T, D), 2-D")
         if self.kind == "per_example" and x_TD.shape[1] != self.d_model:
@@ -202,8 +206,8 @@ class DSelectKGate(nn.Module):
             if self.power_of_two:
                 nonexistent = torch.zeros_like(entropy)
             else:
-                lost_XK = r_XKC[..., self.num_experts :].sum(-1)
-                nonexistent = (lost_XK / r_XKE.sum(-1).clamp_min(_MASS_FLOOR)).sum() * scale
+                # -log of the mass on real codes, 1 exactly (a 0 penalty) once a selector settles on one.
+                nonexistent = -torch.log(r_XKE.sum(-1).clamp_min(_MASS_FLOOR)).sum() * scale
                 reg_loss = reg_loss + self.nonexistent_coef * nonexistent
         return DSelectKWeights(q_TE, reg_loss, entropy.detach(), nonexistent.detach())
 
@@ -215,8 +219,8 @@ class DSelectKGate(nn.Module):
         # dq_e/d(z, w) == 0 as well: a zero factor S or 1 - S sits at or past a smooth-step edge,
         # where S' == 0, and any other factor's derivative is multiplied by it. Routers therefore
         # skip the experts with q == 0 without losing gradient. This `where` makes that exact in
-        # floating point too, where a product of tiny nonzero factors can underflow to 0 (or a
-        # softmax weight to 0) while its derivative does not.
+        # floating point too, where a tiny softmax weight times a tiny r can underflow to 0 while
+        # its derivative does not.
         return torch.where(q_XE > 0, q_XE, torch.zeros_like(q_XE)), r_XKC
 
     @torch.no_grad()
@@ -280,7 +284,7 @@ class DSelectKRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, ctx: RoutingContext | None = None) -> Routing:
         """x_TD: (T, D) any float dtype. Returns a Routing with (T, E) float32 weights and int64 experts."""
-        task_ids_T = self.gate.check_task_ids(x_TD, ctx.task_ids_T if ctx is not None else None, "DSelectKRouter")
+        task_ids_T = self.gate.task_ids_for(x_TD, None if ctx is None else ctx.task_ids_T, "DSelectKRouter")
         out = self.gate.weights(x_TD, task_ids_T)
         experts_E = torch.arange(self.num_experts, device=x_TD.device)
         experts_TE = torch.where(out.q_TE > 0, experts_E, -1)
