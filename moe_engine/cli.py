@@ -69,7 +69,10 @@ def format_report(cfg: Config, trainer: Trainer, result: TrainResult) -> str:
         imbalance = max(counts_E) / (total / len(counts_E))
         cells = " ".join(f"{c:>6}" for c in counts_E)
         lines.append(f"moe layer {layer}: {cells}   max/mean {imbalance:.2f}")
-    lines.append(f"\nrun directory: {trainer.out_dir} (train.csv, eval.csv, tensorboard/, checkpoints/, results.json)")
+    outputs = "train.csv, eval.csv, tensorboard/, checkpoints/, results.json"
+    if cfg.logging.routing_telemetry and counts_LE.numel():
+        outputs += ", routing.csv, routing/ (task x expert heatmaps)"
+    lines.append(f"\nrun directory: {trainer.out_dir} ({outputs})")
     return "\n".join(lines)
 
 

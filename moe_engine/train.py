@@ -37,6 +37,7 @@ from moe_engine.metrics import MetricsLogger
 from moe_engine.mtl.data import ResumableBatches, eval_batches, load_task_data
 from moe_engine.mtl.digits import build_digits_tasks
 from moe_engine.mtl.model import MultiTaskTransformer
+from moe_engine.mtl.routing_monitor import RoutingMonitor
 from moe_engine.mtl.tasks import MultiTaskData
 from moe_engine.parallel import AllToAllDispatcher
 from moe_engine.parallel.runtime import (
@@ -202,6 +203,12 @@ class Trainer:
         self.batches = ResumableBatches(self.data.train, cfg.data.batch_size, seed=cfg.train.seed)
         self.step = 0
         self.last_checkpoint: Path | None = None
+        task_cfg = cfg.moe.router.task
+        self.monitor = RoutingMonitor(
+            self.model.moe_layers, cfg.moe.num_experts, self.data.task_names, self.run_info,
+            telemetry=cfg.logging.routing_telemetry,
+            adaptive_k=(task_cfg.adaptive_k_min, task_cfg.adaptive_patience) if task_cfg.adaptive_k else None,
+        )
         # Under DeepSpeed the engine runs backward, reduction, clipping, the steps and checkpoints.
         self.engine = None
         if use_deepspeed:
@@ -301,6 +308,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "data": self.batches.state_dict(),
             "rng": rng_state(),
+            "routing": self.monitor.state_dict(),
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -325,11 +333,16 @@ class Trainer:
         except ValueError as err:
             raise CheckpointMismatchError(f"the checkpoint's data position does not fit this config: {err}") from err
         set_rng_state(state["rng"])
+        self.monitor.load_state_dict(state.get("routing"))
         self.step = state["step"]
 
-    def _client_state(self) -> dict[str, Any]:
-        """What DeepSpeed's checkpoint does not hold by itself: step, config, data position, RNG."""
-        return {"step": self.step, "config": self.cfg.to_dict(), "data": self.batches.state_dict(), "rng": rng_state()}
+    def _client_state(self, routing_state: dict[str, Any] | None) -> dict[str, Any]:
+        """What DeepSpeed's checkpoint does not hold by itself: step, config, data position, RNG, and
+        the routing monitor's state (`self.monitor.state_dict()`, collected by every rank beforehand)."""
+        return {
+            "step": self.step, "config": self.cfg.to_dict(), "data": self.batches.state_dict(), "rng": rng_state(),
+            "routing": routing_state,
+        }
 
     def _load_deepspeed_checkpoint(self, path: Path) -> dict[str, Any]:
         try:
@@ -341,6 +354,7 @@ class Trainer:
             raise CheckpointMismatchError(f"checkpoint {path} does not match the config:\n  " + "\n  ".join(problems))
         self.batches.load_state_dict(client["data"])
         set_rng_state(client["rng"])
+        self.monitor.load_state_dict(client.get("routing"))
         self.step = client["step"]
         return client
 
@@ -350,7 +364,8 @@ class Trainer:
         writes step_XXXXXXXX.pt. Under DeepSpeed, DeepSpeed saves its partitions."""
         if self.engine is not None:
             tag = f"step_{self.step:08d}"
-            self.engine.save_checkpoint(str(self.checkpoints.directory), tag=tag, client_state=self._client_state())
+            client_state = self._client_state(self.monitor.state_dict())
+            self.engine.save_checkpoint(str(self.checkpoints.directory), tag=tag, client_state=client_state)
             if self.run_info.is_main:
                 tags = sorted(p for p in self.checkpoints.directory.glob("step_*") if p.is_dir())
                 for old in tags[: -self.checkpoints.keep]:
@@ -360,8 +375,9 @@ class Trainer:
             return self.last_checkpoint
         groups = self.run_info.groups
         if groups is not None and groups.ep_size > 1:  # one file per expert shard, nothing gathered
+            files = self._sharded_checkpoint_files(self.monitor.state_dict())
             self.last_checkpoint = self.checkpoints.save_sharded(
-                self.step, self._sharded_checkpoint_files(), is_main=self.run_info.is_main,
+                self.step, files, is_main=self.run_info.is_main,
                 barrier=lambda: barrier(self.run_info),
             )
             return self.last_checkpoint
@@ -372,7 +388,7 @@ class Trainer:
         self.last_checkpoint = self.checkpoints.path_for(self.step)
         return self.last_checkpoint
 
-    def _sharded_checkpoint_files(self) -> dict[str, dict[str, Any]]:
+    def _sharded_checkpoint_files(self, routing_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """The files of a per-shard checkpoint this rank writes: its expert shard if it belongs to the
         first expert-data-parallel replica (ranks 0..P-1), and model.pt on rank 0."""
         groups = self.run_info.groups
@@ -383,7 +399,7 @@ class Trainer:
         if self.run_info.is_main:
             model_sd, optim_sd, num_experts = replicated_state(self.model, self.optimizer, groups.ep_size)
             files[MODEL_FILE] = {
-                **self._client_state(), "model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
+                **self._client_state(routing_state), "model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
                 "expert_shards": {"ep_size": groups.ep_size, "num_experts": num_experts},
             }
         return files
@@ -404,6 +420,7 @@ class Trainer:
         with self._autocast():
             out = self.model(pixels, task)
             task_loss, per_task = multitask_loss(self.model, out.features_BD, task, label, global_counts)
+        self.monitor.observe(out.routings, task)
         # The balance loss is a statistic of each rank's micro-batch (as in DeepSpeed and Megatron-Core);
         # dividing by the world size makes the SUM-reduced gradient that of the ranks' mean.
         aux_loss = out.aux_loss / run.world_size
@@ -535,11 +552,14 @@ class Trainer:
                     metrics["all_to_all_share"] = metrics["all_to_all_ms"] / (1e3 * seconds)
                 if self.step % cfg.logging.log_every == 0 or self.step == target:
                     self.logger.log("train", self.step, metrics)
+                    self.monitor.log(self.logger, self.step)
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
                 if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.max_steps:
-                    self.logger.log("eval", self.step, self.evaluate()[0])
+                    eval_metrics = self.evaluate()[0]
+                    eval_metrics.update(self.monitor.adapt(eval_metrics))  # AdaMV-MoE: each task's next k
+                    self.logger.log("eval", self.step, eval_metrics)
                 if self.run_info.world_size > 1:
                     # Ranks stop together: a signal seen by any rank (at any step) stops all of them here.
                     self._signal = signal_any_rank(self._signal, self.run_info, self.device)
@@ -548,6 +568,7 @@ class Trainer:
                     self.save_checkpoint()
                 if self._signal is not None:
                     raise TrainingInterrupted(self._signal, self.step, self.last_checkpoint)
+            self.monitor.finish(self.logger, self.out_dir, self.step)
         finally:
             if progress is not None:
                 progress.close()

@@ -119,8 +119,10 @@ def current_handlers() -> dict[int, object]:
         [],
         ["moe.router.capacity_factor=1.0"],  # tokens dropped by capacity: routing must resume identically
         ["model.dropout=0.1"],               # draws from torch's RNG every step: its state must be restored
+        # AdaMV-MoE's controllers and the routing telemetry live in the checkpoint too.
+        ["moe.router.type=task_gate", "moe.router.top_k=3", "moe.router.task.adaptive_k=true"],
     ],
-    ids=["dropless", "capacity", "dropout"],
+    ids=["dropless", "capacity", "dropout", "adaptive_k"],
 )
 def test_resume_is_bit_exact(make_cfg: MakeConfig, extra: list[str]) -> None:
     schedule = ["train.max_steps=12", "train.checkpoint_every=4", "train.eval_every=6", *extra]
@@ -146,6 +148,8 @@ def test_resume_is_bit_exact(make_cfg: MakeConfig, extra: list[str]) -> None:
     for row_a, row_b in zip(without_timing(rows_a), without_timing(rows_b), strict=True):
         assert row_a == row_b, f"step {row_a['step']}"
     assert read_rows(out_a / "eval.csv") == read_rows(out_b / "eval.csv")
+    # Accumulated since step 1: the resumed run's statistics continue those of the checkpoint.
+    assert read_rows(out_a / "routing.csv") == read_rows(out_b / "routing.csv")
     assert steps_of(out_b / "eval.csv") == [6, 12]  # step 6 is evaluated by the resumed run
     assert_same_state(uninterrupted.model.state_dict(), resumed.model.state_dict())
 

@@ -1,0 +1,92 @@
+"""The training run's side of task-conditional routing: every router type trains from the config,
+the task x expert telemetry reaches the log and the heatmaps, and AdaMV-MoE moves each task's k."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_engine.config import load_config
+from moe_engine.mtl.gates import TaskGateRouter
+from moe_engine.routing import ROUTER_TYPES
+from moe_engine.train import Trainer
+from test_train import TINY, read_rows
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    return load_config(None, [*TINY, f"train.out_dir={tmp_path}", *overrides])
+
+
+@pytest.mark.parametrize("router_type", ROUTER_TYPES)
+def test_every_router_type_trains_from_the_config(tmp_path: Path, router_type: str) -> None:
+    trainer = Trainer(_cfg(tmp_path, f"moe.router.type={router_type}", "train.max_steps=4", "train.eval_every=4"))
+    result = trainer.run()
+    losses = [float(r["loss"]) for r in read_rows(tmp_path / "train.csv")]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert result.tokens_per_expert_LE.sum() > 0
+    assert sorted(p.name for p in (tmp_path / "routing").iterdir()) == [
+        "task_expert.json", "task_expert_layer0.png",
+    ]
+
+
+def test_routing_log_and_heatmaps_match_the_routed_tokens(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "moe.router.type=mod_squad", "moe.router.task.mi_loss_coef=0.05", "logging.log_every=2")
+    trainer = Trainer(cfg)
+    trainer.run()
+    rows = read_rows(tmp_path / "routing.csv")
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8]
+    tasks = trainer.data.task_names
+    assert set(rows[0]) == {"step", "layer0/task_expert_mi"} | {
+        f"layer0/{kind}/{t}" for t in tasks for kind in ("token_entropy", "usage_entropy")
+    }
+    summary = json.loads((tmp_path / "routing" / "task_expert.json").read_text())
+    assert summary["task_names"] == list(tasks) and len(summary["layers"]) == 1
+    counts_XE = torch.tensor(summary["layers"][0]["counts"])
+    tokens_X = torch.tensor(summary["layers"][0]["tokens"])
+    # Every training token of every step was counted, with its K choices, under its own task.
+    torch.testing.assert_close(counts_XE.sum(1), tokens_X * cfg.moe.router.top_k, check_dtype=False)
+    tokens_per_example = trainer.model.pos_embed.shape[0]
+    assert tokens_X.sum() == cfg.train.max_steps * cfg.data.batch_size * tokens_per_example
+    utilisation_XE = torch.tensor(summary["layers"][0]["utilisation"])
+    torch.testing.assert_close(utilisation_XE, counts_XE / counts_XE.sum(1, keepdim=True), check_dtype=False)
+    from PIL import Image
+
+    with Image.open(tmp_path / "routing" / "task_expert_layer0.png") as image:
+        assert image.width > 200 and image.height > 100
+
+
+def test_adaptive_k_follows_the_validation_losses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _cfg(
+        tmp_path, "moe.router.type=task_gate", "moe.router.top_k=3", "moe.router.task.adaptive_k=true",
+        "train.eval_every=2", "train.max_steps=8",
+    )
+    trainer = Trainer(cfg)
+    router = trainer.model.moe_layers[0].router
+    assert isinstance(router, TaskGateRouter) and router.task_top_k_X.tolist() == [3, 3, 3, 3]
+    # Scripted validation losses per evaluation: task 0 keeps improving (k falls to k_min), task 1
+    # stalls (k rises back to top_k after falling once), tasks 2 and 3 stay flat.
+    script = iter([[1.0, 1.0, 1.0, 1.0], [0.5, 0.9, 1.0, 1.0], [0.2, 0.95, 1.0, 1.0], [0.1, 0.97, 1.0, 1.0]])
+    evaluate = trainer.evaluate
+
+    def scripted_evaluate():
+        metrics, counts = evaluate()
+        for name, loss in zip(trainer.data.task_names, next(script, [1.0] * 4)):
+            metrics[f"loss_{name}"] = loss
+        return metrics, counts
+
+    monkeypatch.setattr(trainer, "evaluate", scripted_evaluate)
+    trainer.run()
+    rows = read_rows(tmp_path / "eval.csv")
+    ks = [[int(float(r[f"top_k_{t}"])) for t in trainer.data.task_names] for r in rows]
+    # First validation sets the baselines; then improvement lowers k, a stall (patience 1) raises it.
+    assert ks == [[3, 3, 3, 3], [2, 2, 3, 3], [1, 3, 3, 3], [1, 3, 3, 3]]
+    assert router.task_top_k_X.tolist() == [1, 3, 3, 3]
+    assert trainer.model.moe_layers[0].router.task_top_k_X.tolist() == trainer.model.moe_layers[-1].router.task_top_k_X.tolist()
+
+
+def test_routing_telemetry_can_be_switched_off(tmp_path: Path) -> None:
+    Trainer(_cfg(tmp_path, "logging.routing_telemetry=false", "train.max_steps=2")).run()
+    assert not (tmp_path / "routing.csv").exists() and not (tmp_path / "routing").exists()
