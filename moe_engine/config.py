@@ -224,6 +224,11 @@ class ModelConfig:
     moe_every: int = 2
     # Image patches (patch_size x patch_size pixels) become tokens.
     patch_size: int = 2
+    # MoE blocks also put experts in attention: per-expert query and output projections with shared
+    # keys and values (Mod-Squad, Uni-Perceiver-MoE), routed by a router of moe.router's kind.
+    moe_attention: bool = False
+    # The FFN experts reuse the attention's routing of each token (Conditional MoE / Uni-Perceiver-MoE).
+    share_routing: bool = False
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
@@ -241,6 +246,8 @@ class ModelConfig:
             _fail("model.num_heads", self.num_heads, f"must divide model.d_model ({self.d_model})")
         if not 0.0 <= self.dropout < 1.0:
             _fail("model.dropout", self.dropout, "must be in [0, 1)")
+        if self.share_routing and not self.moe_attention:
+            _fail("model.share_routing", True, "needs model.moe_attention = true (the routing it shares is the attention's)")
 
 
 @dataclass

@@ -205,7 +205,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         task_cfg = cfg.moe.router.task
         self.monitor = RoutingMonitor(
-            self.model.moe_layers, cfg.moe.num_experts, self.data.task_names, self.run_info,
+            self.model.routers, cfg.moe.num_experts, self.data.task_names, self.run_info,
             telemetry=cfg.logging.routing_telemetry,
             adaptive_k=(task_cfg.adaptive_k_min, task_cfg.adaptive_patience) if task_cfg.adaptive_k else None,
         )
@@ -457,8 +457,8 @@ class Trainer:
             metrics.update(load_imbalance(global_counts_LE, ep_size))
             rate = self.cfg.moe.router.expert_bias_rate
             if rate > 0:  # the same global counts on every rank: replicas stay identical
-                for layer, counts_E in zip(self.model.moe_layers, global_counts_LE):
-                    layer.router.update_expert_bias(counts_E, rate)
+                for router, counts_E in zip(self.model.routers, global_counts_LE):
+                    router.update_expert_bias(counts_E, rate)
         metrics.update(self._traffic())
         return metrics
 
@@ -504,7 +504,7 @@ class Trainer:
         self.model.eval()
         num_tasks, num_experts = len(self.model.tasks), self.cfg.moe.num_experts
         sums = torch.zeros(3, num_tasks, device=self.device)  # correct, seen, summed loss
-        counts_LE = torch.zeros(len(self.model.moe_layers), num_experts, dtype=torch.long, device=self.device)
+        counts_LE = torch.zeros(len(self.model.routers), num_experts, dtype=torch.long, device=self.device)
         for batch in eval_batches(self.data.test, self.cfg.data.eval_batch_size):
             batch = rank_slice(batch, self.run_info)
             pixels, task, label = (batch[k].to(self.device) for k in ("pixels", "task", "label"))

@@ -90,3 +90,28 @@ def test_adaptive_k_follows_the_validation_losses(tmp_path: Path, monkeypatch: p
 def test_routing_telemetry_can_be_switched_off(tmp_path: Path) -> None:
     Trainer(_cfg(tmp_path, "logging.routing_telemetry=false", "train.max_steps=2")).run()
     assert not (tmp_path / "routing.csv").exists() and not (tmp_path / "routing").exists()
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_experts_in_attention_train_and_share_the_ffn_routing(tmp_path: Path, share: bool) -> None:
+    cfg = _cfg(
+        tmp_path, "moe.router.type=attribute", "model.moe_attention=true", f"model.share_routing={str(share).lower()}",
+        "train.max_steps=4", "train.eval_every=4",
+    )
+    trainer = Trainer(cfg)
+    model = trainer.model
+    block = model.blocks[1]
+    assert block.moe_attention and block.moe_ffn and block.share_routing == share
+    assert (block.ffn.router is block.attn.router) == share
+    # One routing decision for the shared block, two (attention, then FFN) otherwise.
+    assert model.routers == ([block.attn.router] if share else [block.attn.router, block.ffn.router])
+    batch = next(iter(trainer.batches))
+    out = model(batch["pixels"], batch["task"])
+    assert len(out.routings) == len(model.routers)
+    result = trainer.run()
+    losses = [float(r["loss"]) for r in read_rows(tmp_path / "train.csv")]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert result.tokens_per_expert_LE.shape == (len(model.routers), cfg.moe.num_experts)
+    assert len(list((tmp_path / "routing").glob("task_expert_layer*.png"))) == len(model.routers)
+    # The attention experts are trained: their query projections got gradients.
+    assert block.attn.w_q.grad is not None and block.attn.w_q.grad.abs().sum() > 0

@@ -1,9 +1,10 @@
 """A small multi-task transformer with MoE feed-forward blocks: the default job's model.
 
 Images become patch tokens; a learned task token is prepended, so every layer (and every
-router, through `RoutingContext.task_ids_T`) knows which task a sequence serves; the task
-token's final state feeds that task's head. Blocks are pre-norm; block i uses an MoE FFN when
-(i + 1) % moe_every == 0, a dense MLP otherwise.
+router, through `RoutingContext.task_ids_T` and the token attributes) knows which task a
+sequence serves; the task token's final state feeds that task's head. Blocks are pre-norm
+(moe_engine.mtl.blocks.TaskMoEBlock); block i uses an MoE FFN when (i + 1) % moe_every == 0, a
+dense MLP otherwise, and with model.moe_attention its attention is a mixture of experts too.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from torch import nn
 from moe_engine.config import ModelConfig, MoEConfig
 from moe_engine.experts import MLP
 from moe_engine.layer import MoELayer
+from moe_engine.mtl.blocks import TaskMoEBlock
+from moe_engine.mtl.moe_attention import MoEAttention
 from moe_engine.mtl.tasks import TaskSpec
 from moe_engine.parallel import TokenDispatcher
+from moe_engine.routers import build_any_router
 from moe_engine.routing import Routing, RoutingContext
 
 
@@ -41,40 +45,10 @@ class SelfAttention(nn.Module):
 
 
 @dataclass(frozen=True)
-class BlockOutput:
-    x: torch.Tensor
-    aux_loss: torch.Tensor | None
-    routing: Routing | None
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block whose FFN is a dense MLP or an MoELayer."""
-
-    def __init__(self, d_model: int, num_heads: int, ffn: nn.Module, dropout: float) -> None:
-        super().__init__()
-        self.norm_attn = nn.LayerNorm(d_model)
-        self.attn = SelfAttention(d_model, num_heads, dropout)
-        self.norm_ffn = nn.LayerNorm(d_model)
-        self.ffn = ffn
-        self.dropout = nn.Dropout(dropout)
-
-    @property
-    def is_moe(self) -> bool:
-        return isinstance(self.ffn, MoELayer)
-
-    def forward(self, x_BSD: torch.Tensor, ctx: RoutingContext) -> BlockOutput:
-        x_BSD = x_BSD + self.dropout(self.attn(self.norm_attn(x_BSD)))
-        h_BSD = self.norm_ffn(x_BSD)
-        if not self.is_moe:
-            return BlockOutput(x_BSD + self.dropout(self.ffn(h_BSD)), None, None)
-        out = self.ffn(h_BSD, ctx)
-        return BlockOutput(x_BSD + self.dropout(out.y), out.aux_loss, out.routing)
-
-
-@dataclass(frozen=True)
 class MultiTaskOutput:
     """features_BD: the task token's final state per example. aux_loss: () float32, summed over
-    MoE blocks. routings: one Routing per MoE block, tokens in (B*S) order."""
+    the routers. routings: one Routing per routing decision (`MultiTaskTransformer.routers`, in
+    that order), tokens in (B*S) order."""
 
     features_BD: torch.Tensor
     aux_loss: torch.Tensor
@@ -110,14 +84,26 @@ class MultiTaskTransformer(nn.Module):
         nn.init.normal_(self.pos_embed, std=0.02)
         blocks = []
         for i in range(cfg.num_layers):
+            attn: nn.Module = SelfAttention(cfg.d_model, cfg.num_heads, cfg.dropout)
             if (i + 1) % cfg.moe_every == 0:
                 dispatcher = make_dispatcher(moe_cfg) if make_dispatcher else None
                 ffn: nn.Module = MoELayer.from_config(
                     cfg.d_model, moe_cfg, dispatcher, num_tasks=len(self.tasks), num_attributes=self.num_attributes
                 )
+                if cfg.moe_attention:
+                    router = build_any_router(
+                        cfg.d_model, moe_cfg.num_experts, moe_cfg.router, num_tasks=len(self.tasks),
+                        num_attributes=self.num_attributes,
+                    )
+                    attn = MoEAttention(cfg.d_model, cfg.num_heads, moe_cfg.num_experts, router, dropout=cfg.dropout)
+                    if cfg.share_routing:
+                        ffn.router = router  # one router decides for both halves of the block
             else:
                 ffn = MLP(cfg.d_model, cfg.ffn_hidden, moe_cfg.activation)
-            blocks.append(Block(cfg.d_model, cfg.num_heads, ffn, cfg.dropout))
+            blocks.append(TaskMoEBlock(
+                cfg.d_model, cfg.num_heads, attn=attn, ffn=ffn, dropout=cfg.dropout,
+                share_routing=cfg.moe_attention and cfg.share_routing and (i + 1) % cfg.moe_every == 0,
+            ))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(cfg.d_model)
         self.heads = nn.ModuleList(nn.Linear(cfg.d_model, t.num_classes) for t in tasks)
@@ -139,7 +125,20 @@ class MultiTaskTransformer(nn.Module):
 
     @property
     def moe_layers(self) -> list[MoELayer]:
-        return [b.ffn for b in self.blocks if b.is_moe]
+        """The MoE FFN layers (whose experts a dispatcher places), in order."""
+        return [b.ffn for b in self.blocks if b.moe_ffn]
+
+    @property
+    def routers(self) -> list[nn.Module]:
+        """The router of each routing decision of a forward, in the order of `MultiTaskOutput.routings`:
+        per MoE block the attention's (with model.moe_attention), then the FFN's unless it shares."""
+        routers = []
+        for block in self.blocks:
+            if block.moe_attention:
+                routers.append(block.attn.router)
+            if block.moe_ffn and not block.share_routing:
+                routers.append(block.ffn.router)
+        return routers
 
     def patchify(self, images_BHW: torch.Tensor) -> torch.Tensor:
         """(B, H, W) -> (B, P, p*p), patches in row-major order."""
@@ -162,9 +161,8 @@ class MultiTaskTransformer(nn.Module):
         for block in self.blocks:
             out = block(x_BSD, ctx)
             x_BSD = out.x
-            if out.routing is not None:
-                aux_loss = aux_loss + out.aux_loss
-                routings.append(out.routing)
+            aux_loss = aux_loss + out.aux_loss
+            routings.extend(out.routings)
         return MultiTaskOutput(self.norm(x_BSD[:, 0]), aux_loss, tuple(routings))
 
     def logits(self, features_BD: torch.Tensor, task: int) -> torch.Tensor:

@@ -24,31 +24,32 @@ from moe_engine.routing import Routing
 class RoutingMonitor:
     """Telemetry and adaptive k for the MoE layers of one model.
 
-    moe_layers: the model's MoE layers, in order. task_names: one per task id. telemetry: keep the
-    task x expert statistics. adaptive_k: None, or (k_min, patience) to give each layer's
-    TaskGateRouter an AdaMV-MoE controller.
+    routers: the router of each routing decision of a forward, in the order of the routings the
+    model returns (MultiTaskTransformer.routers). task_names: one per task id. telemetry: keep the
+    task x expert statistics. adaptive_k: None, or (k_min, patience) to give each TaskGateRouter an
+    AdaMV-MoE controller.
     """
 
     def __init__(
-        self, moe_layers: Sequence[torch.nn.Module], num_experts: int, task_names: Sequence[str], run: DistributedRun,
+        self, routers: Sequence[torch.nn.Module], num_experts: int, task_names: Sequence[str], run: DistributedRun,
         *, telemetry: bool = True, adaptive_k: tuple[int, int] | None = None,
     ) -> None:
         self.run = run
         self.task_names = list(task_names)
         self.telemetry = (
-            TaskExpertTelemetry(len(moe_layers), num_experts, len(task_names), task_names)
-            if telemetry and moe_layers else None
+            TaskExpertTelemetry(len(routers), num_experts, len(task_names), task_names)
+            if telemetry and routers else None
         )
         self.controllers: list[AdaptiveTopK] = []
         if adaptive_k is not None:
             k_min, patience = adaptive_k
-            for i, layer in enumerate(moe_layers):
-                if not isinstance(layer.router, TaskGateRouter):
+            for i, router in enumerate(routers):
+                if not isinstance(router, TaskGateRouter):
                     raise ValueError(
-                        f"adaptive k: MoE layer {i} has a {type(layer.router).__name__}: it needs a TaskGateRouter "
+                        f"adaptive k: router {i} is a {type(router).__name__}: it needs a TaskGateRouter "
                         "(moe.router.type task_gate or mod_squad)"
                     )
-                self.controllers.append(AdaptiveTopK(layer.router, k_min=k_min, patience=patience))
+                self.controllers.append(AdaptiveTopK(router, k_min=k_min, patience=patience))
 
     def observe(self, routings: Sequence[Routing], task_ids_B: torch.Tensor) -> None:
         """Add one forward's routings; task_ids_B (B,) are the examples' tasks, each spanning T/B tokens."""
