@@ -47,11 +47,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     show = commands.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(show)
+    from moe_engine.mtl.mmoe_experiment import DESCRIPTION as MMOE_DESCRIPTION, add_arguments as add_mmoe_arguments
+
+    mmoe = commands.add_parser("mmoe-synthetic", help="MMoE vs OMoE vs shared-bottom on the MMoE paper's synthetic tasks",
+                               description=MMOE_DESCRIPTION)
+    add_mmoe_arguments(mmoe)
     bench = commands.add_parser("bench", help="benchmark our MoE layer and kernels against their peers")
     from moe_engine.bench import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench)
     return parser
+
+
+def _task_expert_lines(task_names: list[str], counts_LXE) -> list[str]:
+    """Which experts each task's test tokens went to (share of its choices), per MoE layer: how a
+    task-conditional router has split the experts among the tasks."""
+    lines = ["\nexperts each task uses on the test split (expert:share of the task's choices)"]
+    for layer, counts_XE in enumerate(counts_LXE.tolist()):
+        for name, counts_E in zip(task_names, counts_XE):
+            total = max(sum(counts_E), 1)
+            used = [(e, c / total) for e, c in enumerate(counts_E) if c]
+            cells = " ".join(f"{e}:{share:.0%}" for e, share in used)
+            lines.append(f"moe layer {layer} {name:<8} {len(used)} experts  {cells}")
+    return lines
 
 
 def format_report(cfg: Config, trainer: Trainer, result: TrainResult) -> str:
@@ -69,6 +87,8 @@ def format_report(cfg: Config, trainer: Trainer, result: TrainResult) -> str:
         imbalance = max(counts_E) / (total / len(counts_E))
         cells = " ".join(f"{c:>6}" for c in counts_E)
         lines.append(f"moe layer {layer}: {cells}   max/mean {imbalance:.2f}")
+    if cfg.moe.router.type not in ("softmax_topk", "sigmoid_topk", "noisy_topk"):
+        lines.extend(_task_expert_lines(trainer.data.task_names, result.tokens_per_task_expert_LXE))
     outputs = "train.csv, eval.csv, tensorboard/, checkpoints/, results.json"
     if cfg.logging.routing_telemetry and counts_LE.numel():
         outputs += ", routing.csv, routing/ (task x expert heatmaps)"
@@ -112,6 +132,7 @@ def _train(args: argparse.Namespace) -> int:
                 "eval": result.eval_metrics,
                 "chance": {t.name: t.chance for t in trainer.data.tasks},
                 "tokens_per_expert": result.tokens_per_expert_LE.tolist(),
+                "tokens_per_task_expert": result.tokens_per_task_expert_LXE.tolist(),
                 "checkpoint": str(result.checkpoint),
                 "world_size": trainer.run_info.world_size,
             }
@@ -133,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return _bench(args)
+        if args.command == "mmoe-synthetic":
+            from moe_engine.mtl.mmoe_experiment import run_from_args
+
+            return run_from_args(args)
         if args.command == "config":
             print(load_config(args.config, args.overrides).to_yaml(), end="")
             return 0

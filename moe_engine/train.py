@@ -85,11 +85,19 @@ class RunDirectoryError(ValueError):
 
 @dataclass(frozen=True)
 class TrainResult:
+    """tokens_per_task_expert_LXE: (routers, tasks, E) int64 choices of each task's test tokens per
+    expert, per routing decision of the model (MultiTaskTransformer.routers); tokens_per_expert_LE
+    is its sum over tasks."""
+
     step: int
     eval_metrics: dict[str, float]
-    tokens_per_expert_LE: torch.Tensor
+    tokens_per_task_expert_LXE: torch.Tensor
     wall_seconds: float
     checkpoint: Path | None
+
+    @property
+    def tokens_per_expert_LE(self) -> torch.Tensor:
+        return self.tokens_per_task_expert_LXE.sum(1)
 
 
 def resolve_device(cfg: Config, local_rank: int = 0) -> tuple[torch.device, torch.dtype | None]:
@@ -496,7 +504,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
-        """Accuracy and loss per task on the test split, and tokens per expert per MoE layer (L, E).
+        """Accuracy and loss per task on the test split, and the routed choices of each task's tokens
+        per expert, per router (L, num_tasks, E) int64.
 
         Each rank evaluates its slice of every batch; the sums are all-reduced, so every rank
         returns the numbers of the whole split.
@@ -504,15 +513,18 @@ class Trainer:
         self.model.eval()
         num_tasks, num_experts = len(self.model.tasks), self.cfg.moe.num_experts
         sums = torch.zeros(3, num_tasks, device=self.device)  # correct, seen, summed loss
-        counts_LE = torch.zeros(len(self.model.routers), num_experts, dtype=torch.long, device=self.device)
+        counts_LXE = torch.zeros(len(self.model.routers), num_tasks, num_experts, dtype=torch.long, device=self.device)
         for batch in eval_batches(self.data.test, self.cfg.data.eval_batch_size):
             batch = rank_slice(batch, self.run_info)
             pixels, task, label = (batch[k].to(self.device) for k in ("pixels", "task", "label"))
             with self._autocast():
                 out = self.model(pixels, task)
+            tokens_per_example = self.model.pos_embed.shape[0]
+            task_TK = task.repeat_interleave(tokens_per_example)[:, None]
             for layer, routing in enumerate(out.routings):
-                kept = routing.experts_TK[routing.experts_TK >= 0]
-                counts_LE[layer] += torch.bincount(kept, minlength=num_experts)
+                kept_TK = routing.experts_TK >= 0
+                cells = (task_TK * num_experts + routing.experts_TK)[kept_TK]
+                counts_LXE[layer] += torch.bincount(cells, minlength=num_tasks * num_experts).view(num_tasks, num_experts)
             for t in range(num_tasks):
                 rows = (task == t).nonzero().squeeze(-1)
                 logits = self.model.logits(out.features_BD[rows], t).float()
@@ -520,12 +532,12 @@ class Trainer:
                 sums[1, t] += rows.numel()
                 sums[2, t] += F.cross_entropy(logits, label[rows], reduction="sum")
         correct, seen, loss_sum = all_reduce_sum(sums, self.run_info).cpu()
-        counts_LE = all_reduce_sum(counts_LE, self.run_info).cpu()
+        counts_LXE = all_reduce_sum(counts_LXE, self.run_info).cpu()
         metrics = {}
         for t, spec in enumerate(self.model.tasks):
             metrics[f"accuracy_{spec.name}"] = float(correct[t] / seen[t].clamp_min(1))
             metrics[f"loss_{spec.name}"] = float(loss_sum[t] / seen[t].clamp_min(1))
-        return metrics, counts_LE
+        return metrics, counts_LXE
 
     def _on_signal(self, signum: int, frame: object) -> None:
         # Only record it: the step in flight finishes, then the loop saves and stops cleanly.
@@ -568,15 +580,15 @@ class Trainer:
                     self.save_checkpoint()
                 if self._signal is not None:
                     raise TrainingInterrupted(self._signal, self.step, self.last_checkpoint)
-            self.monitor.finish(self.logger, self.out_dir, self.step)
+            eval_metrics, counts_LXE = self.evaluate()
+            self.monitor.finish(self.logger, self.out_dir, self.step, counts_LXE)
         finally:
             if progress is not None:
                 progress.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.logger.close()
-        eval_metrics, counts_LE = self.evaluate()
-        return TrainResult(self.step, eval_metrics, counts_LE, time.perf_counter() - start, self.last_checkpoint)
+        return TrainResult(self.step, eval_metrics, counts_LXE, time.perf_counter() - start, self.last_checkpoint)
 
 
 def _progress_bar(cfg: Config, initial: int, total: int):

@@ -429,3 +429,15 @@ def test_update_on_cuda_stays_on_device_without_sync():
     assert all(t.device.type == "cuda" for t in on_gpu.tensors())
     for got, expected in zip(on_gpu.tensors(), on_cpu.tensors()):
         torch.testing.assert_close(got.cpu(), 2 * expected)
+
+
+def test_from_counts_gives_the_statistics_of_given_counts(tmp_path):
+    counts_LXE = torch.tensor([[[3, 1, 0], [0, 0, 4]]])
+    telemetry = TaskExpertTelemetry.from_counts(counts_LXE, ["a", "b"])
+    torch.testing.assert_close(telemetry.utilisation(0), torch.tensor([[0.75, 0.25, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64))
+    # Tasks on disjoint experts with equal mass: I(task; expert) = log 2.
+    assert telemetry.mutual_information().item() == pytest.approx(math.log(2))
+    paths = telemetry.save_heatmaps(tmp_path, stem="test_task_expert", caption=" on the test split")
+    assert [p.name for p in paths] == ["test_task_expert_layer0.png"] and paths[0].stat().st_size > 0
+    with pytest.raises(ValueError, match=r"counts_LXE has shape \(2, 3\): expected \(layers, tasks, experts\)"):
+        TaskExpertTelemetry.from_counts(torch.ones(2, 3))

@@ -28,14 +28,14 @@ def test_every_router_type_trains_from_the_config(tmp_path: Path, router_type: s
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert result.tokens_per_expert_LE.sum() > 0
     assert sorted(p.name for p in (tmp_path / "routing").iterdir()) == [
-        "task_expert.json", "task_expert_layer0.png",
+        "task_expert.json", "task_expert_layer0.png", "test_task_expert.json", "test_task_expert_layer0.png",
     ]
 
 
 def test_routing_log_and_heatmaps_match_the_routed_tokens(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "moe.router.type=mod_squad", "moe.router.task.mi_loss_coef=0.05", "logging.log_every=2")
     trainer = Trainer(cfg)
-    trainer.run()
+    result = trainer.run()
     rows = read_rows(tmp_path / "routing.csv")
     assert [int(r["step"]) for r in rows] == [2, 4, 6, 8]
     tasks = trainer.data.task_names
@@ -52,6 +52,9 @@ def test_routing_log_and_heatmaps_match_the_routed_tokens(tmp_path: Path) -> Non
     assert tokens_X.sum() == cfg.train.max_steps * cfg.data.batch_size * tokens_per_example
     utilisation_XE = torch.tensor(summary["layers"][0]["utilisation"])
     torch.testing.assert_close(utilisation_XE, counts_XE / counts_XE.sum(1, keepdim=True), check_dtype=False)
+    # The end-of-run test-split heatmaps show the final evaluation's counts.
+    test_summary = json.loads((tmp_path / "routing" / "test_task_expert.json").read_text())
+    assert torch.tensor(test_summary["layers"][0]["counts"]).long().tolist() == result.tokens_per_task_expert_LXE[0].tolist()
     from PIL import Image
 
     with Image.open(tmp_path / "routing" / "task_expert_layer0.png") as image:
@@ -113,5 +116,6 @@ def test_experts_in_attention_train_and_share_the_ffn_routing(tmp_path: Path, sh
     assert all(torch.isfinite(torch.tensor(losses)))
     assert result.tokens_per_expert_LE.shape == (len(model.routers), cfg.moe.num_experts)
     assert len(list((tmp_path / "routing").glob("task_expert_layer*.png"))) == len(model.routers)
+    assert len(list((tmp_path / "routing").glob("test_task_expert_layer*.png"))) == len(model.routers)
     # The attention experts are trained: their query projections got gradients.
     assert block.attn.w_q.grad is not None and block.attn.w_q.grad.abs().sum() > 0

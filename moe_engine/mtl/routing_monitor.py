@@ -84,17 +84,25 @@ class RoutingMonitor:
             controller.update(losses)
         return {f"top_k_{name}": float(k) for name, k in zip(self.task_names, self.controllers[0].task_k)}
 
-    def finish(self, logger: Any, out_dir: Path, step: int) -> list[Path]:
+    def finish(self, logger: Any, out_dir: Path, step: int, test_counts_LXE: torch.Tensor | None = None) -> list[Path]:
         """Heatmap PNGs and a JSON of the matrices in out_dir/routing, and the heatmaps in TensorBoard
-        (collective; rank 0 writes). Returns the files written."""
+        (collective; rank 0 writes). Returns the files written.
+
+        The training statistics cover the whole run, the routers' early phase included;
+        test_counts_LXE, the final evaluation's choices per (router, task, expert) summed over
+        ranks, adds test_task_expert_layer<l>.png: where each task's tokens go at the end."""
         if self.telemetry is None:
             return []
         snapshot = self._global()
         if not self.run.is_main:
             return []
         directory = Path(out_dir) / "routing"
-        paths = snapshot.save_heatmaps(directory)
+        paths = snapshot.save_heatmaps(directory, caption=" in training")
         paths.append(snapshot.save_json(directory / "task_expert.json"))
+        if test_counts_LXE is not None:
+            final = TaskExpertTelemetry.from_counts(test_counts_LXE, self.task_names)
+            paths.extend(final.save_heatmaps(directory, stem="test_task_expert", caption=" on the test split"))
+            paths.append(final.save_json(directory / "test_task_expert.json"))
         if getattr(logger, "writer", None) is not None:
             snapshot.log_tensorboard(logger.writer, step, scalars=False)
         return paths

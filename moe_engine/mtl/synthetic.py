@@ -80,7 +80,7 @@ def make_synthetic_tasks(
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples = {num_samples!r}: expected an integer >= 1")
     tasks = synthetic_tasks(correlation, d=d, c=c, m=m, seed=seed)
-    # The samples use their own stream, so the tasks do not depend on num_samples and vice versa.
+    # The samples have their own stream: the tasks of a seed do not depend on num_samples.
     gen = torch.Generator().manual_seed(seed + 1_000_003)
     x_ND = torch.randn(num_samples, d, generator=gen, dtype=torch.float64)
     noise_N2 = NOISE_STD * torch.randn(num_samples, 2, generator=gen, dtype=torch.float64)

@@ -56,6 +56,17 @@ class TaskExpertTelemetry:
         self.tokens_LX = torch.zeros(L, X, dtype=torch.float64)
         self.entropy_sum_LX = torch.zeros(L, X, dtype=torch.float64)
 
+    @classmethod
+    def from_counts(cls, counts_LXE: torch.Tensor, task_names: Sequence[str] | None = None) -> TaskExpertTelemetry:
+        """Statistics of given choice counts (L, X, E), e.g. of an evaluation, for heatmaps, JSON and
+        MI; no token entropies (they need the router's scores)."""
+        if counts_LXE.dim() != 3 or (counts_LXE < 0).any():
+            raise ValueError(f"counts_LXE has shape {tuple(counts_LXE.shape)}: expected (layers, tasks, experts) of counts >= 0")
+        L, X, E = counts_LXE.shape
+        telemetry = cls(L, E, X, task_names)
+        telemetry.counts_LXE = counts_LXE.detach().double().cpu().clone()
+        return telemetry
+
     # ------------------------------------------------------------------ accumulation
 
     @torch.no_grad()
@@ -216,16 +227,16 @@ class TaskExpertTelemetry:
             for layer in range(self.num_layers):
                 writer.add_image(f"{prefix}/layer{layer}/task_expert", self._render(layer), step, dataformats="HWC")
 
-    def save_heatmaps(self, out_dir: str | Path) -> list[Path]:
-        """One PNG per MoE layer, `<out_dir>/task_expert_layer<l>.png`: rows are tasks, columns experts,
-        cells the utilisation. Returns the paths, in layer order."""
+    def save_heatmaps(self, out_dir: str | Path, stem: str = "task_expert", caption: str = "") -> list[Path]:
+        """One PNG per MoE layer, `<out_dir>/<stem>_layer<l>.png`: rows are tasks, columns experts,
+        cells the utilisation; `caption` goes into the titles. Returns the paths, in layer order."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         mi_L = self.mutual_information().tolist()  # NOTE: device-to-host sync
         paths = []
         for layer in range(self.num_layers):
-            path = out_dir / f"task_expert_layer{layer}.png"
-            self._figure(layer, mi_L[layer]).savefig(path)
+            path = out_dir / f"{stem}_layer{layer}.png"
+            self._figure(layer, mi_L[layer], caption).savefig(path)
             paths.append(path)
         return paths
 
@@ -261,7 +272,7 @@ class TaskExpertTelemetry:
         if self.counts_LXE.device != device:
             self.counts_LXE, self.tokens_LX, self.entropy_sum_LX = (t.to(device) for t in self.tensors())
 
-    def _figure(self, layer: int, mi: float):
+    def _figure(self, layer: int, mi: float, caption: str = ""):
         # A bare Figure draws on the Agg canvas without pyplot: no global backend is chosen or changed.
         from matplotlib.figure import Figure
 
@@ -279,7 +290,7 @@ class TaskExpertTelemetry:
         ax.set_xlabel("expert")
         ax.set_ylabel("task")
         mi_text = "n/a" if math.isnan(mi) else f"{mi:.3f} nats"
-        ax.set_title(f"MoE layer {layer}: task x expert utilisation (MI = {mi_text})", fontsize=9)
+        ax.set_title(f"MoE layer {layer}: task x expert utilisation{caption} (MI = {mi_text})", fontsize=9)
         if X * E <= _MAX_ANNOTATED_CELLS:
             for t in range(X):
                 for e in range(E):
