@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_engine.kernels.router import topk_gating
-from moe_engine.routing.capacity import DROP_POLICIES, drop_over_capacity, expert_capacity
+from moe_engine.routing.capacity import apply_capacity, check_routing_args
 from moe_engine.routing.losses import switch_loss_from_stats
 from moe_engine.routing.types import Routing, RoutingContext
 
@@ -93,8 +93,7 @@ class AttributeRouter(nn.Module):
         noise_std = 1.0 / num_experts if noise_std is None else noise_std
         if num_attributes < 1:
             raise ValueError(f"num_attributes = {num_attributes}: must be >= 1")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k = {top_k}: must be in [1, num_experts = {num_experts}]")
+        check_routing_args(num_experts, top_k, capacity_factor, drop_policy)
         if attribute_dim < 2:
             raise ValueError(
                 f"attribute_dim = {attribute_dim}: must be >= 2 (a LayerNorm over one feature is constant)"
@@ -103,10 +102,6 @@ class AttributeRouter(nn.Module):
             raise ValueError(f"noise_std = {noise_std}: must be a finite number >= 0, or None for 1/num_experts")
         if not (math.isfinite(aux_loss_coef) and aux_loss_coef >= 0):
             raise ValueError(f"aux_loss_coef = {aux_loss_coef}: must be a finite number >= 0")
-        if capacity_factor is not None and not (math.isfinite(capacity_factor) and capacity_factor > 0):
-            raise ValueError(f"capacity_factor = {capacity_factor}: must be > 0, or None for dropless")
-        if drop_policy not in DROP_POLICIES:
-            raise ValueError(f"drop_policy = {drop_policy!r}: allowed: {', '.join(DROP_POLICIES)}")
         self.d_model = d_model
         self.num_experts = num_experts
         self.num_attributes = num_attributes
@@ -149,12 +144,9 @@ class AttributeRouter(nn.Module):
                 balance = switch_loss_from_stats(gating.counts_E, gating.prob_sums_E, num_tokens, self.top_k)
                 aux_loss = self.aux_loss_coef * balance
                 aux_terms["balance_loss"] = balance.detach()
-            capacity = None
-            if self.capacity_factor is not None:
-                capacity = expert_capacity(num_tokens, self.top_k, self.num_experts, self.capacity_factor)
-                experts_TK, weights_TK = drop_over_capacity(
-                    experts_TK, weights_TK, self.num_experts, capacity, self.drop_policy
-                )
+            experts_TK, weights_TK, capacity = apply_capacity(
+                experts_TK, weights_TK, self.num_experts, self.capacity_factor, self.drop_policy
+            )
         return Routing(weights_TK, experts_TK, gating.scores_TE, aux_loss, aux_terms, capacity)
 
     def _check_attributes(self, x_TD: torch.Tensor, ctx: RoutingContext | None) -> torch.Tensor:

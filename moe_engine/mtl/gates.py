@@ -45,7 +45,7 @@ from torch import nn
 
 from moe_engine.kernels.router import TopKGating, topk_gating
 from moe_engine.mtl.statistics import check_task_ids, mutual_information_loss
-from moe_engine.routing.capacity import DROP_POLICIES, drop_over_capacity, expert_capacity
+from moe_engine.routing.capacity import apply_capacity, check_routing_args
 from moe_engine.routing.losses import switch_load_balancing_loss, switch_loss_from_stats
 from moe_engine.routing.noisy import (
     check_noise,
@@ -106,8 +106,7 @@ class TaskGateRouter(nn.Module):
         noise_epsilon: float = 1e-2,
     ) -> None:
         super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k = {top_k}: must be in [1, num_experts = {num_experts}]")
+        check_routing_args(num_experts, top_k, capacity_factor, drop_policy)
         if num_tasks < 1:
             raise ValueError(f"num_tasks = {num_tasks}: must be >= 1")
         if mode not in MODES:
@@ -116,14 +115,10 @@ class TaskGateRouter(nn.Module):
             raise ValueError(f"noise = {noise!r}: allowed: {', '.join(NOISES)}")
         if aux_loss not in AUX_LOSSES:
             raise ValueError(f"aux_loss = {aux_loss!r}: allowed: {', '.join(AUX_LOSSES)}")
-        if drop_policy not in DROP_POLICIES:
-            raise ValueError(f"drop_policy = {drop_policy!r}: allowed: {', '.join(DROP_POLICIES)}")
         for name, value in (("score_epsilon", score_epsilon), ("aux_loss_coef", aux_loss_coef),
                             ("mi_loss_coef", mi_loss_coef)):
             if not value >= 0:
                 raise ValueError(f"{name} = {value}: must be >= 0")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"capacity_factor = {capacity_factor}: must be > 0, or None for dropless")
         if not noise_epsilon > 0:
             raise ValueError(f"noise_epsilon = {noise_epsilon}: must be > 0 (it keeps the noise scale positive)")
         self.d_model = d_model
@@ -227,12 +222,11 @@ class TaskGateRouter(nn.Module):
             aux_loss, aux_terms = self._aux_losses(
                 gating, weights_TK, experts_TK, k_T, clean_TE, noisy_TE, noise_std_TE, task_ids_T
             )
-            capacity = None
-            if self.capacity_factor is not None:
-                capacity = expert_capacity(num_tokens, top_k, num_experts, self.capacity_factor)
-                # Masked (-1) choices take no expert's slots.
-                experts_TK, weights_TK = drop_over_capacity(experts_TK, weights_TK, num_experts, capacity, self.drop_policy)
-            elif masked:
+            # Masked (-1) choices take no expert's slots.
+            experts_TK, weights_TK, capacity = apply_capacity(
+                experts_TK, weights_TK, num_experts, self.capacity_factor, self.drop_policy
+            )
+            if capacity is None and masked:
                 capacity = max(num_tokens, 1)
         return Routing(weights_TK, experts_TK, gating.scores_TE, aux_loss, aux_terms, capacity)
 

@@ -34,6 +34,7 @@ from moe_engine.kernels.router import topk_gating
 from moe_engine.layer import MoELayer
 from moe_engine.mtl.statistics import check_task_ids
 from moe_engine.parallel import LocalDispatcher
+from moe_engine.routing.capacity import check_routing_args
 from moe_engine.routing.types import Routing, RoutingContext
 
 TASK_GATES = ("table", "embedding_mlp")
@@ -73,8 +74,7 @@ class TaskLevelRouter(nn.Module):
             raise ValueError(f"d_model = {d_model}: must be >= 1")
         if num_experts < 1:
             raise ValueError(f"num_experts = {num_experts}: must be >= 1")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k = {top_k}: must be in [1, num_experts = {num_experts}]")
+        check_routing_args(num_experts, top_k)
         if num_tasks < 1:
             raise ValueError(f"num_tasks = {num_tasks}: must be >= 1")
         if gate not in TASK_GATES:

@@ -16,6 +16,29 @@ import torch
 DROP_POLICIES = ("position", "score")
 
 
+def check_routing_args(num_experts: int, top_k: int, capacity_factor: float | None = None, drop_policy: str = "position") -> None:
+    """The checks every token-choice router makes of its constructor arguments (ValueError naming the value)."""
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k = {top_k}: must be in [1, num_experts = {num_experts}]")
+    if capacity_factor is not None and not (math.isfinite(capacity_factor) and capacity_factor > 0):
+        raise ValueError(f"capacity_factor = {capacity_factor}: must be > 0, or None for dropless")
+    if drop_policy not in DROP_POLICIES:
+        raise ValueError(f"drop_policy = {drop_policy!r}: allowed: {', '.join(DROP_POLICIES)}")
+
+
+def apply_capacity(
+    experts_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, capacity_factor: float | None, policy: str
+) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """Drop the choices over capacity ceil(capacity_factor * T * K / E): (experts_TK, weights_TK, capacity).
+    capacity_factor None: dropless, the inputs unchanged and capacity None."""
+    if capacity_factor is None:
+        return experts_TK, weights_TK, None
+    num_tokens, top_k = experts_TK.shape
+    capacity = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
+    experts_TK, weights_TK = drop_over_capacity(experts_TK, weights_TK, num_experts, capacity, policy)
+    return experts_TK, weights_TK, capacity
+
+
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """C = ceil(capacity_factor * T * K / E), at least 1 so that no expert is shut out entirely."""
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from moe_engine.kernels.router import topk_gating
-from moe_engine.routing.capacity import DROP_POLICIES, drop_over_capacity, expert_capacity
+from moe_engine.routing.capacity import apply_capacity, check_routing_args
 from moe_engine.routing.losses import importance_cv_squared, load_cv_squared
 from moe_engine.routing.types import Routing, RoutingContext
 
@@ -141,14 +141,9 @@ class NoisyTopKRouter(nn.Module):
         noise_epsilon: float = 1e-2,
     ) -> None:
         super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k = {top_k}: must be in [1, num_experts = {num_experts}]")
-        if drop_policy not in DROP_POLICIES:
-            raise ValueError(f"drop_policy = {drop_policy!r}: allowed: {', '.join(DROP_POLICIES)}")
+        check_routing_args(num_experts, top_k, capacity_factor, drop_policy)
         if aux_loss_coef < 0:
             raise ValueError(f"aux_loss_coef = {aux_loss_coef}: must be >= 0")
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor = {capacity_factor}: must be > 0, or None for dropless")
         if not noise_epsilon > 0:
             raise ValueError(f"noise_epsilon = {noise_epsilon}: must be > 0 (it keeps the noise scale positive)")
         self.num_experts = num_experts
@@ -192,12 +187,9 @@ class NoisyTopKRouter(nn.Module):
                 importance, load = importance_load_losses(dense_gates(weights_TK, experts_TK, self.num_experts), load_E)
                 aux_loss = self.aux_loss_coef * (importance + load)
                 aux_terms = {"importance_loss": importance.detach(), "load_loss": load.detach()}
-            capacity = None
-            if self.capacity_factor is not None:
-                capacity = expert_capacity(num_tokens, self.top_k, self.num_experts, self.capacity_factor)
-                experts_TK, weights_TK = drop_over_capacity(
-                    experts_TK, weights_TK, self.num_experts, capacity, self.drop_policy
-                )
+            experts_TK, weights_TK, capacity = apply_capacity(
+                experts_TK, weights_TK, self.num_experts, self.capacity_factor, self.drop_policy
+            )
         return Routing(weights_TK, experts_TK, gating.scores_TE, aux_loss, aux_terms, capacity)
 
     def extra_repr(self) -> str:

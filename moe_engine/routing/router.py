@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from moe_engine.kernels.router import TopKGating, topk_gating
-from moe_engine.routing.capacity import DROP_POLICIES, drop_over_capacity, expert_capacity
+from moe_engine.routing.capacity import apply_capacity, check_routing_args
 from moe_engine.routing.losses import sequence_load_balancing_loss, switch_loss_from_stats
 from moe_engine.routing.types import Routing, RoutingContext
 
@@ -64,12 +64,9 @@ class TopKRouter(nn.Module):
         topk_groups: int = 1,
     ) -> None:
         super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k = {top_k}: must be in [1, num_experts = {num_experts}]")
+        check_routing_args(num_experts, top_k, capacity_factor, drop_policy)
         if score_function not in SCORE_FUNCTIONS:
             raise ValueError(f"score_function = {score_function!r}: allowed: {', '.join(SCORE_FUNCTIONS)}")
-        if drop_policy not in DROP_POLICIES:
-            raise ValueError(f"drop_policy = {drop_policy!r}: allowed: {', '.join(DROP_POLICIES)}")
         if aux_loss_type not in ("switch", "seq_switch", "none"):
             raise ValueError(f"aux_loss_type = {aux_loss_type!r}: allowed: switch, seq_switch, none")
         if n_groups < 1 or num_experts % n_groups:
@@ -131,12 +128,9 @@ class TopKRouter(nn.Module):
             )
             scores_TE, weights_TK, experts_TK = gating.scores_TE, gating.weights_TK, gating.experts_TK
             aux_loss, aux_terms = self._aux_losses(gating, ctx)
-            capacity = None
-            if self.capacity_factor is not None:
-                capacity = expert_capacity(x_TD.shape[0], self.top_k, self.num_experts, self.capacity_factor)
-                experts_TK, weights_TK = drop_over_capacity(
-                    experts_TK, weights_TK, self.num_experts, capacity, self.drop_policy
-                )
+            experts_TK, weights_TK, capacity = apply_capacity(
+                experts_TK, weights_TK, self.num_experts, self.capacity_factor, self.drop_policy
+            )
         return Routing(weights_TK, experts_TK, scores_TE, aux_loss, aux_terms, capacity)
 
     def _aux_losses(
