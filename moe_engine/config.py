@@ -403,12 +403,8 @@ class Config:
         ep = self.parallel.expert_parallel_size
         if self.moe.num_experts % ep:
             _fail("parallel.expert_parallel_size", ep, f"must divide moe.num_experts ({self.moe.num_experts})")
-        if self.parallel.deepspeed_config is not None and ep > 1:
-            _fail(
-                "parallel.expert_parallel_size", ep,
-                "must be 1 under parallel.deepspeed_config: DeepSpeed's engine shards experts only inside its own "
-                "MoE class; launch expert parallelism with torchrun (launch/torchrun.sh)",
-            )
+        # Under parallel.deepspeed_config, EP > 1 needs ZeRO stage 1 or 2: the DeepSpeed JSON is checked
+        # when it is read (moe_engine.parallel.deepspeed_engine.load_deepspeed_config).
         if self.parallel.fixed_splits and self.moe.router.capacity_factor is None:
             _fail("parallel.fixed_splits", True, "needs moe.router.capacity_factor (dropless routing has no fixed splits)")
 

@@ -9,6 +9,8 @@ a non-finite loss or gradient stops the run without overwriting the last good ch
 from __future__ import annotations
 
 import math
+import os
+import re
 import shutil
 import signal
 import sys
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_engine.checkpoint import (
+    FORMAT_VERSION,
     MODEL_FILE,
     CheckpointManager,
     CheckpointMismatchError,
@@ -55,6 +58,7 @@ from moe_engine.parallel.deepspeed_engine import (
     initialize_engine,
     latest_tag,
     load_deepspeed_config,
+    prepare_expert_parallel,
 )
 from moe_engine.parallel.sharding import (
     canonical_state,
@@ -204,10 +208,7 @@ class Trainer:
         self.device, self.amp_dtype = resolve_device(cfg, self.run_info.local_rank)
         self.data = build_data(cfg)
         self.model = self._build_model()
-        self.optimizer = torch.optim.AdamW(
-            self._param_groups(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.optimizer, self.scheduler = self._build_optimizer(self._param_groups())
         self.batches = ResumableBatches(self.data.train, cfg.data.batch_size, seed=cfg.train.seed)
         self.step = 0
         self.last_checkpoint: Path | None = None
@@ -223,7 +224,13 @@ class Trainer:
             ds_config = load_deepspeed_config(
                 cfg.parallel.deepspeed_config, cfg, self.run_info.world_size, bf16=self.amp_dtype == torch.bfloat16
             )
-            self.engine = initialize_engine(self.model, self.optimizer, self.scheduler, ds_config)
+            num_experts = None
+            if self._ep_size > 1:
+                # DeepSpeed's MoE parameter groups: the optimizer and schedule are rebuilt over the split groups.
+                param_groups = prepare_expert_parallel(self.model, self._param_groups(), self.run_info.groups)
+                self.optimizer, self.scheduler = self._build_optimizer(param_groups)
+                num_experts = [cfg.moe.num_experts] * len(self.model.moe_layers)
+            self.engine = initialize_engine(self.model, self.optimizer, self.scheduler, ds_config, num_experts)
         state = None
         if resume_path is not None and self.engine is not None:
             state = self._load_deepspeed_checkpoint(resume_path)
@@ -270,6 +277,10 @@ class Trainer:
         load_canonical_state(model, None, whole.state_dict(), None, groups.ep_rank, groups.ep_size)
         return model.to(self.device)
 
+    @property
+    def _ep_size(self) -> int:
+        return self.run_info.groups.ep_size if self.run_info.groups is not None else 1
+
     def _latest_checkpoint(self) -> Path | None:
         """The newest checkpoint of this run directory: a step_XXXXXXXX.pt file, or DeepSpeed's latest tag folder."""
         if self.cfg.parallel.deepspeed_config is not None:
@@ -305,6 +316,11 @@ class Trainer:
         decay = [p for p in self.model.parameters() if p.ndim >= 2 and id(p) not in no_decay]
         rest = [p for p in self.model.parameters() if p.ndim < 2 or id(p) in no_decay]
         return [{"params": decay, "weight_decay": self.cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+    def _build_optimizer(self, param_groups: list[dict[str, Any]]) -> tuple[torch.optim.Optimizer, Any]:
+        o = self.cfg.optim
+        optimizer = torch.optim.AdamW(param_groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg))
 
     def state_dict(self) -> dict[str, Any]:
         """The canonical (single-process layout) state; gathers expert shards, so every rank calls it."""
@@ -353,10 +369,34 @@ class Trainer:
         }
 
     def _load_deepspeed_checkpoint(self, path: Path) -> dict[str, Any]:
+        """DeepSpeed's load, then (EP > 1) this rank's experts from the tag folder's expert shard files."""
+        saved_ep = _deepspeed_expert_parallel_size(path)
+        if saved_ep != self._ep_size:
+            raise CheckpointMismatchError(
+                f"DeepSpeed checkpoint {path} was written at parallel.expert_parallel_size = {saved_ep}, this run has "
+                f"{self._ep_size}: ZeRO's partitions of the expert optimizer state cannot be resharded to another "
+                f"expert-parallel size under DeepSpeed; resume with parallel.expert_parallel_size = {saved_ep}"
+            )
         try:
             _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         except (RuntimeError, KeyError, ValueError) as err:
             raise CheckpointMismatchError(f"DeepSpeed checkpoint {path} does not fit this model: {err}") from err
+        if client is None:
+            raise CheckpointMismatchError(f"DeepSpeed checkpoint {path}: DeepSpeed could not read it (see its log above)")
+        if self._ep_size > 1:
+            # DeepSpeed's module file held EP rank 0's experts; the fp32 master copies in ZeRO's
+            # partition files are this rank's own, so the parameters now agree with them again.
+            groups = self.run_info.groups
+            shard = read_expert_shard(path, groups.ep_rank, groups.ep_size, client["step"])
+            expected = {n for n, p in self.model.named_parameters() if getattr(p, "allreduce", True) is False}
+            if set(shard["model"]) != expected:
+                raise CheckpointMismatchError(
+                    f"{path}: its expert shard holds {sorted(shard['model'])}, this model's experts are {sorted(expected)}"
+                )
+            try:
+                self.model.load_state_dict({k: v.clone() for k, v in shard["model"].items()}, strict=False)
+            except RuntimeError as err:
+                raise CheckpointMismatchError(f"{path}: the expert shard does not fit this model: {err}") from err
         problems = config_mismatches(client["config"], self.cfg.to_dict())
         if problems:
             raise CheckpointMismatchError(f"checkpoint {path} does not match the config:\n  " + "\n  ".join(problems))
@@ -369,10 +409,17 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Every rank takes part. Expert-parallel runs (EP > 1) write a step_XXXXXXXX/ folder: each rank of
         the first expert-data-parallel replica its expert shard, rank 0 the rest. Other runs: rank 0
-        writes step_XXXXXXXX.pt. Under DeepSpeed, DeepSpeed saves its partitions."""
+        writes step_XXXXXXXX.pt. Under DeepSpeed, DeepSpeed saves its partitions into step_XXXXXXXX/ and,
+        with EP > 1, each rank of the first expert-data-parallel replica adds its experts_ep{r}_of_{P}.pt."""
         if self.engine is not None:
             tag = f"step_{self.step:08d}"
             client_state = self._client_state(self.monitor.state_dict())
+            groups = self.run_info.groups
+            if self._ep_size > 1 and groups.rank < groups.ep_size:
+                # DeepSpeed's module file holds EP rank 0's experts only: the first expert-data-parallel
+                # replica writes every EP rank's experts into the tag folder. Before DeepSpeed's save,
+                # whose barriers come before it names the tag in `latest`.
+                self._save_expert_shard(self.checkpoints.directory / tag)
             self.engine.save_checkpoint(str(self.checkpoints.directory), tag=tag, client_state=client_state)
             if self.run_info.is_main:
                 tags = sorted(p for p in self.checkpoints.directory.glob("step_*") if p.is_dir())
@@ -395,6 +442,16 @@ class Trainer:
         barrier(self.run_info)  # the file exists for everyone once save_checkpoint returns
         self.last_checkpoint = self.checkpoints.path_for(self.step)
         return self.last_checkpoint
+
+    def _save_expert_shard(self, folder: Path) -> None:
+        """This EP rank's experts (no optimizer state: ZeRO's partition files hold it) as experts_ep{r}_of_{P}.pt."""
+        groups = self.run_info.groups
+        folder.mkdir(parents=True, exist_ok=True)
+        shard = expert_shard_state(self.model, None, groups.ep_rank, groups.ep_size)
+        path = folder / expert_shard_file(groups.ep_rank, groups.ep_size)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        torch.save({"format_version": FORMAT_VERSION, "step": self.step, **shard}, tmp)
+        os.replace(tmp, path)
 
     def _sharded_checkpoint_files(self, routing_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """The files of a per-shard checkpoint this rank writes: its expert shard if it belongs to the
@@ -473,8 +530,9 @@ class Trainer:
     def _deepspeed_step(self, loss: torch.Tensor) -> float:
         """backward, ZeRO reduction, clipping, optimizer and scheduler step, all by the engine.
 
-        DeepSpeed divides reduced gradients by the world size; our losses are normalised for a
-        sum over ranks, so the loss is scaled by the world size first (see deepspeed_engine.py).
+        DeepSpeed divides reduced gradients by the world size (expert gradients too, which it sums
+        over the expert-data-parallel group); our losses are normalised for a sum over ranks, so
+        the loss is scaled by the world size first (see deepspeed_engine.py).
         """
         self.engine.backward(loss * self.run_info.world_size)
         self.engine.step()
@@ -589,6 +647,18 @@ class Trainer:
                 signal.signal(s, handler)
             self.logger.close()
         return TrainResult(self.step, eval_metrics, counts_LXE, time.perf_counter() - start, self.last_checkpoint)
+
+
+def _deepspeed_expert_parallel_size(folder: Path) -> int:
+    """The expert-parallel size a DeepSpeed checkpoint folder was written at: P of its
+    experts_ep{r}_of_{P}.pt files, 1 when it has none."""
+    names = (re.fullmatch(r"experts_ep\d+_of_(\d+)\.pt", f.name) for f in folder.glob("experts_ep*_of_*.pt"))
+    sizes = {int(m.group(1)) for m in names if m}
+    if len(sizes) > 1:
+        raise CheckpointMismatchError(
+            f"DeepSpeed checkpoint {folder} holds expert shards of several expert-parallel sizes {sorted(sizes)}"
+        )
+    return sizes.pop() if sizes else 1
 
 
 def _progress_bar(cfg: Config, initial: int, total: int):

@@ -3,7 +3,9 @@
 With dropout and the per-rank balance loss off, 2 ranks under ZeRO-1 or ZeRO-2 follow the
 single-process run step for step (DeepSpeed averages gradients over ranks; the trainer scales the
 loss so that the average is the single-process gradient). A run stopped halfway resumes from
-DeepSpeed's own checkpoint and continues exactly.
+DeepSpeed's own checkpoint and continues exactly. So do 2 ranks with expert parallelism (EP = 2,
+the all-to-all dispatcher, DeepSpeed's MoE parameter groups), whose checkpoints add each EP rank's
+experts to DeepSpeed's tag folder.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from pathlib import Path
 import pytest
 
 from distributed import free_port
-from moe_engine.config import ConfigError, load_config
+from moe_engine.checkpoint import CheckpointMismatchError
+from moe_engine.config import load_config
 from moe_engine.parallel.deepspeed_engine import DeepSpeedConfigError, load_deepspeed_config
-from moe_engine.train import Trainer
+from moe_engine.train import Trainer, _deepspeed_expert_parallel_size
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 60
+EP2 = ["--config", str(ROOT / "configs" / "ep_deepspeed.yaml")]  # all_to_all, expert_parallel_size 2
 TINY = [
     "model.d_model=16", "model.num_layers=2", "model.num_heads=2", "model.ffn_hidden=16", "model.dropout=0.0",
     "moe.num_experts=4", "moe.ffn_hidden=16", "moe.router.aux_loss_coef=0.0", "optim.lr=3e-3",
@@ -87,7 +91,34 @@ def test_deepspeed_config_auto_values_come_from_the_run_config(tmp_path: Path) -
         load_deepspeed_config(ROOT / "configs" / "deepspeed_zero2.json", cfg, world_size=3, bf16=False)
 
 
-def test_expert_parallelism_under_deepspeed_is_refused_with_the_way_out() -> None:
-    with pytest.raises(ConfigError, match=r"parallel.expert_parallel_size = 2: must be 1 under parallel.deepspeed_config.*torchrun"):
-        load_config(None, ["parallel.deepspeed_config=configs/deepspeed_zero2.json", "parallel.dispatcher=all_to_all",
-                           "parallel.expert_parallel_size=2"])
+def test_expert_parallel_run_follows_the_single_process_run_and_resumes(single_process: list[float], tmp_path: Path) -> None:
+    # EP = 2 on 2 ranks: each rank holds 2 of the 4 experts (its expert-data-parallel group is itself).
+    # Two launches cover both stages: ZeRO-1 to the halfway checkpoint, then ZeRO-2 resumes from it
+    # (stages 1 and 2 write the same checkpoint format; the partitions are the same at this size).
+    _deepspeed(tmp_path, "deepspeed_zero1.json", *EP2, "--set", f"train.max_steps={STEPS // 2}")
+    _deepspeed(tmp_path, "deepspeed_zero2.json", *EP2, "--resume")
+    assert _losses(tmp_path) == pytest.approx(single_process, rel=1e-5)
+    for step in (STEPS // 2, STEPS):
+        tag = tmp_path / "checkpoints" / f"step_{step:08d}"
+        assert {"experts_ep0_of_2.pt", "experts_ep1_of_2.pt", "mp_rank_00_model_states.pt"} <= {p.name for p in tag.iterdir()}
+        assert _deepspeed_expert_parallel_size(tag) == 2
+
+
+def test_expert_parallelism_under_deepspeed_needs_zero_stage_1_or_2(tmp_path: Path) -> None:
+    overrides = ["parallel.dispatcher=all_to_all", "parallel.expert_parallel_size=2", "data.batch_size=32"]
+    cfg = load_config(None, ["parallel.deepspeed_config=configs/deepspeed_zero2.json", *overrides])
+    ds = load_deepspeed_config(ROOT / "configs" / "deepspeed_zero2.json", cfg, world_size=2, bf16=False)
+    assert ds["zero_optimization"]["stage"] == 2
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    with pytest.raises(DeepSpeedConfigError, match=r"stage = 0 with parallel.expert_parallel_size = 2: .* ZeRO stage 1 or 2"):
+        load_deepspeed_config(path, cfg, world_size=2, bf16=False)
+
+
+def test_the_expert_parallel_size_of_a_deepspeed_checkpoint_comes_from_its_shard_files(tmp_path: Path) -> None:
+    assert _deepspeed_expert_parallel_size(tmp_path) == 1  # no shards: written at EP = 1
+    (tmp_path / "experts_ep0_of_4.pt").touch()
+    assert _deepspeed_expert_parallel_size(tmp_path) == 4
+    (tmp_path / "experts_ep0_of_2.pt").touch()
+    with pytest.raises(CheckpointMismatchError, match=r"several expert-parallel sizes \[2, 4\]"):
+        _deepspeed_expert_parallel_size(tmp_path)

@@ -3,16 +3,29 @@
 DeepSpeed owns backward, gradient reduction (ZeRO stage 0/1/2), clipping, the optimizer and
 scheduler steps, and checkpoints; moe_engine keeps the routing, the dispatch and the experts.
 
-Experts run replicated under DeepSpeed (expert_parallel_size = 1): DeepSpeed 0.19 recognises
-expert parameters and saves expert shards only for modules of its own class
-(`deepspeed.moe.layer.MoE`), found with isinstance; a foreign MoE layer's sharded experts would be
-reduced over the wrong group and half of them lost from its checkpoints. Expert parallelism is
-launched with torchrun (launch/torchrun.sh), whose loop reduces and checkpoints shards correctly.
+Expert parallelism (parallel.dispatcher = all_to_all, expert_parallel_size = P > 1) runs under
+ZeRO stage 1 and 2 with DeepSpeed's "MoE parameter groups", the way DeepSpeed runs its own MoE
+class (`deepspeed.moe.layer.MoE`), which it recognises by isinstance only:
+- `prepare_expert_parallel` marks our expert parameters as DeepSpeed marks its own
+  (`allreduce = False`, `group_name = "ep_size_P"`), creates DeepSpeed's expert-parallel and
+  expert-data-parallel groups of that name and checks that they hold the same ranks as
+  moe_engine's groups (consecutive EP groups, strided EDP groups), and splits the optimizer's
+  param groups so that ZeRO partitions and reduces expert parameters over the EDP group;
+- `initialize_engine(..., num_experts=...)` builds a DeepSpeedEngine that treats the model as
+  having MoE layers (`has_moe_layers`), which its own detection would not.
+DeepSpeed's checkpoint then holds the ZeRO partitions of every rank (expert optimizer state
+included) but, in its module file, EP rank 0's experts only: the trainer writes each EP rank's
+experts next to it (experts_ep{r}_of_{P}.pt, moe_engine.checkpoint's shard format) and loads them
+after DeepSpeed's load. Such a checkpoint resumes at the same expert-parallel size only: ZeRO's
+partitions of the expert optimizer state cannot be resharded to another one. Stage 0 is refused
+with P > 1: its clipping averages the ranks' local gradient norms, which is not the norm when ranks
+hold different experts.
 
-Gradient scale: DeepSpeed divides every reduced gradient by the data-parallel world size W.
+Gradient scale: DeepSpeed divides every reduced gradient by the data-parallel world size W, expert
+gradients included (it SUM-reduces them over the EDP group after dividing by W).
 moe_engine's losses are normalised for a SUM over ranks (see runtime.py), so the loss handed to
 `engine.backward` is multiplied by W, which makes DeepSpeed's gradients those of the
-single-process run.
+single-process run, at every expert-parallel size.
 """
 
 from __future__ import annotations
@@ -23,6 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from moe_engine.parallel.groups import ParallelGroups
+from moe_engine.parallel.runtime import expert_parameters
 
 if TYPE_CHECKING:
     from moe_engine.config import Config
@@ -67,6 +83,13 @@ def load_deepspeed_config(path: str | Path, cfg: Config, world_size: int, bf16: 
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
         raise DeepSpeedConfigError(f"{path}: zero_optimization.stage = {stage!r}: moe_engine supports 0, 1 and 2")
+    ep = cfg.parallel.expert_parallel_size
+    if ep > 1 and stage == 0:
+        raise DeepSpeedConfigError(
+            f"{path}: zero_optimization.stage = 0 with parallel.expert_parallel_size = {ep}: expert parallelism "
+            "under DeepSpeed needs ZeRO stage 1 or 2 (stage 0 clips with the mean of the ranks' local gradient "
+            "norms, not the norm of the sharded experts)"
+        )
     return ds
 
 
@@ -77,13 +100,91 @@ def init_deepspeed_distributed(backend: str) -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
+def expert_group_name(ep_size: int) -> str:
+    """The name DeepSpeed gives the expert groups of expert-parallel size ep_size (and marks its experts with)."""
+    return f"ep_size_{ep_size}"
+
+
+def prepare_expert_parallel(
+    model: nn.Module, param_groups: list[dict[str, Any]], groups: ParallelGroups
+) -> list[dict[str, Any]]:
+    """Make DeepSpeed reduce and partition our expert shards as it does its own MoE experts; call it
+    on every rank (it creates process groups) before `initialize_engine`, with groups.ep_size > 1.
+
+    Marks each expert parameter (runtime.expert_parameters) with allreduce = False and
+    group_name = "ep_size_P", creates DeepSpeed's expert-parallel and expert-data-parallel groups
+    of that name and checks that they hold the same ranks as `groups`, and returns `param_groups`
+    split by DeepSpeed's split_params_into_different_moe_groups_for_optimizer: every group's expert
+    parameters move to a group of their own (same hyperparameters, moe = True). Build the optimizer
+    from what it returns.
+    """
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    from deepspeed.utils import groups as ds_groups
+
+    name = expert_group_name(groups.ep_size)
+    experts = expert_parameters(model)
+    if not experts:
+        raise ValueError("expert parallelism under DeepSpeed: the model has no experts behind a token dispatcher")
+    for p in experts:
+        p.allreduce = False  # what deepspeed.moe.utils.is_moe_param looks for
+        p.group_name = name
+    # Collective over the world, in the same order on every rank; a no-op when the groups exist.
+    ds_groups._create_expert_and_data_parallel(groups.ep_size)
+    start = groups.rank - groups.ep_rank
+    expected = {
+        "expert-parallel": (list(ds_groups._get_expert_parallel_group_ranks(name)), list(range(start, start + groups.ep_size))),
+        "expert-data-parallel": (
+            list(ds_groups._get_expert_data_parallel_group_ranks(name)),
+            list(range(groups.ep_rank, groups.world_size, groups.ep_size)),
+        ),
+    }
+    for what, (theirs, ours) in expected.items():
+        if theirs != ours:
+            raise RuntimeError(f"DeepSpeed's {what} group of rank {groups.rank} holds ranks {theirs}, moe_engine's {ours}")
+    named = [{**group, "name": group.get("name", f"group{i}")} for i, group in enumerate(param_groups)]
+    split = split_params_into_different_moe_groups_for_optimizer(named)
+    return [group for group in split if group["params"]]
+
+
 def initialize_engine(
-    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ds_config: dict[str, Any]
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    ds_config: dict[str, Any],
+    num_experts: list[int] | None = None,
 ) -> Any:
-    """deepspeed.initialize with our optimizer and scheduler; returns the engine."""
+    """deepspeed.initialize with our optimizer and scheduler; returns the engine.
+
+    num_experts: E of each MoE layer when the experts are sharded (after `prepare_expert_parallel`):
+    the engine then treats the model as having MoE layers, as it would one built of DeepSpeed's MoE class.
+    """
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if not num_experts:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        return engine
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    class ExpertParallelEngine(DeepSpeedEngine):
+        """DeepSpeedEngine whose model has MoE layers that are not deepspeed.moe.layer.MoE modules."""
+
+        def _configure_distributed_model(self, model: nn.Module) -> None:
+            super()._configure_distributed_model(model)
+            # Read when the ZeRO optimizer is built (MoE param groups over the EDP groups, expert
+            # grad norms) and by save/load_checkpoint; DeepSpeed sets them for its own MoE class only.
+            self.has_moe_layers = True
+            self.num_experts = list(num_experts)
+
+    # What deepspeed.initialize does for a plain (not pipeline, not hybrid) engine.
+    config_class = DeepSpeedConfig(ds_config)
+    if config_class.hybrid_engine.enabled:
+        raise DeepSpeedConfigError("expert parallelism under DeepSpeed does not support its hybrid engine")
+    deepspeed.set_optimizer_flags(config_class, model)
+    engine = ExpertParallelEngine(
+        args=None, model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, config_class=config_class
+    )
+    engine._configure_python_gc()
     return engine
 
 
