@@ -196,3 +196,25 @@ def test_bad_arguments_exit_2_naming_the_flag(tmp_path, capsys) -> None:
     assert cli.main(["bench", "--quick", "--routing", "zipf", "--out", str(tmp_path / "r.json")]) == 2
     assert "--routing" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_dispatch_overhead_script_times_both_dispatchers(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "dispatch.json"
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "dispatch_overhead.py"), str(out), "--device", "cpu",
+         "--shapes", "tiny", "--reps", "1"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert {r["dispatcher"] for r in report["results"]} == {"local", "all_to_all"}
+    for record in report["results"]:
+        assert record["layer_ms"] > 0 and record["dispatch_ms"] > 0
+        assert record["dispatch_share"] == record["dispatch_ms"] / record["layer_ms"]
+    assert report["device"] and report["versions"]["torch"] and report["date"]
