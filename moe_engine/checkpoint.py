@@ -96,6 +96,24 @@ def expert_shard_file(ep_rank: int, ep_size: int) -> str:
     return EXPERT_SHARD_FILE.format(ep_rank=ep_rank, ep_size=ep_size)
 
 
+def expert_shard_size(folder: str | Path) -> int:
+    """The EP size P a checkpoint folder's expert shards were written at (its experts_ep{r}_of_{P}.pt
+    files), 1 when it holds none. Several sizes in one folder raise CheckpointMismatchError."""
+    pattern = re.escape(EXPERT_SHARD_FILE).replace(r"\{ep_rank\}", r"\d+").replace(r"\{ep_size\}", r"(\d+)")
+    sizes = {int(m.group(1)) for f in Path(folder).iterdir() if (m := re.fullmatch(pattern, f.name))}
+    if len(sizes) > 1:
+        raise CheckpointMismatchError(f"checkpoint {folder} holds expert shards of several expert-parallel sizes {sorted(sizes)}")
+    return sizes.pop() if sizes else 1
+
+
+def write_checkpoint_file(path: Path, step: int, contents: dict[str, Any]) -> None:
+    """torch.save `contents` with the format version and step, atomically (a temporary name, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save({"format_version": FORMAT_VERSION, "step": step, **contents}, tmp)
+    os.replace(tmp, path)
+
+
 def _is_checkpoint(path: Path) -> bool:
     """A step_XXXXXXXX.pt file, or a step_XXXXXXXX folder holding model.pt (not DeepSpeed's folders)."""
     match = _NAME.match(path.name)
@@ -129,11 +147,8 @@ class CheckpointManager:
 
     def save(self, state: dict[str, Any], step: int) -> Path:
         """Write `state` as the checkpoint of `step`, atomically, then drop the oldest beyond `keep`."""
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path_for(step)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save({"format_version": FORMAT_VERSION, "step": step, **state}, tmp)
-        os.replace(tmp, path)
+        write_checkpoint_file(path, step, state)
         self._prune()
         return path
 

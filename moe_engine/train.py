@@ -9,8 +9,6 @@ a non-finite loss or gradient stops the run without overwriting the last good ch
 from __future__ import annotations
 
 import math
-import os
-import re
 import shutil
 import signal
 import sys
@@ -23,17 +21,18 @@ import torch
 import torch.nn.functional as F
 
 from moe_engine.checkpoint import (
-    FORMAT_VERSION,
     MODEL_FILE,
     CheckpointManager,
     CheckpointMismatchError,
     config_mismatches,
     expert_shard_file,
+    expert_shard_size,
     load_checkpoint,
     read_expert_shard,
     resolve_checkpoint,
     rng_state,
     set_rng_state,
+    write_checkpoint_file,
 )
 from moe_engine.config import Config
 from moe_engine.metrics import MetricsLogger
@@ -370,7 +369,7 @@ class Trainer:
 
     def _load_deepspeed_checkpoint(self, path: Path) -> dict[str, Any]:
         """DeepSpeed's load, then (EP > 1) this rank's experts from the tag folder's expert shard files."""
-        saved_ep = _deepspeed_expert_parallel_size(path)
+        saved_ep = expert_shard_size(path)
         if saved_ep != self._ep_size:
             raise CheckpointMismatchError(
                 f"DeepSpeed checkpoint {path} was written at parallel.expert_parallel_size = {saved_ep}, this run has "
@@ -446,12 +445,8 @@ class Trainer:
     def _save_expert_shard(self, folder: Path) -> None:
         """This EP rank's experts (no optimizer state: ZeRO's partition files hold it) as experts_ep{r}_of_{P}.pt."""
         groups = self.run_info.groups
-        folder.mkdir(parents=True, exist_ok=True)
         shard = expert_shard_state(self.model, None, groups.ep_rank, groups.ep_size)
-        path = folder / expert_shard_file(groups.ep_rank, groups.ep_size)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        torch.save({"format_version": FORMAT_VERSION, "step": self.step, **shard}, tmp)
-        os.replace(tmp, path)
+        write_checkpoint_file(folder / expert_shard_file(groups.ep_rank, groups.ep_size), self.step, shard)
 
     def _sharded_checkpoint_files(self, routing_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """The files of a per-shard checkpoint this rank writes: its expert shard if it belongs to the
@@ -572,12 +567,12 @@ class Trainer:
         num_tasks, num_experts = len(self.model.tasks), self.cfg.moe.num_experts
         sums = torch.zeros(3, num_tasks, device=self.device)  # correct, seen, summed loss
         counts_LXE = torch.zeros(len(self.model.routers), num_tasks, num_experts, dtype=torch.long, device=self.device)
+        tokens_per_example = self.model.pos_embed.shape[0]  # the task token and the patches
         for batch in eval_batches(self.data.test, self.cfg.data.eval_batch_size):
             batch = rank_slice(batch, self.run_info)
             pixels, task, label = (batch[k].to(self.device) for k in ("pixels", "task", "label"))
             with self._autocast():
                 out = self.model(pixels, task)
-            tokens_per_example = self.model.pos_embed.shape[0]
             task_TK = task.repeat_interleave(tokens_per_example)[:, None]
             for layer, routing in enumerate(out.routings):
                 kept_TK = routing.experts_TK >= 0
@@ -647,18 +642,6 @@ class Trainer:
                 signal.signal(s, handler)
             self.logger.close()
         return TrainResult(self.step, eval_metrics, counts_LXE, time.perf_counter() - start, self.last_checkpoint)
-
-
-def _deepspeed_expert_parallel_size(folder: Path) -> int:
-    """The expert-parallel size a DeepSpeed checkpoint folder was written at: P of its
-    experts_ep{r}_of_{P}.pt files, 1 when it has none."""
-    names = (re.fullmatch(r"experts_ep\d+_of_(\d+)\.pt", f.name) for f in folder.glob("experts_ep*_of_*.pt"))
-    sizes = {int(m.group(1)) for m in names if m}
-    if len(sizes) > 1:
-        raise CheckpointMismatchError(
-            f"DeepSpeed checkpoint {folder} holds expert shards of several expert-parallel sizes {sorted(sizes)}"
-        )
-    return sizes.pop() if sizes else 1
 
 
 def _progress_bar(cfg: Config, initial: int, total: int):

@@ -23,7 +23,8 @@ from distributed import free_port
 from moe_engine.checkpoint import CheckpointMismatchError
 from moe_engine.config import load_config
 from moe_engine.parallel.deepspeed_engine import DeepSpeedConfigError, load_deepspeed_config
-from moe_engine.train import Trainer, _deepspeed_expert_parallel_size
+from moe_engine.checkpoint import expert_shard_size
+from moe_engine.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 60
@@ -101,7 +102,7 @@ def test_expert_parallel_run_follows_the_single_process_run_and_resumes(single_p
     for step in (STEPS // 2, STEPS):
         tag = tmp_path / "checkpoints" / f"step_{step:08d}"
         assert {"experts_ep0_of_2.pt", "experts_ep1_of_2.pt", "mp_rank_00_model_states.pt"} <= {p.name for p in tag.iterdir()}
-        assert _deepspeed_expert_parallel_size(tag) == 2
+        assert expert_shard_size(tag) == 2
 
 
 def test_expert_parallelism_under_deepspeed_needs_zero_stage_1_or_2(tmp_path: Path) -> None:
@@ -116,9 +117,9 @@ def test_expert_parallelism_under_deepspeed_needs_zero_stage_1_or_2(tmp_path: Pa
 
 
 def test_the_expert_parallel_size_of_a_deepspeed_checkpoint_comes_from_its_shard_files(tmp_path: Path) -> None:
-    assert _deepspeed_expert_parallel_size(tmp_path) == 1  # no shards: written at EP = 1
+    assert expert_shard_size(tmp_path) == 1  # no shards: written at EP = 1
     (tmp_path / "experts_ep0_of_4.pt").touch()
-    assert _deepspeed_expert_parallel_size(tmp_path) == 4
+    assert expert_shard_size(tmp_path) == 4
     (tmp_path / "experts_ep0_of_2.pt").touch()
     with pytest.raises(CheckpointMismatchError, match=r"several expert-parallel sizes \[2, 4\]"):
-        _deepspeed_expert_parallel_size(tmp_path)
+        expert_shard_size(tmp_path)

@@ -19,6 +19,7 @@ from torch import nn
 from moe_engine.config import ModelConfig, MoEConfig
 from moe_engine.experts import MLP
 from moe_engine.layer import MoELayer
+from moe_engine.mtl.attribute_router import AttributeRouter
 from moe_engine.mtl.blocks import TaskMoEBlock
 from moe_engine.mtl.moe_attention import MoEAttention
 from moe_engine.mtl.tasks import TaskSpec
@@ -123,6 +124,9 @@ class MultiTaskTransformer(nn.Module):
         task_BA = F.one_hot(task_ids_B, len(self.tasks)).float()
         return torch.cat([role_SA.expand(B, -1, -1), task_BA[:, None].expand(-1, seq_len, -1)], dim=-1).reshape(B * seq_len, -1)
 
+    def _reads_attributes(self) -> bool:
+        return any(isinstance(router, AttributeRouter) for router in self.routers)
+
     @property
     def moe_layers(self) -> list[MoELayer]:
         """The MoE FFN layers (whose experts a dispatcher places), in order."""
@@ -153,7 +157,8 @@ class MultiTaskTransformer(nn.Module):
         B, S, _ = x_BSD.shape
         ctx = RoutingContext(
             task_ids_T=task_ids_B.repeat_interleave(S),
-            attributes_TA=self.token_attributes(task_ids_B, S),
+            # Built only for routers that read them: the other routers would never look.
+            attributes_TA=self.token_attributes(task_ids_B, S) if self._reads_attributes() else None,
             sequence_ids_T=torch.arange(B, device=x_BSD.device).repeat_interleave(S),
         )
         aux_loss = x_BSD.new_zeros((), dtype=torch.float32)
