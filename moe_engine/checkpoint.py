@@ -267,3 +267,10 @@ def read_model_state(path: str | Path) -> dict[str, torch.Tensor]:
         )
         model[name] = torch.stack([row for _, row in rows])
     return model
+
+
+def read_checkpoint_entries(path: str | Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Top-level entries (e.g. "config", "tasks") of a checkpoint of either layout; absent keys are left out."""
+    path = resolve_checkpoint(path)
+    state = _read(path / MODEL_FILE if path.is_dir() else path)
+    return {key: state[key] for key in keys if key in state}

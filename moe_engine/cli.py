@@ -1,6 +1,10 @@
 """`moe-engine`: the command line.
 
-    moe-engine train [--config PATH] [--set a.b.c=VALUE ...] [--resume [CHECKPOINT]] [--overwrite]
+    moe-engine train [--config PATH] [--set a.b.c=VALUE ...] [--resume [CHECKPOINT]] [--overwrite] [--baselines JSON]
+    moe-engine finetune --from CHECKPOINT [--config PATH] [--freeze experts,routers,backbone] [--set ...] [--baselines JSON]
+    moe-engine baselines [--config PATH] [--set ...] [--out JSON]   train each task alone (for Delta_p)
+    moe-engine convert --from-hf HF_DIR --out MODEL.pt | --to-hf MODEL.pt --out HF_DIR   Hugging Face checkpoints
+    moe-engine profile [--config PATH] [--set ...] [--steps N] [--out DIR]   per-op time table, trace, expert load
     moe-engine config [--config PATH] [--set ...]      print the resolved config as YAML
     moe-engine bench [--quick] [--shapes ...] [--routing ...] [--out PATH]   benchmark vs peers
 
@@ -13,7 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from moe_engine.config import Config, ConfigError, load_config
 
@@ -29,6 +34,20 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="start over in a train.out_dir that holds checkpoints")
+    parser.add_argument(
+        "--baselines", metavar="JSON",
+        help="single-task results (from `moe-engine baselines`) to report Delta_p against",
+    )
+    parser.add_argument(
+        "--deepspeed_config", "--deepspeed-config", metavar="JSON",
+        help="train under DeepSpeed's engine with this config (same as --set parallel.deepspeed_config=JSON)",
+    )
+    # The deepspeed launcher passes --local_rank to every rank; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-engine", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -38,13 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", nargs="?", const="auto", metavar="CHECKPOINT",
         help="continue from a checkpoint file or run directory; alone: the newest in train.out_dir, if any",
     )
-    train.add_argument("--overwrite", action="store_true", help="start over in a train.out_dir that holds checkpoints")
-    train.add_argument(
-        "--deepspeed_config", "--deepspeed-config", metavar="JSON",
-        help="train under DeepSpeed's engine with this config (same as --set parallel.deepspeed_config=JSON)",
+    _add_run_args(train)
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a pre-trained checkpoint on new tasks or a subset (without --from: train from scratch)",
     )
-    # The deepspeed launcher passes --local_rank to every rank; LOCAL_RANK in the environment says the same.
-    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    _add_config_args(finetune)
+    finetune.add_argument(
+        "--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+        help="continue an interrupted fine-tuning run (its own checkpoints, not the pre-trained one)",
+    )
+    finetune.add_argument("--from", dest="init_from", metavar="CHECKPOINT",
+                          help="pre-trained checkpoint file, folder or run directory (sets finetune.init_from)")
+    finetune.add_argument("--freeze", metavar="GROUPS", help="comma-separated: experts, routers, backbone (sets finetune.freeze)")
+    _add_run_args(finetune)
+    baselines = commands.add_parser("baselines", help="train every task of a config alone: the single-task baselines of Delta_p")
+    _add_config_args(baselines)
+    baselines.add_argument("--out", metavar="JSON", help="where to write the baselines (default: train.out_dir/baselines.json)")
     show = commands.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(show)
     from moe_engine.mtl.mmoe_experiment import DESCRIPTION as MMOE_DESCRIPTION, add_arguments as add_mmoe_arguments
@@ -52,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     mmoe = commands.add_parser("mmoe-synthetic", help="MMoE vs OMoE vs shared-bottom on the MMoE paper's synthetic tasks",
                                description=MMOE_DESCRIPTION)
     add_mmoe_arguments(mmoe)
+    convert = commands.add_parser("convert", help="Hugging Face MoE checkpoints (Mixtral, Qwen2/3-MoE, OLMoE) to moe_engine and back")
+    from moe_engine.hf.convert import add_arguments as add_convert_arguments
+
+    add_convert_arguments(convert)
+    profile = commands.add_parser("profile", help="profile a few training steps: per-op table, Chrome trace, expert-load plots")
+    from moe_engine.profiling import add_arguments as add_profile_arguments
+
+    add_profile_arguments(profile)
     bench = commands.add_parser("bench", help="benchmark our MoE layer and kernels against their peers")
     from moe_engine.bench import add_arguments as add_bench_arguments
 
@@ -72,14 +108,27 @@ def _task_expert_lines(task_names: list[str], counts_LXE) -> list[str]:
     return lines
 
 
-def format_report(cfg: Config, trainer: Trainer, result: TrainResult) -> str:
-    """The end-of-run summary: per-task results against chance, tokens per expert, where files went."""
+def format_report(cfg: Config, trainer: Trainer, result: TrainResult, delta: dict[str, Any] | None = None) -> str:
+    """The end-of-run summary: per-task results against chance (and single-task baselines), tokens per
+    expert, where files went."""
+    workload = trainer.workload
     ranks = f" x {trainer.run_info.world_size} ranks" if trainer.run_info.world_size > 1 else ""
     lines = [f"\ntrained {result.step} steps in {result.wall_seconds:.1f} s on {trainer.device}{ranks}"]
-    lines.append(f"{'task':<8} {'metric':<9} {'result':>7} {'chance':>7}  description")
-    for spec in trainer.data.tasks:
-        acc = result.eval_metrics[f"accuracy_{spec.name}"]
-        lines.append(f"{spec.name:<8} {'accuracy':<9} {acc:>7.3f} {spec.chance:>7.3f}  {spec.description}")
+    if trainer.frozen is not None:
+        lines.append(trainer.frozen.describe())
+    baseline = delta["baselines"] if delta else {}
+    lines.append(f"{'task':<12} {'metric':<9} {'result':>7} {'chance':>7}" + (f" {'single':>7}" if baseline else "") + "  description")
+    chance = workload.chance()
+    for name, metric in workload.primary_metrics().items():
+        value = result.eval_metrics[f"{metric}_{name}"]
+        single = baseline.get(name, {}).get(metric)
+        single_cell = (f" {single:>7.3f}" if single is not None else f" {'-':>7}") if baseline else ""
+        description = workload.data.task(name).description if hasattr(workload.data, "task") else next(
+            t.description for t in workload.data.tasks if t.name == name
+        )
+        lines.append(f"{name:<12} {metric:<9} {value:>7.3f} {chance.get(name, float('nan')):>7.3f}{single_cell}  {description}")
+    if delta:
+        lines.append(f"Delta_p against the single-task baselines: {delta['delta_p']:+.2%} (over {', '.join(delta['tasks'])})")
     counts_LE = result.tokens_per_expert_LE
     lines.append(f"\ntokens per expert on the test split (top-{cfg.moe.router.top_k} choices, {cfg.moe.num_experts} experts)")
     for layer, counts_E in enumerate(counts_LE.tolist()):
@@ -88,12 +137,33 @@ def format_report(cfg: Config, trainer: Trainer, result: TrainResult) -> str:
         cells = " ".join(f"{c:>6}" for c in counts_E)
         lines.append(f"moe layer {layer}: {cells}   max/mean {imbalance:.2f}")
     if cfg.moe.router.type not in ("softmax_topk", "sigmoid_topk", "noisy_topk"):
-        lines.extend(_task_expert_lines(trainer.data.task_names, result.tokens_per_task_expert_LXE))
+        lines.extend(_task_expert_lines(trainer.task_names, result.tokens_per_task_expert_LXE))
     outputs = "train.csv, eval.csv, tensorboard/, checkpoints/, results.json"
     if cfg.logging.routing_telemetry and counts_LE.numel():
         outputs += ", routing.csv, routing/ (task x expert heatmaps)"
     lines.append(f"\nrun directory: {trainer.out_dir} ({outputs})")
     return "\n".join(lines)
+
+
+def primary_results(trainer: Trainer, result: TrainResult) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} of each task's primary metric on the test split."""
+    return {name: {metric: result.eval_metrics[f"{metric}_{name}"]} for name, metric in trainer.workload.primary_metrics().items()}
+
+
+def delta_against(baselines_file: str, trainer: Trainer, result: TrainResult) -> dict[str, Any]:
+    """Delta_p of this run against single-task results (moe_engine.mtl.delta_p), over the tasks both have."""
+    from moe_engine.mtl.delta_p import delta_p
+
+    path = Path(baselines_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--baselines {baselines_file!r}: no such file (make one with `moe-engine baselines`)")
+    baselines = json.loads(path.read_text())["results"]
+    ours = primary_results(trainer, result)
+    tasks = [t for t in ours if t in baselines]
+    if not tasks:
+        raise ValueError(f"--baselines {baselines_file!r} holds tasks {sorted(baselines)}, none of this run's {sorted(ours)}")
+    value = delta_p({t: baselines[t] for t in tasks}, {t: ours[t] for t in tasks}, trainer.workload.metric_directions())
+    return {"delta_p": value, "tasks": tasks, "baselines": baselines, "file": str(path)}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -105,11 +175,18 @@ def _train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.deepspeed_config:
         overrides.append(f"parallel.deepspeed_config={args.deepspeed_config}")
+    if getattr(args, "init_from", None):
+        overrides.append(f"finetune.init_from={args.init_from}")
+    if getattr(args, "freeze", None):
+        overrides.append(f"finetune.freeze=[{args.freeze}]")
     cfg = load_config(args.config, overrides)
+    if args.baselines and not Path(args.baselines).is_file():
+        print(f"moe-engine {args.command}: error: --baselines {args.baselines!r}: no such file", file=sys.stderr)
+        return 2
     try:
         trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (CheckpointMismatchError, RunDirectoryError, FileNotFoundError, DeepSpeedConfigError) as err:
-        print(f"moe-engine train: error: {err}", file=sys.stderr)
+    except (CheckpointMismatchError, RunDirectoryError, FileNotFoundError, DeepSpeedConfigError, ValueError) as err:
+        print(f"moe-engine {args.command}: error: {err}", file=sys.stderr)
         return 2
     main_rank = trainer.run_info.is_main  # under a launcher, rank 0 speaks for the job
     try:
@@ -126,21 +203,52 @@ def _train(args: argparse.Namespace) -> int:
                 print(f"moe-engine train: error: {err}", file=sys.stderr)
             return 1
         if main_rank:
+            delta = delta_against(args.baselines, trainer, result) if args.baselines else None
             report = {
                 "step": result.step,
                 "wall_seconds": result.wall_seconds,
                 "eval": result.eval_metrics,
-                "chance": {t.name: t.chance for t in trainer.data.tasks},
+                "results": primary_results(trainer, result),
+                "chance": trainer.workload.chance(),
+                "delta_p": delta["delta_p"] if delta else None,
+                "finetune": {"init_from": cfg.finetune.init_from, "freeze": cfg.finetune.freeze},
                 "tokens_per_expert": result.tokens_per_expert_LE.tolist(),
                 "tokens_per_task_expert": result.tokens_per_task_expert_LXE.tolist(),
                 "checkpoint": str(result.checkpoint),
                 "world_size": trainer.run_info.world_size,
             }
             (trainer.out_dir / "results.json").write_text(json.dumps(report, indent=2))
-            print(format_report(cfg, trainer, result))
+            print(format_report(cfg, trainer, result, delta))
         return 0
     finally:
         shutdown_distributed(trainer.run_info)
+
+
+def _baselines(args: argparse.Namespace) -> int:
+    """Train each task of the config alone, with the same settings, in train.out_dir/single_<task>;
+    write {task: {metric: value}} for --baselines."""
+    from moe_engine.train import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path(cfg.train.out_dir) / "baselines.json"
+    results, runs = {}, {}
+    for i, task in enumerate(cfg.data.tasks):
+        run_dir = Path(cfg.train.out_dir) / f"single_{task}"
+        print(f"[{i + 1}/{len(cfg.data.tasks)}] {task} alone -> {run_dir}", file=sys.stderr)
+        overrides = [*args.overrides, f"data.tasks=[{task}]", f"train.out_dir={run_dir}"]
+        if cfg.data.mixing_weights is not None:
+            overrides.append("data.mixing_weights=null")
+            overrides.append("data.mixing=size")
+        single_cfg = load_config(args.config, overrides)
+        trainer = Trainer(single_cfg, overwrite=True)
+        result = trainer.run()
+        results.update(primary_results(trainer, result))
+        runs[task] = str(run_dir)
+        print(f"    {results[task]}", file=sys.stderr)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"results": results, "runs": runs, "config": args.config, "overrides": args.overrides}, indent=2))
+    print(f"single-task baselines: {out}")
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -158,6 +266,16 @@ def main(argv: list[str] | None = None) -> int:
             from moe_engine.mtl.mmoe_experiment import run_from_args
 
             return run_from_args(args)
+        if args.command == "profile":
+            from moe_engine.profiling import run_from_args as run_profile
+
+            return run_profile(args)
+        if args.command == "convert":
+            from moe_engine.hf.convert import run_from_args as run_convert
+
+            return run_convert(args)
+        if args.command == "baselines":
+            return _baselines(args)
         if args.command == "config":
             print(load_config(args.config, args.overrides).to_yaml(), end="")
             return 0

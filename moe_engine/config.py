@@ -230,9 +230,16 @@ class ModelConfig:
     # The FFN experts reuse the attention's routing of each token (Conditional MoE / Uni-Perceiver-MoE).
     share_routing: bool = False
     dropout: float = 0.1
+    # "multitask": patch tokens + task token, one head per task (the default job).
+    # "generalist": a Uni-Perceiver-style shared encoder of images and texts that scores inputs against
+    # their target texts (moe_engine.mtl.generalist); needs data.name = "generalist".
+    architecture: Literal["multitask", "generalist"] = "multitask"
+    # Generalist: texts are truncated to this many tokens.
+    max_text_len: int = 24
 
     def __post_init__(self) -> None:
         _check_choices(self, "model")
+        _check_positive("model", max_text_len=self.max_text_len)
         _check_positive(
             "model",
             d_model=self.d_model,
@@ -282,29 +289,57 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    """Multi-task data: the embedded digits tasks, or a local folder (see moe_engine.mtl.data)."""
+    """Multi-task data: embedded tasks, or a local folder.
 
-    name: Literal["digits"] = "digits"
+    name "digits": the classification tasks of moe_engine.mtl.digits, or a folder laid out as
+    moe_engine.mtl.data describes. name "generalist": the image and text tasks of
+    moe_engine.mtl.generalist.embedded, or a folder laid out as moe_engine.mtl.generalist.data
+    describes, mixed per step as `mixing` says.
+    """
+
+    name: Literal["digits", "generalist"] = "digits"
     tasks: list[str] = field(default_factory=lambda: ["digit", "parity", "left", "right"])
     # A folder with train/test Parquet or JSON Lines files and tasks.json; null: build in memory.
     path: str | None = None
     batch_size: int = 64
     eval_batch_size: int = 256
     eval_fraction: float = 0.2
+    # Examples drawn per embedded task (digits: image pairs).
     pairs_per_task: int = 3000
+    # Generalist only: how a training batch is mixed from the tasks. "size": each task in proportion to
+    # its train split; "temperature": proportional to size^(1/mixing_temperature); "fixed": mixing_weights.
+    mixing: Literal["size", "temperature", "fixed"] = "size"
+    mixing_weights: dict[str, float] | None = None
+    mixing_temperature: float = 2.0
+    # "mixed": every batch draws each example's task; "per_task": each batch comes from one task.
+    batching: Literal["mixed", "per_task"] = "mixed"
 
     def __post_init__(self) -> None:
         _check_choices(self, "data")
+        _check_positive("data", mixing_temperature=self.mixing_temperature)
+        if self.name == "digits":
+            for name, value, default in (("mixing", self.mixing, "size"), ("batching", self.batching, "mixed"), ("mixing_weights", self.mixing_weights, None)):
+                if value != default:
+                    _fail(f"data.{name}", value, "digits data is always mixed by task size in every batch; this needs data.name = 'generalist'")
+        if self.mixing == "fixed" and not self.mixing_weights:
+            _fail("data.mixing_weights", self.mixing_weights, "data.mixing = 'fixed' needs a weight per task, e.g. {digit: 2.0, caption: 1.0}")
+        if self.mixing_weights is not None:
+            unknown = sorted(set(self.mixing_weights) - set(self.tasks))
+            missing = sorted(set(self.tasks) - set(self.mixing_weights))
+            if unknown or missing or any(w < 0 for w in self.mixing_weights.values()):
+                _fail("data.mixing_weights", self.mixing_weights, f"needs one weight >= 0 per task of data.tasks {self.tasks} (unknown: {unknown}, missing: {missing})")
         if not self.tasks:
             _fail("data.tasks", self.tasks, "must name at least one task")
         if len(set(self.tasks)) != len(self.tasks):
             _fail("data.tasks", self.tasks, "must not repeat a task")
-        if self.path is None:
-            from moe_engine.mtl.digits import DIGIT_TASKS  # the embedded tasks; a data.path brings its own
-
-            unknown = [t for t in self.tasks if t not in DIGIT_TASKS]
+        if self.path is None:  # the embedded tasks; a data.path brings its own
+            if self.name == "digits":
+                from moe_engine.mtl.digits import DIGIT_TASKS as embedded
+            else:
+                from moe_engine.mtl.generalist.embedded import EMBEDDED_TASKS as embedded
+            unknown = [t for t in self.tasks if t not in embedded]
             if unknown:
-                _fail("data.tasks", self.tasks, f"{unknown} unknown; the embedded digits tasks are {', '.join(DIGIT_TASKS)}")
+                _fail("data.tasks", self.tasks, f"{unknown} unknown; the embedded {self.name} tasks are {', '.join(embedded)}")
         _check_positive(
             "data", batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
             pairs_per_task=self.pairs_per_task,
@@ -341,6 +376,53 @@ class OptimConfig:
             _fail("optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         if self.grad_clip is not None and self.grad_clip <= 0:
             _fail("optim.grad_clip", self.grad_clip, "must be > 0, or null for no clipping")
+
+
+@dataclass
+class MTLConfig:
+    """How the per-task losses become one training loss (moe_engine.mtl.weighting)."""
+
+    # equal, uncertainty, dwa, gradnorm, pcgrad, mgda, cagrad, imtl or nash_mtl.
+    weighting: str = "equal"
+    # Method options, e.g. {temperature: 2.0} for dwa, {alpha: 1.5} for gradnorm, {c: 0.5} for cagrad.
+    weighting_options: dict[str, float | int | str | bool] = field(default_factory=dict)
+    # Learning rate of the method's own parameters (uncertainty, gradnorm, imtl); null: optim.lr.
+    weighting_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        from moe_engine.mtl.weighting import METHODS, method_options
+
+        if self.weighting not in METHODS:
+            close = difflib.get_close_matches(self.weighting, METHODS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            _fail("mtl.weighting", self.weighting, f"unknown{hint}; allowed: {', '.join(METHODS)}")
+        if self.weighting_lr is not None:
+            _check_positive("mtl", weighting_lr=self.weighting_lr)
+        allowed = [name for name in method_options(self.weighting) if name != "world_size"]  # the trainer sets world_size
+        unknown = sorted(set(self.weighting_options) - set(allowed))
+        if unknown:
+            _fail("mtl.weighting_options", self.weighting_options, f"{unknown} unknown for {self.weighting!r}; its options: {', '.join(allowed) or 'none'}")
+
+
+FREEZABLE = ("experts", "routers", "backbone")
+
+
+@dataclass
+class FinetuneConfig:
+    """Start from a pre-trained checkpoint's weights (`moe-engine finetune --from`)."""
+
+    # A checkpoint file or folder (or a run directory: its newest checkpoint); null: train from scratch.
+    init_from: str | None = None
+    # Parameter groups that stay fixed: "experts", "routers", "backbone" (every other shared parameter;
+    # task-specific ones such as heads and task prompts always train).
+    freeze: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        bad = [g for g in self.freeze if g not in FREEZABLE]
+        if bad:
+            _fail("finetune.freeze", self.freeze, f"{bad} unknown; allowed: {', '.join(FREEZABLE)}")
+        if self.freeze and self.init_from is None:
+            _fail("finetune.freeze", self.freeze, "needs finetune.init_from (freezing random weights trains nothing useful)")
 
 
 @dataclass
@@ -398,8 +480,15 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    mtl: MTLConfig = field(default_factory=MTLConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
+        if (self.model.architecture == "generalist") != (self.data.name == "generalist"):
+            _fail(
+                "model.architecture", self.model.architecture,
+                f"data.name = {self.data.name!r}: the generalist model needs data.name = 'generalist' and the other way round",
+            )
         ep = self.parallel.expert_parallel_size
         if self.moe.num_experts % ep:
             _fail("parallel.expert_parallel_size", ep, f"must divide moe.num_experts ({self.moe.num_experts})")
@@ -428,6 +517,9 @@ def _type_name(tp: Any) -> str:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        return f"a mapping of {_type_name(key_tp)} to {_type_name(value_tp)}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
@@ -452,6 +544,11 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             except ConfigError:
                 pass
         _fail(path, value, f"must be {_type_name(tp)}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            _fail(path, value, f"must be {_type_name(tp)}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(f"{path}", k, key_tp): _coerce(f"{path}.{k}", v, value_tp) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             _fail(path, value, f"must be {_type_name(tp)}")

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from moe_engine.checkpoint import (
     MODEL_FILE,
@@ -35,12 +34,10 @@ from moe_engine.checkpoint import (
     write_checkpoint_file,
 )
 from moe_engine.config import Config
+from moe_engine.finetune import FrozenGroups, freeze_groups, load_pretrained_weights
 from moe_engine.metrics import MetricsLogger
-from moe_engine.mtl.data import ResumableBatches, eval_batches, load_task_data
-from moe_engine.mtl.digits import build_digits_tasks
-from moe_engine.mtl.model import MultiTaskTransformer
 from moe_engine.mtl.routing_monitor import RoutingMonitor
-from moe_engine.mtl.tasks import MultiTaskData
+from moe_engine.mtl.weighting import build_weighting
 from moe_engine.parallel import AllToAllDispatcher
 from moe_engine.parallel.runtime import (
     DistributedRun,
@@ -48,8 +45,8 @@ from moe_engine.parallel.runtime import (
     all_reduce_sum,
     barrier,
     clip_gradients,
+    expert_parameters,
     init_distributed,
-    rank_slice,
     signal_any_rank,
 )
 from moe_engine.parallel.deepspeed_engine import (
@@ -67,6 +64,8 @@ from moe_engine.parallel.sharding import (
     replicated_state,
 )
 from moe_engine.parallel.telemetry import load_imbalance
+from moe_engine.task_loss import combine_task_losses
+from moe_engine.workloads import Workload, build_workload
 
 
 class NonFiniteLossError(RuntimeError):
@@ -120,18 +119,6 @@ def resolve_device(cfg: Config, local_rank: int = 0) -> tuple[torch.device, torc
     return device, (torch.bfloat16 if precision == "bf16" else None)
 
 
-def build_data(cfg: Config) -> MultiTaskData:
-    if cfg.data.path is not None:
-        data = load_task_data(cfg.data.path)
-        missing = [t for t in cfg.data.tasks if t not in data.task_names]
-        if missing:
-            raise ValueError(f"data.tasks = {cfg.data.tasks}: {missing} not in {cfg.data.path} (has {list(data.task_names)})")
-        return data
-    return build_digits_tasks(
-        cfg.data.tasks, eval_fraction=cfg.data.eval_fraction, pairs_per_task=cfg.data.pairs_per_task, seed=cfg.train.seed
-    )
-
-
 def lr_lambda(cfg: Config) -> Callable[[int], float]:
     """Multiplier of optim.lr at a step: linear warm-up, then cosine/linear decay to min_lr_ratio, or constant."""
     o, total = cfg.optim, cfg.train.max_steps
@@ -146,37 +133,6 @@ def lr_lambda(cfg: Config) -> Callable[[int], float]:
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
 
     return factor
-
-
-def task_counts(task_B: torch.Tensor, num_tasks: int) -> torch.Tensor:
-    """(num_tasks,) float32: examples of each task in the batch."""
-    return torch.bincount(task_B, minlength=num_tasks).float()
-
-
-def multitask_loss(
-    model: MultiTaskTransformer,
-    features_BD: torch.Tensor,
-    task_B: torch.Tensor,
-    label_B: torch.Tensor,
-    global_counts: torch.Tensor | None = None,
-):
-    """Mean over the tasks present of each task's mean cross-entropy; also the per-task losses (detached).
-
-    global_counts: (num_tasks,) examples per task in the *global* batch when this rank holds a
-    slice of it. Each task's summed loss is divided by its global count, so the ranks' losses
-    add up to the loss of the whole batch (and SUM-reduced gradients are its gradient).
-    """
-    counts = task_counts(task_B, len(model.tasks)) if global_counts is None else global_counts
-    num_present = (counts > 0).sum()
-    losses = {}
-    for t, spec in enumerate(model.tasks):
-        if counts[t] == 0:
-            continue
-        rows = (task_B == t).nonzero().squeeze(-1)
-        summed = F.cross_entropy(model.logits(features_BD[rows], t).float(), label_B[rows], reduction="sum")
-        losses[spec.name] = summed / counts[t]
-    total = torch.stack(list(losses.values())).sum() / num_present
-    return total, {name: value.detach() for name, value in losses.items()}
 
 
 def _expert_counts(routing) -> torch.Tensor:
@@ -205,15 +161,28 @@ class Trainer:
         if cfg.train.num_threads is not None:
             torch.set_num_threads(cfg.train.num_threads)
         self.device, self.amp_dtype = resolve_device(cfg, self.run_info.local_rank)
-        self.data = build_data(cfg)
+        self.workload: Workload = build_workload(cfg)
+        self.data = self.workload.data
+        self.task_names = list(self.workload.task_names)
         self.model = self._build_model()
+        self.frozen: FrozenGroups | None = None
+        if cfg.finetune.init_from is not None and resume_path is None:
+            # Fine-tuning: the pre-trained weights, then the frozen groups out of the optimizer.
+            load_pretrained_weights(self.model, self.workload, cfg.finetune.init_from, self.run_info.groups)
+        if cfg.finetune.freeze:
+            self.frozen = freeze_groups(self.model, self.workload, cfg.finetune.freeze)
+        self.weighting = build_weighting(
+            cfg.mtl.weighting, len(self.task_names), world_size=self.run_info.world_size, **cfg.mtl.weighting_options
+        ).to(self.device)
+        self.shared_params = self._shared_parameters()
         self.optimizer, self.scheduler = self._build_optimizer(self._param_groups())
-        self.batches = ResumableBatches(self.data.train, cfg.data.batch_size, seed=cfg.train.seed)
+        self.weighting_optimizer = self._build_weighting_optimizer()
+        self.batches = self.workload.train_batches(cfg.train.seed)
         self.step = 0
         self.last_checkpoint: Path | None = None
         task_cfg = cfg.moe.router.task
         self.monitor = RoutingMonitor(
-            self.model.routers, cfg.moe.num_experts, self.data.task_names, self.run_info,
+            self.model.routers, cfg.moe.num_experts, self.task_names, self.run_info,
             telemetry=cfg.logging.routing_telemetry,
             adaptive_k=(task_cfg.adaptive_k_min, task_cfg.adaptive_patience) if task_cfg.adaptive_k else None,
         )
@@ -250,7 +219,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- setup helpers
 
-    def _build_model(self) -> MultiTaskTransformer:
+    def _build_model(self) -> torch.nn.Module:
         """The model, with its experts sharded over the EP group when the all-to-all dispatcher is on.
 
         Every rank first builds the whole single-process model from the seed and then keeps its
@@ -259,15 +228,13 @@ class Trainer:
         """
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
-        image_shape = tuple(self.data.train[0]["pixels"].shape)
-        whole = MultiTaskTransformer(cfg.model, cfg.moe, self.data.tasks, image_shape)
+        whole = self.workload.build_model(None)
         groups = self.run_info.groups
         if cfg.parallel.dispatcher != "all_to_all":
             return whole.to(self.device)
         rng_after_init = torch.get_rng_state()
-        model = MultiTaskTransformer(
-            cfg.model, cfg.moe, self.data.tasks, image_shape,
-            make_dispatcher=lambda moe_cfg: AllToAllDispatcher(
+        model = self.workload.build_model(
+            lambda moe_cfg: AllToAllDispatcher(
                 moe_cfg.num_experts, groups.ep_group, fixed_splits=cfg.parallel.fixed_splits,
                 num_chunks=cfg.parallel.a2a_chunks,
             ),
@@ -310,11 +277,33 @@ class Trainer:
 
     def _param_groups(self) -> list[dict[str, Any]]:
         # Weight decay on matrices only: norms, biases, embeddings and positions stay undecayed.
+        # Frozen parameters (finetune.freeze) stay out of the optimizer.
         no_decay = {id(p) for m in self.model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.Embedding)) for p in m.parameters()}
-        no_decay.add(id(self.model.pos_embed))
-        decay = [p for p in self.model.parameters() if p.ndim >= 2 and id(p) not in no_decay]
-        rest = [p for p in self.model.parameters() if p.ndim < 2 or id(p) in no_decay]
+        no_decay.update(id(p) for name, p in self.model.named_parameters() if "pos_embed" in name)
+        if hasattr(self.model, "embedding_parameters"):  # the generalist's tokens, prompts, positions, logit scale
+            no_decay.update(id(p) for p in self.model.embedding_parameters())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2 and id(p) not in no_decay]
+        rest = [p for p in params if p.ndim < 2 or id(p) in no_decay]
         return [{"params": decay, "weight_decay": self.cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+    def _shared_parameters(self) -> list[torch.nn.Parameter]:
+        """The dense parameters every task shares (no experts, nothing task-specific, nothing frozen):
+        what gradient-based loss weighting compares the tasks' gradients on (see moe_engine.task_loss)."""
+        excluded = {id(p) for p in expert_parameters(self.model)} | {id(p) for p in self.workload.task_parameters(self.model)}
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in excluded]
+
+    def _build_weighting_optimizer(self) -> torch.optim.Optimizer | None:
+        """Adam over the weighting method's own parameters (UW's log variances, GradNorm's weights), if any.
+
+        Kept apart from the model's optimizer so it works the same under DeepSpeed's engine; their
+        gradients are SUM-reduced over the ranks after each backward (see moe_engine.task_loss).
+        """
+        params = [p for p in self.weighting.parameters() if p.requires_grad]
+        if not params:
+            return None
+        lr = self.cfg.mtl.weighting_lr if self.cfg.mtl.weighting_lr is not None else self.cfg.optim.lr
+        return torch.optim.Adam(params, lr=lr)
 
     def _build_optimizer(self, param_groups: list[dict[str, Any]]) -> tuple[torch.optim.Optimizer, Any]:
         o = self.cfg.optim
@@ -332,7 +321,20 @@ class Trainer:
             "data": self.batches.state_dict(),
             "rng": rng_state(),
             "routing": self.monitor.state_dict(),
+            "weighting": self._weighting_state(),
+            "tasks": self.workload.task_specs(),
         }
+
+    def _weighting_state(self) -> dict[str, Any]:
+        optimizer = self.weighting_optimizer
+        return {"method": self.weighting.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None}
+
+    def _load_weighting_state(self, state: dict[str, Any] | None) -> None:
+        if state is None:  # a checkpoint from before loss weighting: the method starts fresh
+            return
+        self.weighting.load_state_dict(state["method"])
+        if self.weighting_optimizer is not None and state["optimizer"] is not None:
+            self.weighting_optimizer.load_state_dict(state["optimizer"])
 
     def _load_state(self, state: dict[str, Any]) -> None:
         """Load a checkpoint of either layout (one canonical file, or per-shard folder) at this run's EP size."""
@@ -357,6 +359,7 @@ class Trainer:
             raise CheckpointMismatchError(f"the checkpoint's data position does not fit this config: {err}") from err
         set_rng_state(state["rng"])
         self.monitor.load_state_dict(state.get("routing"))
+        self._load_weighting_state(state.get("weighting"))
         self.step = state["step"]
 
     def _client_state(self, routing_state: dict[str, Any] | None) -> dict[str, Any]:
@@ -364,7 +367,7 @@ class Trainer:
         the routing monitor's state (`self.monitor.state_dict()`, collected by every rank beforehand)."""
         return {
             "step": self.step, "config": self.cfg.to_dict(), "data": self.batches.state_dict(), "rng": rng_state(),
-            "routing": routing_state,
+            "routing": routing_state, "weighting": self._weighting_state(), "tasks": self.workload.task_specs(),
         }
 
     def _load_deepspeed_checkpoint(self, path: Path) -> dict[str, Any]:
@@ -402,6 +405,7 @@ class Trainer:
         self.batches.load_state_dict(client["data"])
         set_rng_state(client["rng"])
         self.monitor.load_state_dict(client.get("routing"))
+        self._load_weighting_state(client.get("weighting"))
         self.step = client["step"]
         return client
 
@@ -469,34 +473,37 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def train_step(self, batch: Any) -> dict[str, float]:
         """One optimizer step on one global batch (this rank takes its slice); returns the step's
         metrics, equal on every rank. Raises NonFiniteLossError before the update."""
         self.model.train()
-        run, num_tasks = self.run_info, len(self.model.tasks)
-        batch = rank_slice(batch, run)
-        pixels, task, label = (batch[k].to(self.device, non_blocking=True) for k in ("pixels", "task", "label"))
-        global_counts = all_reduce_sum(task_counts(task, num_tasks), run) if run.world_size > 1 else None
+        run = self.run_info
         with self._autocast():
-            out = self.model(pixels, task)
-            task_loss, per_task = multitask_loss(self.model, out.features_BD, task, label, global_counts)
-        self.monitor.observe(out.routings, task)
+            fwd = self.workload.forward_step(self.model, batch, run, self.device)
+        task = combine_task_losses(fwd, self.task_names, self.weighting, self.shared_params, run)
+        self.monitor.observe(fwd.routings, fwd.routing_task_ids_T)
         # The balance loss is a statistic of each rank's micro-batch (as in DeepSpeed and Megatron-Core);
         # dividing by the world size makes the SUM-reduced gradient that of the ranks' mean.
-        aux_loss = out.aux_loss / run.world_size
-        loss = task_loss + aux_loss
-        per_task_T = torch.stack([per_task.get(spec.name, loss.new_zeros(())) for spec in self.model.tasks])
-        counts_LE = torch.stack([_expert_counts(r) for r in out.routings]) if out.routings else loss.new_zeros(0, 0)
-        # One all-reduce carries every number the log needs: losses, per-task losses, expert counts.
-        logged = torch.cat([torch.stack([loss, task_loss, aux_loss]).detach().float(), per_task_T.float(), counts_LE.flatten().float()])
+        aux_loss = fwd.aux_loss / run.world_size
+        loss = task.loss + aux_loss
+        counts_LE = torch.stack([_expert_counts(r) for r in fwd.routings]) if fwd.routings else aux_loss.new_zeros(0, 0)
+        # One all-reduce carries what the log needs from every rank: losses, tokens, expert counts.
+        # (The per-task losses and weights are global already: combine_task_losses reduced them.)
+        logged = torch.cat([
+            torch.stack([task.loss.detach().float(), aux_loss.detach().float()]),
+            aux_loss.new_tensor([fwd.num_tokens], dtype=torch.float32), counts_LE.flatten().float(),
+        ])
         logged = all_reduce_sum(logged, run).tolist()  # NOTE: device-to-host sync, once a step, for the NaN guard and the log
-        if not math.isfinite(logged[0]):
-            self._non_finite("loss", logged[0])
+        task_loss, aux_value = logged[0], logged[1]
+        if not math.isfinite(task_loss + aux_value):
+            self._non_finite("loss", task_loss + aux_value)
         lr = self.scheduler.get_last_lr()[0]
         if self.engine is not None:
             grad_norm = self._deepspeed_step(loss)
         else:
             self.optimizer.zero_grad(set_to_none=True)
+            if self.weighting_optimizer is not None:
+                self.weighting_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if run.groups is not None:
                 all_reduce_gradients(self.model, run.groups)
@@ -505,14 +512,16 @@ class Trainer:
                 self._non_finite("gradient norm", grad_norm)
             self.optimizer.step()
             self.scheduler.step()
+        self._weighting_step(task, run)
         self.step += 1
-        present = task_counts(task, num_tasks) if global_counts is None else global_counts
-        metrics = {"loss": logged[0], "task_loss": logged[1], "aux_loss": logged[2], "grad_norm": grad_norm, "lr": lr}
-        metrics.update(
-            {f"loss_{spec.name}": logged[3 + t] if present[t] > 0 else None for t, spec in enumerate(self.model.tasks)}
-        )
-        if out.routings:
-            global_counts_LE = torch.tensor(logged[3 + num_tasks :]).view(counts_LE.shape)
+        metrics = {"loss": task_loss + aux_value, "task_loss": task_loss, "aux_loss": aux_value, "grad_norm": grad_norm, "lr": lr}
+        losses, weights, present = task.global_losses_T.tolist(), task.weights_T.tolist(), task.present_T.tolist()
+        metrics.update({f"loss_{name}": losses[t] if present[t] else None for t, name in enumerate(self.task_names)})
+        if self.cfg.mtl.weighting != "equal":
+            metrics.update({f"weight_{name}": weights[t] for t, name in enumerate(self.task_names)})
+        metrics["tokens"] = logged[2]
+        if fwd.routings:
+            global_counts_LE = torch.tensor(logged[3:]).view(counts_LE.shape)
             ep_size = run.groups.ep_size if run.groups is not None else 1
             metrics.update(load_imbalance(global_counts_LE, ep_size))
             rate = self.cfg.moe.router.expert_bias_rate
@@ -522,6 +531,19 @@ class Trainer:
         metrics.update(self._traffic())
         return metrics
 
+    def _weighting_step(self, task, run) -> None:
+        """After the model's update: the method's own parameters step (gradients summed over ranks),
+        then its state sees the step's global losses."""
+        if self.weighting_optimizer is not None:
+            params = [p for group in self.weighting_optimizer.param_groups for p in group["params"]]
+            if run.world_size > 1:
+                grads = all_reduce_sum(torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params]), run)
+                for p, g in zip(params, grads):
+                    p.grad = g.clone()
+            self.weighting_optimizer.step()
+        self.weighting.after_optimizer_step()
+        self.weighting.observe(task.global_losses_T, task.present_T)
+
     def _deepspeed_step(self, loss: torch.Tensor) -> float:
         """backward, ZeRO reduction, clipping, optimizer and scheduler step, all by the engine.
 
@@ -529,7 +551,15 @@ class Trainer:
         over the expert-data-parallel group); our losses are normalised for a sum over ranks, so
         the loss is scaled by the world size first (see deepspeed_engine.py).
         """
-        self.engine.backward(loss * self.run_info.world_size)
+        world = self.run_info.world_size
+        if self.weighting_optimizer is not None:
+            self.weighting_optimizer.zero_grad(set_to_none=True)
+        self.engine.backward(loss * world)
+        # The weighting method's own parameters are not DeepSpeed's: undo the world-size scale on
+        # their gradients (they are summed over ranks in _weighting_step).
+        for p in self.weighting.parameters():
+            if p.grad is not None:
+                p.grad.div_(world)
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -555,42 +585,11 @@ class Trainer:
             "Lower optim.lr, enable optim.grad_clip, or check the data of this step."
         )
 
-    @torch.no_grad()
     def evaluate(self) -> tuple[dict[str, float], torch.Tensor]:
-        """Accuracy and loss per task on the test split, and the routed choices of each task's tokens
-        per expert, per router (L, num_tasks, E) int64.
-
-        Each rank evaluates its slice of every batch; the sums are all-reduced, so every rank
-        returns the numbers of the whole split.
-        """
+        """Metrics and loss per task on the test split, and the routed choices of each task's tokens
+        per expert, per router (L, num_tasks, E) int64; the numbers of the whole split on every rank."""
         self.model.eval()
-        num_tasks, num_experts = len(self.model.tasks), self.cfg.moe.num_experts
-        sums = torch.zeros(3, num_tasks, device=self.device)  # correct, seen, summed loss
-        counts_LXE = torch.zeros(len(self.model.routers), num_tasks, num_experts, dtype=torch.long, device=self.device)
-        tokens_per_example = self.model.pos_embed.shape[0]  # the task token and the patches
-        for batch in eval_batches(self.data.test, self.cfg.data.eval_batch_size):
-            batch = rank_slice(batch, self.run_info)
-            pixels, task, label = (batch[k].to(self.device) for k in ("pixels", "task", "label"))
-            with self._autocast():
-                out = self.model(pixels, task)
-            task_TK = task.repeat_interleave(tokens_per_example)[:, None]
-            for layer, routing in enumerate(out.routings):
-                kept_TK = routing.experts_TK >= 0
-                cells = (task_TK * num_experts + routing.experts_TK)[kept_TK]
-                counts_LXE[layer] += torch.bincount(cells, minlength=num_tasks * num_experts).view(num_tasks, num_experts)
-            for t in range(num_tasks):
-                rows = (task == t).nonzero().squeeze(-1)
-                logits = self.model.logits(out.features_BD[rows], t).float()
-                sums[0, t] += (logits.argmax(-1) == label[rows]).sum()
-                sums[1, t] += rows.numel()
-                sums[2, t] += F.cross_entropy(logits, label[rows], reduction="sum")
-        correct, seen, loss_sum = all_reduce_sum(sums, self.run_info).cpu()
-        counts_LXE = all_reduce_sum(counts_LXE, self.run_info).cpu()
-        metrics = {}
-        for t, spec in enumerate(self.model.tasks):
-            metrics[f"accuracy_{spec.name}"] = float(correct[t] / seen[t].clamp_min(1))
-            metrics[f"loss_{spec.name}"] = float(loss_sum[t] / seen[t].clamp_min(1))
-        return metrics, counts_LXE
+        return self.workload.evaluate(self.model, self.run_info, self.device, self._autocast, self.cfg.moe.num_experts)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         # Only record it: the step in flight finishes, then the loop saves and stops cleanly.
@@ -604,7 +603,6 @@ class Trainer:
         cfg, target = self.cfg, min(until_step or self.cfg.train.max_steps, self.cfg.train.max_steps)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         start = time.perf_counter()
-        tokens_per_sample = self.model.pos_embed.shape[0]  # the task token and the patches
         progress = _progress_bar(cfg, self.step, target)
         try:
             while self.step < target:
@@ -612,7 +610,7 @@ class Trainer:
                 metrics = self.train_step(next(self.batches))
                 seconds = time.perf_counter() - step_start
                 metrics["samples_per_s"] = cfg.data.batch_size / seconds
-                metrics["tokens_per_s"] = cfg.data.batch_size * tokens_per_sample / seconds
+                metrics["tokens_per_s"] = metrics.pop("tokens") / seconds
                 if "all_to_all_ms" in metrics:
                     metrics["all_to_all_share"] = metrics["all_to_all_ms"] / (1e3 * seconds)
                 if self.step % cfg.logging.log_every == 0 or self.step == target:

@@ -8,6 +8,8 @@ CPU thread.
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import math
 import signal
@@ -279,15 +281,15 @@ def test_resume_from_a_missing_path(make_cfg: MakeConfig, tmp_path: Path, capsys
 
 
 def nan_loss_at(step: int, trainer_ref: Callable[[], Trainer] | None = None) -> Callable:
-    """A multitask_loss that returns NaN for the step `step` (1-based); counts calls when no trainer is given."""
-    real = train_module.multitask_loss
+    """A combine_task_losses whose loss is NaN at step `step` (1-based); counts calls when no trainer is given."""
+    real = train_module.combine_task_losses
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
-        total, per_task = real(*args, **kwargs)
+        result = real(*args, **kwargs)
         calls["n"] += 1
         current = trainer_ref().step + 1 if trainer_ref is not None else calls["n"]
-        return (total * float("nan") if current == step else total), per_task
+        return dataclasses.replace(result, loss=result.loss * float("nan")) if current == step else result
 
     return poisoned
 
@@ -297,7 +299,7 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_last_good_checkpoint(
 ) -> None:
     cfg = make_cfg("run", "train.checkpoint_every=2")
     trainer = Trainer(cfg)
-    monkeypatch.setattr(train_module, "multitask_loss", nan_loss_at(3, lambda: trainer))
+    monkeypatch.setattr(train_module, "combine_task_losses", nan_loss_at(3, lambda: trainer))
     handlers = current_handlers()
 
     with pytest.raises(NonFiniteLossError) as info:
@@ -333,13 +335,13 @@ def test_non_finite_gradient_norm_stops_the_run(make_cfg: MakeConfig, monkeypatc
 
 def test_nan_before_any_checkpoint_says_so(make_cfg: MakeConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     trainer = Trainer(make_cfg("run"))
-    monkeypatch.setattr(train_module, "multitask_loss", nan_loss_at(1, lambda: trainer))
+    monkeypatch.setattr(train_module, "combine_task_losses", nan_loss_at(1, lambda: trainer))
     with pytest.raises(NonFiniteLossError, match="at step 1; .*none saved yet"):
         trainer.run()
 
 
 def test_cli_nan_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(train_module, "multitask_loss", nan_loss_at(3))
+    monkeypatch.setattr(train_module, "combine_task_losses", nan_loss_at(3))
     sets = [a for o in [*TINY, f"train.out_dir={tmp_path / 'run'}", "train.checkpoint_every=2"] for a in ("--set", o)]
     assert cli.main(["train", *sets]) == 1
     err = capsys.readouterr().err

@@ -216,6 +216,7 @@ def versions() -> dict[str, str | None]:
         "triton": _version("triton"),
         "deepspeed": _version("deepspeed"),
         "megatron_core": _version("megatron-core"),
+        "transformers": _version("transformers"),
         "moe_engine": _version("moe-engine"),
     }
 

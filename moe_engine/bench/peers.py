@@ -15,13 +15,19 @@ every path computes the same function:
   function. Its top-1 gate does not renormalise, so K = 1 is skipped.
 - `megatron`: megatron-core's MoELayer (SequentialMLP experts: no grouped_gemm or Transformer Engine
   here), CUDA only; on CPU it is built and loaded to check the adapter, then skipped.
+- `hf_eager`, `hf_grouped_mm`, `hf_moe_engine`: Hugging Face transformers' MixtralExperts (the expert MLP
+  of its MoE models) with our weights, run through its experts interface as "eager" (its loop over
+  experts), "grouped_mm" (sort, torch grouped_mm, weighted sum) and "moe_engine" (ours, registered by
+  moe_engine.hf.experts_interface). They are routed by the problem's softmax top-k, the rule every path
+  implements: HF's router computes logits in the input dtype and would route bf16 near-ties differently.
 
-DeepSpeed and megatron-core are imported only when their path runs (DeepSpeed takes seconds).
+DeepSpeed, megatron-core and transformers are imported only when their path runs (DeepSpeed takes seconds).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import socket
 import sys
@@ -275,7 +281,7 @@ def build_deepspeed_dropless(problem: Problem, env: PeerEnv) -> PeerRun:
 def _megatron_layer(problem: Problem, env: PeerEnv, dispatcher: str) -> nn.Module:
     """megatron-core's MoELayer (local spec: SequentialMLP experts) with the problem's weights copied in."""
     import torch.nn.functional as F
-    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from moe_engine.bench.megatron_peer import megatron_moe_submodules
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.moe.moe_layer import MoELayer as MegatronMoELayer
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -291,8 +297,8 @@ def _megatron_layer(problem: Problem, env: PeerEnv, dispatcher: str) -> nn.Modul
     )
     g = env.group  # every group of a 1-process run is the world
     groups = ProcessGroupCollection(tp=g, cp=g, ep=g, expt_tp=g, expt_dp=g, tp_ep=g, tp_cp=g, tp_dp_cp=g, dp=g, pp=g)
-    spec = get_moe_module_spec(use_te=False, num_experts=s.E, moe_grouped_gemm=False)
-    layer = MegatronMoELayer(cfg, spec.submodules, pg_collection=groups).to(env.device).train()
+    # megatron-core 0.16.1's router calls Transformer Engine's GEMM, absent here: the same logits in torch.
+    layer = MegatronMoELayer(cfg, megatron_moe_submodules(s.E), pg_collection=groups).to(env.device).train()
     with torch.no_grad():
         layer.router.weight.copy_(problem.router_weight_ED)
         for e, expert in enumerate(layer.experts.local_experts):
@@ -333,6 +339,52 @@ def build_megatron(problem: Problem, env: PeerEnv) -> PeerRun:
     return PeerRun(lambda: layer(x_SBD)[0].view(s.T, s.D), list(layer.parameters()), notes)
 
 
+def build_hf_experts(problem: Problem, env: PeerEnv, implementation: str) -> PeerRun:
+    """transformers' MixtralExperts with our weights, dispatched through its experts interface as `implementation`."""
+    from moe_engine.bench.problem import softmax_topk
+
+    _require("transformers")
+    import transformers
+
+    try:
+        from transformers.integrations.moe import ExpertsInterface  # noqa: F401 - the interface, 5.x only
+        from transformers.models.mixtral.modeling_mixtral import MixtralConfig, MixtralExperts
+    except ImportError as err:
+        raise PeerSkipped(f"transformers {transformers.__version__} has no experts interface: {err}") from None
+    s = problem.shape
+    if implementation == "grouped_mm":
+        from moe_engine.kernels.grouped_gemm import grouped_mm_unsupported_reason
+
+        reason = grouped_mm_unsupported_reason(problem.device, problem.dtype, (s.D, s.F, 2 * s.F))
+        if reason is not None:
+            raise PeerSkipped(f"HF's grouped_mm calls torch's grouped_mm: {reason}")
+    notes: dict[str, Any] = {"transformers": transformers.__version__,
+                             "config": f"MixtralExperts, experts_implementation={implementation!r}, "
+                                       "routed by the problem's softmax top-k"}
+    if implementation == "moe_engine":
+        from moe_engine.hf.experts_interface import experts_layout, register_experts_implementation, resolve_impl
+
+        register_experts_implementation(implementation)
+    config = MixtralConfig(hidden_size=s.D, intermediate_size=s.F, num_local_experts=s.E, num_experts_per_tok=s.K,
+                           hidden_act="silu")
+    config._experts_implementation = implementation
+    experts = _build_on(problem.device, problem.dtype, lambda: MixtralExperts(config))
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(problem.w_in_EHD)  # (E, 2F, D), [gate; up] rows: HF's layout and ours
+        experts.down_proj.copy_(problem.w_out_EDF)
+    if implementation == "moe_engine":
+        layout = experts_layout(experts)
+        notes["experts_impl"] = resolve_impl(problem.device, problem.dtype, (s.D, s.F, 2 * s.F))
+        notes["fused_activation"] = layout.fused_activation
+    x_TD, router_weight_ED = problem.x_TD, problem.router_weight_ED
+
+    def forward() -> torch.Tensor:
+        weights_TK, experts_TK = softmax_topk(x_TD, router_weight_ED, s.K)
+        return experts(x_TD, experts_TK, weights_TK)
+
+    return PeerRun(forward, [router_weight_ED, *experts.parameters()], notes)
+
+
 BUILDERS: types.MappingProxyType[str, Callable[[Problem, PeerEnv], PeerRun]] = types.MappingProxyType({
     "ours": build_ours,
     "torch_loop": build_torch_loop,
@@ -340,5 +392,8 @@ BUILDERS: types.MappingProxyType[str, Callable[[Problem, PeerEnv], PeerRun]] = t
     "deepspeed": build_deepspeed,
     "deepspeed_dropless": build_deepspeed_dropless,
     "megatron": build_megatron,
+    "hf_eager": functools.partial(build_hf_experts, implementation="eager"),
+    "hf_grouped_mm": functools.partial(build_hf_experts, implementation="grouped_mm"),
+    "hf_moe_engine": functools.partial(build_hf_experts, implementation="moe_engine"),
 })
 PEERS = tuple(BUILDERS)

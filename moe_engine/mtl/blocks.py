@@ -7,6 +7,9 @@
 share_routing=True is Conditional MoE / Uni-Perceiver-MoE's coupling (Zhu et al. 2022): the FFN
 reuses the attention's routing decision for the same tokens, so a token meets the same experts
 in both halves of the block and one router (and one aux loss) serves both.
+
+With a key padding mask, padding keys are masked in attention and only the non-padding tokens
+are routed, in both halves (see moe_engine.mtl.moe_attention); padding positions skip the MoE FFN.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_engine.layer import MoELayer
-from moe_engine.mtl.moe_attention import MoEAttention
+from moe_engine.layer import MoELayer, MoEOutput
+from moe_engine.mtl.moe_attention import MoEAttention, check_key_padding_mask, select_context, unpadded_tokens
 from moe_engine.mtl.statistics import check_task_ids
 from moe_engine.routing.types import Routing, RoutingContext
 
@@ -100,10 +103,21 @@ class TaskMoEBlock(nn.Module):
     def moe_ffn(self) -> bool:
         return isinstance(self.ffn, MoELayer)
 
-    def forward(self, x_BSD: torch.Tensor, ctx: RoutingContext | None = None) -> TaskBlockOutput:
+    def forward(
+        self, x_BSD: torch.Tensor, ctx: RoutingContext | None = None, key_padding_mask_BS: torch.Tensor | None = None
+    ) -> TaskBlockOutput:
         """x_BSD: (B, S, D); ctx: per token of the flattened (B*S) input (task ids for task_embed
-        and for task-conditional routers)."""
+        and for task-conditional routers).
+
+        key_padding_mask_BS: (B, S) bool, True where a token is padding: no query attends to it,
+        and the routers see only the R other tokens, so this block's routings cover those R tokens
+        in (B*S) order; a padding position gets no MoE FFN output (its residual passes through).
+        Every sequence needs at least one non-padding token. None: every token is real (the
+        behaviour without the argument, unchanged).
+        """
         B, S, D = x_BSD.shape
+        if key_padding_mask_BS is not None:
+            check_key_padding_mask(key_padding_mask_BS, B, S)
         if self.task_embed is not None:
             task_ids_T = ctx.task_ids_T if ctx is not None else None
             task_ids_T = check_task_ids(task_ids_T, B * S, self.task_embed.num_embeddings, "TaskMoEBlock.task_embed")
@@ -114,24 +128,39 @@ class TaskMoEBlock(nn.Module):
         h_BSD = self.norm_attn(x_BSD)
         attn_routing = None
         if self.moe_attention:
-            a_BSD, attn_routing = self.attn(h_BSD, ctx)
+            a_BSD, attn_routing = self.attn(h_BSD, ctx, key_padding_mask_BS=key_padding_mask_BS)
             aux_loss = aux_loss + attn_routing.aux_loss
             routings.append(attn_routing)
+        elif key_padding_mask_BS is not None:
+            a_BSD = self.attn(h_BSD, key_padding_mask_BS=key_padding_mask_BS)
         else:
             a_BSD = self.attn(h_BSD)
         x_BSD = x_BSD + self.dropout(a_BSD)
 
         h_BSD = self.norm_ffn(x_BSD)
         if self.moe_ffn:
+            f_BSD, out = self._moe_ffn(h_BSD, ctx, attn_routing if self.share_routing else None, key_padding_mask_BS)
             # With a shared routing the layer skips its router and returns 0 aux: counted above.
-            out = self.ffn(h_BSD, ctx, routing=attn_routing if self.share_routing else None)
-            f_BSD = out.y
             aux_loss = aux_loss + out.aux_loss
             if not self.share_routing:
                 routings.append(out.routing)
         else:
             f_BSD = self.ffn(h_BSD)
         return TaskBlockOutput(x_BSD + self.dropout(f_BSD), aux_loss, tuple(routings))
+
+    def _moe_ffn(
+        self, h_BSD: torch.Tensor, ctx: RoutingContext | None, routing: Routing | None,
+        key_padding_mask_BS: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, MoEOutput]:
+        """(the MoE FFN's output (B, S, D), the layer's MoEOutput), the FFN run on non-padding tokens only."""
+        if key_padding_mask_BS is None:
+            out = self.ffn(h_BSD, ctx, routing=routing)
+            return out.y, out
+        B, S, D = h_BSD.shape
+        token_R = unpadded_tokens(key_padding_mask_BS)
+        h_TD = h_BSD.reshape(B * S, D)
+        out = self.ffn(h_TD.index_select(0, token_R), select_context(ctx, token_R), routing=routing)
+        return h_TD.new_zeros(B * S, D).index_copy(0, token_R, out.y).view(B, S, D), out
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_heads={self.num_heads}, share_routing={self.share_routing}"

@@ -30,7 +30,6 @@ from types import MappingProxyType
 
 import datasets
 import numpy as np
-from sklearn.datasets import load_digits
 
 from moe_engine.mtl.tasks import CANVAS_SHAPE, MultiTaskData, TaskSpec, example_features
 
@@ -160,6 +159,8 @@ def build_digits_tasks(
         raise ValueError(f"pairs_per_task must be >= 1, got {pairs_per_task}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
+
+    from sklearn.datasets import load_digits  # here, not at import: scikit-learn takes seconds to import
 
     source = load_digits()
     images = (source.images / 16.0).astype(np.float32)  # k/16 is exact in float32

@@ -21,7 +21,7 @@ from moe_engine.experts import MLP
 from moe_engine.layer import MoELayer
 from moe_engine.mtl.attribute_router import AttributeRouter
 from moe_engine.mtl.blocks import TaskMoEBlock
-from moe_engine.mtl.moe_attention import MoEAttention
+from moe_engine.mtl.moe_attention import MoEAttention, attention_mask
 from moe_engine.mtl.tasks import TaskSpec
 from moe_engine.parallel import TokenDispatcher
 from moe_engine.routers import build_any_router
@@ -38,10 +38,15 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, key_padding_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """x_BSD: (B, S, D) -> (B, S, D). key_padding_mask_BS: (B, S) bool, True where a token is
+        padding, which no query attends to (each row needs one False: see moe_attention.attention_mask)."""
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).view(B, S, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask(key_padding_mask_BS, B, S),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         return self.out(y.transpose(1, 2).reshape(B, S, D))
 
 

@@ -51,13 +51,12 @@ class RoutingMonitor:
                     )
                 self.controllers.append(AdaptiveTopK(router, k_min=k_min, patience=patience))
 
-    def observe(self, routings: Sequence[Routing], task_ids_B: torch.Tensor) -> None:
-        """Add one forward's routings; task_ids_B (B,) are the examples' tasks, each spanning T/B tokens."""
+    def observe(self, routings: Sequence[Routing], task_ids_T: torch.Tensor) -> None:
+        """Add one forward's routings; task_ids_T (T,) int64 is the task of each routed token."""
         if self.telemetry is None or not routings:
             return
-        tokens_per_example = routings[0].experts_TK.shape[0] // max(task_ids_B.shape[0], 1)
         # The ids come from the data loader, already checked against the task list: skip the sync.
-        self.telemetry.update(routings, task_ids_B.repeat_interleave(tokens_per_example), check_task_range=False)
+        self.telemetry.update(routings, task_ids_T, check_task_range=False)
 
     def _global(self) -> TaskExpertTelemetry:
         """A copy of the telemetry summed over all ranks (collective)."""

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 
 from moe_engine.kernels.permute import expert_order, permute, unpermute
 from moe_engine.parallel.collectives import all_to_all, all_to_all_counts
@@ -101,10 +102,12 @@ class AllToAllDispatcher:
         if self.fixed_splits and not dropless:
             return self._dispatch_fixed(x_ND, choice_N, tokens_per_expert_E, routing)
         counts_PL = tokens_per_expert_E.view(P, L)
-        received_PL = all_to_all_counts(counts_PL, self.group)  # received_PL[r, l]: rows from rank r for expert l
-        both = torch.stack([counts_PL.sum(1), received_PL.sum(1)]).tolist()  # NOTE: device-to-host sync (split sizes)
-        send_splits, recv_splits = both
-        x_RD = all_to_all(x_ND, recv_splits, send_splits, self.group, self.traffic)
+        # record_function ranges: the exchanges for `moe-engine profile` (inert without a profiler).
+        with record_function("moe::all_to_all"):
+            received_PL = all_to_all_counts(counts_PL, self.group)  # received_PL[r, l]: rows from rank r for expert l
+            both = torch.stack([counts_PL.sum(1), received_PL.sum(1)]).tolist()  # NOTE: device-to-host sync (split sizes)
+            send_splits, recv_splits = both
+            x_RD = all_to_all(x_ND, recv_splits, send_splits, self.group, self.traffic)
         regroup_M = _regroup_index(received_PL, x_RD.shape[0])
         x_MD = permute(x_RD, regroup_M, 1)
         meta = AllToAllDispatchMeta(choice_N, routing.weights_TK, send_splits, recv_splits, regroup_M, None)
@@ -114,7 +117,8 @@ class AllToAllDispatcher:
         P, L, C = self.ep_size, self.num_local_experts, routing.capacity
         x_padded, slot_N = _pad_to_capacity(x_ND, choice_N, tokens_per_expert_E, routing)
         splits = [L * C] * P
-        x_RD = all_to_all(x_padded, splits, splits, self.group, self.traffic)
+        with record_function("moe::all_to_all"):
+            x_RD = all_to_all(x_padded, splits, splits, self.group, self.traffic)
         # (source, local expert, slot) -> (local expert, source, slot): a fixed transpose, no index.
         x_MD = x_RD.view(P, L, C, -1).transpose(0, 1).reshape(L * P * C, -1)
         tokens_per_local_expert_L = torch.full((L,), P * C, dtype=torch.int64, device=x_ND.device)
@@ -126,11 +130,13 @@ class AllToAllDispatcher:
         if meta.slot_N is not None:
             P, L = self.ep_size, self.num_local_experts
             y_RD = y_MD.view(L, P, -1, y_MD.shape[-1]).transpose(0, 1).reshape(y_MD.shape)
-            y_padded = all_to_all(y_RD, meta.send_splits, meta.recv_splits, self.group, self.traffic)
+            with record_function("moe::all_to_all"):
+                y_padded = all_to_all(y_RD, meta.send_splits, meta.recv_splits, self.group, self.traffic)
             y_ND = y_padded.index_select(0, meta.slot_N)
         else:
             y_RD = permute(y_MD, _inverse(meta.regroup_M), 1)
-            y_ND = all_to_all(y_RD, meta.send_splits, meta.recv_splits, self.group, self.traffic)
+            with record_function("moe::all_to_all"):
+                y_ND = all_to_all(y_RD, meta.send_splits, meta.recv_splits, self.group, self.traffic)
         return unpermute(y_ND, meta.choice_N, meta.weights_TK, num_tokens)
 
     def dispatch_compute_combine(
@@ -167,19 +173,22 @@ class AllToAllDispatcher:
             kept_T = (routing.experts_TK >= 0).sum(1)
             rows_C = torch.stack([kept_T[start:stop].sum() for start, stop in bounds]).tolist()  # NOTE: device-to-host sync
         choices, counts = [], []
-        for (start, stop), num_rows in zip(bounds, rows_C):
-            choice_N, tokens_per_expert_E = expert_order(routing.experts_TK[start:stop], self.num_experts, num_rows)
-            choices.append(choice_N)
-            counts.append(tokens_per_expert_E.view(P, L))
+        with record_function("moe::permute"):
+            for (start, stop), num_rows in zip(bounds, rows_C):
+                choice_N, tokens_per_expert_E = expert_order(routing.experts_TK[start:stop], self.num_experts, num_rows)
+                choices.append(choice_N)
+                counts.append(tokens_per_expert_E.view(P, L))
         # One count exchange for all chunks: counts_PCL[r, c, l] rows of chunk c for expert l of rank r.
         counts_PCL = torch.stack(counts, 1)
-        received_PCL = all_to_all_counts(counts_PCL, self.group)
-        splits = torch.stack([counts_PCL.sum(2).T, received_PCL.sum(2).T])
-        send_CP, recv_CP = splits.tolist()  # NOTE: device-to-host sync (split sizes of every chunk)
+        with record_function("moe::all_to_all"):
+            received_PCL = all_to_all_counts(counts_PCL, self.group)
+            splits = torch.stack([counts_PCL.sum(2).T, received_PCL.sum(2).T])
+            send_CP, recv_CP = splits.tolist()  # NOTE: device-to-host sync (split sizes of every chunk)
 
         def issue_dispatch(c):
             start, stop = bounds[c]
-            x_ND = permute(x_TD[start:stop], choices[c], K)
+            with record_function("moe::permute"):
+                x_ND = permute(x_TD[start:stop], choices[c], K)
             return _issue(x_ND, recv_CP[c], send_CP[c], self.group, self.traffic)
 
         in_flight = [issue_dispatch(0)]
@@ -188,22 +197,28 @@ class AllToAllDispatcher:
             if c + 1 < n:
                 in_flight.append(issue_dispatch(c + 1))
             x_RD, order = _await(in_flight[c], order, last=False)
-            regroup_M = _regroup_index(received_PCL[:, c], x_RD.shape[0])
-            y_MD = experts(permute(x_RD, regroup_M, 1), received_PCL[:, c].sum(0))
-            y_RD = permute(y_MD, _inverse(regroup_M), 1)
+            with record_function("moe::permute"):
+                regroup_M = _regroup_index(received_PCL[:, c], x_RD.shape[0])
+                x_MD = permute(x_RD, regroup_M, 1)
+            with record_function("moe::experts"):
+                y_MD = experts(x_MD, received_PCL[:, c].sum(0))
+            with record_function("moe::combine"):
+                y_RD = permute(y_MD, _inverse(regroup_M), 1)
             returning.append(_issue(y_RD, send_CP[c], recv_CP[c], self.group, self.traffic))
         y_chunks = []
         for c, (start, stop) in enumerate(bounds):
             y_ND, order = _await(returning[c], order, last=c == n - 1)
-            y_chunks.append(unpermute(y_ND, choices[c], routing.weights_TK[start:stop], stop - start))
+            with record_function("moe::combine"):
+                y_chunks.append(unpermute(y_ND, choices[c], routing.weights_TK[start:stop], stop - start))
         return torch.cat(y_chunks), received_PCL.sum((0, 1))
 
     def _overlap_fixed(self, x_TD, routing, experts, order):
         """Fixed splits: chunks of capacity slots (every expert's slots [s0, s1) at once), static splits."""
         P, L, C, D = self.ep_size, self.num_local_experts, routing.capacity, x_TD.shape[1]
-        choice_N, tokens_per_expert_E = expert_order(routing.experts_TK, self.num_experts, None)
-        x_ND = permute(x_TD, choice_N, routing.top_k)
-        x_padded, slot_N = _pad_to_capacity(x_ND, choice_N, tokens_per_expert_E, routing)
+        with record_function("moe::permute"):
+            choice_N, tokens_per_expert_E = expert_order(routing.experts_TK, self.num_experts, None)
+            x_ND = permute(x_TD, choice_N, routing.top_k)
+            x_padded, slot_N = _pad_to_capacity(x_ND, choice_N, tokens_per_expert_E, routing)
         x_ECD = x_padded.view(self.num_experts, C, D)
         bounds = _chunk_bounds(C, self.num_chunks)
 
@@ -222,7 +237,8 @@ class AllToAllDispatcher:
             # (source, local expert, slot) -> (local expert, source, slot), as in _dispatch_fixed.
             x_MD = x_RD.view(P, L, width, D).transpose(0, 1).reshape(L * P * width, D)
             tokens_L = torch.full((L,), P * width, dtype=torch.int64, device=x_TD.device)
-            y_MD = experts(x_MD, tokens_L)
+            with record_function("moe::experts"):
+                y_MD = experts(x_MD, tokens_L)
             y_RD = y_MD.view(L, P, width, D).transpose(0, 1).reshape(P * L * width, D)
             splits = [L * width] * P
             returning.append(_issue(y_RD, splits, splits, self.group, self.traffic))
@@ -230,9 +246,11 @@ class AllToAllDispatcher:
         for c, (s0, s1) in enumerate(bounds):
             y_chunk, order = _await(returning[c], order, last=c == len(bounds) - 1)
             y_chunks.append(y_chunk.view(self.num_experts, s1 - s0, D))
-        y_ND = torch.cat(y_chunks, 1).view(self.num_experts * C, D).index_select(0, slot_N)
+        with record_function("moe::combine"):
+            y_ND = torch.cat(y_chunks, 1).view(self.num_experts * C, D).index_select(0, slot_N)
+            y_TD = unpermute(y_ND, choice_N, routing.weights_TK, x_TD.shape[0])
         tokens_per_local_expert_L = torch.full((L,), P * C, dtype=torch.int64, device=x_TD.device)
-        return unpermute(y_ND, choice_N, routing.weights_TK, x_TD.shape[0]), tokens_per_local_expert_L
+        return y_TD, tokens_per_local_expert_L
 
 
 def _pad_to_capacity(x_ND, choice_N, tokens_per_expert_E, routing) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,12 +364,14 @@ class _AwaitAllToAll(torch.autograd.Function):
 def _issue(x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], group, meter) -> tuple[torch.Tensor, _Pending]:
     """Start an exchange: (its output buffer, filled once `_await` returns it; the exchange in flight)."""
     pending = _Pending(group, meter)
-    return _IssueAllToAll.apply(x_ND, list(output_splits), list(input_splits), pending), pending
+    with record_function("moe::all_to_all"):
+        return _IssueAllToAll.apply(x_ND, list(output_splits), list(input_splits), pending), pending
 
 
 def _await(in_flight: tuple[torch.Tensor, _Pending], order: torch.Tensor, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(the exchanged rows, the next link of the order chain); the last link closes the chain."""
     out, pending = in_flight
-    if last:
-        return _AwaitAllToAll.apply(out, order, pending, True), order
-    return _AwaitAllToAll.apply(out, order, pending, False)
+    with record_function("moe::all_to_all"):
+        if last:
+            return _AwaitAllToAll.apply(out, order, pending, True), order
+        return _AwaitAllToAll.apply(out, order, pending, False)

@@ -90,9 +90,16 @@ def _all_reduce_flat(tensors: list[torch.Tensor], group: dist.ProcessGroup) -> N
 
 
 def all_reduce_gradients(model: nn.Module, groups: ParallelGroups) -> None:
-    """SUM gradients: expert parameters over the EDP group, all others over the DP group."""
+    """SUM gradients: expert parameters over the EDP group, all others over the DP group.
+
+    A trainable parameter this rank's loss did not reach (e.g. the head of a task with no example
+    in this rank's slice) gets a zero gradient first: every rank then reduces the same flat buffer.
+    """
     expert_ids = {id(p) for p in expert_parameters(model)}
-    params = [p for p in model.parameters() if p.grad is not None]
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     _all_reduce_flat([p.grad for p in params if id(p) in expert_ids], groups.edp_group)
     _all_reduce_flat([p.grad for p in params if id(p) not in expert_ids], groups.dp_group)
 

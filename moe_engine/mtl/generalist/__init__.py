@@ -12,6 +12,8 @@ from moe_engine.mtl.generalist.mixing import (
     slice_for_rank,
     task_probabilities,
 )
+from moe_engine.mtl.generalist.losses import task_loss_sums, task_metric_sums
+from moe_engine.mtl.generalist.model import GeneralistModel, GeneralistOutput, concat_routings
 from moe_engine.mtl.generalist.tasks import (
     IMAGE_SHAPE,
     GeneralistData,
@@ -25,14 +27,19 @@ __all__ = [
     "EMBEDDED_TASKS",
     "IMAGE_SHAPE",
     "GeneralistData",
+    "GeneralistModel",
+    "GeneralistOutput",
     "GeneralistTask",
     "MixedBatches",
     "build_embedded_tasks",
+    "concat_routings",
     "eval_batches",
     "load_generalist_data",
     "save_generalist_data",
     "slice_for_rank",
     "task_features",
+    "task_loss_sums",
+    "task_metric_sums",
     "task_probabilities",
     "task_split",
 ]

@@ -38,7 +38,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.datasets import load_digits
 
 from moe_engine.mtl.digits import overlay, place, split_source_indices
 from moe_engine.mtl.generalist.tasks import (
@@ -121,6 +120,8 @@ def build_embedded_tasks(
         raise ValueError(f"eval_fraction must lie strictly between 0 and 1, got {eval_fraction}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
+
+    from sklearn.datasets import load_digits  # here, not at import: scikit-learn takes seconds to import
 
     source = load_digits()
     images = (source.images / 16.0).astype(np.float32)  # k/16 is exact in float32
