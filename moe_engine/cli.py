@@ -128,7 +128,7 @@ def format_report(cfg: Config, trainer: Trainer, result: TrainResult, delta: dic
         )
         lines.append(f"{name:<12} {metric:<9} {value:>7.3f} {chance.get(name, float('nan')):>7.3f}{single_cell}  {description}")
     if delta:
-        lines.append(f"Delta_p against the single-task baselines: {delta['delta_p']:+.2%} (over {', '.join(delta['tasks'])})")
+        lines.append(f"Delta_p against the single-task baselines: {delta['delta_p']:+.2f} % (over {', '.join(delta['tasks'])})")
     counts_LE = result.tokens_per_expert_LE
     lines.append(f"\ntokens per expert on the test split (top-{cfg.moe.router.top_k} choices, {cfg.moe.num_experts} experts)")
     for layer, counts_E in enumerate(counts_LE.tolist()):
@@ -162,7 +162,9 @@ def delta_against(baselines_file: str, trainer: Trainer, result: TrainResult) ->
     tasks = [t for t in ours if t in baselines]
     if not tasks:
         raise ValueError(f"--baselines {baselines_file!r} holds tasks {sorted(baselines)}, none of this run's {sorted(ours)}")
-    value = delta_p({t: baselines[t] for t in tasks}, {t: ours[t] for t in tasks}, trainer.workload.metric_directions())
+    directions = trainer.workload.metric_directions()
+    higher_is_better = {t: {metric: directions[metric] for metric in ours[t]} for t in tasks}
+    value = delta_p({t: baselines[t] for t in tasks}, {t: ours[t] for t in tasks}, higher_is_better)
     return {"delta_p": value, "tasks": tasks, "baselines": baselines, "file": str(path)}
 
 

@@ -385,7 +385,7 @@ class MTLConfig:
     # equal, uncertainty, dwa, gradnorm, pcgrad, mgda, cagrad, imtl or nash_mtl.
     weighting: str = "equal"
     # Method options, e.g. {temperature: 2.0} for dwa, {alpha: 1.5} for gradnorm, {c: 0.5} for cagrad.
-    weighting_options: dict[str, float | int | str | bool] = field(default_factory=dict)
+    weighting_options: dict[str, int | float | bool | str] = field(default_factory=dict)
     # Learning rate of the method's own parameters (uncertainty, gradnorm, imtl); null: optim.lr.
     weighting_lr: float | None = None
 
