@@ -233,8 +233,10 @@ class ModelConfig:
     # "multitask": patch tokens + task token, one head per task (the default job).
     # "generalist": a Uni-Perceiver-style shared encoder of images and texts that scores inputs against
     # their target texts (moe_engine.mtl.generalist); needs data.name = "generalist".
-    architecture: Literal["multitask", "generalist"] = "multitask"
-    # Generalist: texts are truncated to this many tokens.
+    # "causal_lm": fine-tune an imported Hugging Face MoE language model (moe-engine convert) on text;
+    # needs data.name = "text" and finetune.init_from; the architecture comes from that model.
+    architecture: Literal["multitask", "generalist", "causal_lm"] = "multitask"
+    # Generalist: texts are truncated to this many tokens. causal_lm: the sequence length.
     max_text_len: int = 24
 
     def __post_init__(self) -> None:
@@ -297,7 +299,7 @@ class DataConfig:
     describes, mixed per step as `mixing` says.
     """
 
-    name: Literal["digits", "generalist"] = "digits"
+    name: Literal["digits", "generalist", "text"] = "digits"
     tasks: list[str] = field(default_factory=lambda: ["digit", "parity", "left", "right"])
     # A folder with train/test Parquet or JSON Lines files and tasks.json; null: build in memory.
     path: str | None = None
@@ -313,14 +315,18 @@ class DataConfig:
     mixing_temperature: float = 2.0
     # "mixed": every batch draws each example's task; "per_task": each batch comes from one task.
     batching: Literal["mixed", "per_task"] = "mixed"
+    # Text (causal_lm): "bytes", a local Hugging Face tokenizer folder, or null (the model's folder, then
+    # data.path, if either holds a tokenizer; else bytes). packing: documents packed into full rows.
+    tokenizer: str | None = None
+    packing: bool = True
 
     def __post_init__(self) -> None:
         _check_choices(self, "data")
         _check_positive("data", mixing_temperature=self.mixing_temperature)
-        if self.name == "digits":
+        if self.name in ("digits", "text"):
             for name, value, default in (("mixing", self.mixing, "size"), ("batching", self.batching, "mixed"), ("mixing_weights", self.mixing_weights, None)):
                 if value != default:
-                    _fail(f"data.{name}", value, "digits data is always mixed by task size in every batch; this needs data.name = 'generalist'")
+                    _fail(f"data.{name}", value, f"{self.name} data is always mixed by task size in every batch; this needs data.name = 'generalist'")
         if self.mixing == "fixed" and not self.mixing_weights:
             _fail("data.mixing_weights", self.mixing_weights, "data.mixing = 'fixed' needs a weight per task, e.g. {digit: 2.0, caption: 1.0}")
         if self.mixing_weights is not None:
@@ -332,6 +338,8 @@ class DataConfig:
             _fail("data.tasks", self.tasks, "must name at least one task")
         if len(set(self.tasks)) != len(self.tasks):
             _fail("data.tasks", self.tasks, "must not repeat a task")
+        if self.name == "text" and self.path is None:
+            _fail("data.path", None, "data.name = 'text' needs a folder with train/test .jsonl or .parquet files (a `text` column)")
         if self.path is None:  # the embedded tasks; a data.path brings its own
             if self.name == "digits":
                 from moe_engine.mtl.digits import DIGIT_TASKS as embedded
@@ -484,11 +492,15 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
-        if (self.model.architecture == "generalist") != (self.data.name == "generalist"):
+        data_of = {"multitask": "digits", "generalist": "generalist", "causal_lm": "text"}
+        if data_of[self.model.architecture] != self.data.name:
             _fail(
                 "model.architecture", self.model.architecture,
-                f"data.name = {self.data.name!r}: the generalist model needs data.name = 'generalist' and the other way round",
+                f"data.name = {self.data.name!r}: multitask trains on 'digits', generalist on 'generalist', causal_lm on 'text'",
             )
+        if self.model.architecture == "causal_lm" and self.finetune.init_from is None:
+            _fail("finetune.init_from", None, "model.architecture = 'causal_lm' fine-tunes a model: give its file or folder "
+                  "(moe-engine finetune --from MODEL, e.g. the output of moe-engine convert --from-hf)")
         ep = self.parallel.expert_parallel_size
         if self.moe.num_experts % ep:
             _fail("parallel.expert_parallel_size", ep, f"must divide moe.num_experts ({self.moe.num_experts})")

@@ -88,8 +88,12 @@ def load_pretrained_weights(model: nn.Module, workload: Any, init_from: str | Pa
     """Load a checkpoint's model weights (either layout, any EP size) into `model` for this run's tasks.
 
     Returns {"checkpoint", "pretrained_tasks", "new_tasks"}. Raises CheckpointMismatchError naming the
-    tensors that do not fit.
+    tensors that do not fit. A workload with its own pre-trained formats (`load_initial_weights`, e.g.
+    the causal LM's Hugging Face models) loads them itself.
     """
+    load_initial = getattr(workload, "load_initial_weights", None)
+    if load_initial is not None:
+        return load_initial(model, init_from, groups)
     path = resolve_checkpoint(init_from)
     if path.is_dir() and not any(path.glob("model.pt")):
         raise CheckpointMismatchError(

@@ -30,7 +30,7 @@ from moe_engine.mtl.generalist import (
     task_probabilities,
     task_split,
 )
-from moe_engine.mtl.generalist.embedded import DIGIT_NAMES, text_parity_phrases
+from moe_engine.mtl.generalist.embedded import DIGIT_NAMES, text_digit_phrases, text_parity_phrases
 from moe_engine.mtl.generalist.tasks import KIND_METRICS
 
 SEED = 3
@@ -157,7 +157,7 @@ def test_data_validates_splits(small):
 
 
 def test_embedded_tasks_shapes_columns_and_defaults(data):
-    assert DEFAULT_EMBEDDED_TASKS == EMBEDDED_TASKS[:4] and "compare" not in DEFAULT_EMBEDDED_TASKS
+    assert DEFAULT_EMBEDDED_TASKS == ("digit", "caption", "sum", "text_digit") and "compare" not in DEFAULT_EMBEDDED_TASKS
     assert data.task_names == EMBEDDED_TASKS
     kinds = {t.name: (t.kind, t.modality) for t in data.tasks}
     assert kinds == {
@@ -166,7 +166,9 @@ def test_embedded_tasks_shapes_columns_and_defaults(data):
         "sum": ("regression", "image"),
         "text_parity": ("classification", "text"),
         "compare": ("classification", "image"),
+        "text_digit": ("classification", "text"),
     }
+    assert data.task("text_digit").targets == data.task("digit").targets  # one label space, two modalities
     assert data.task("caption").targets[37] == "three and seven" and len(data.task("caption").targets) == 100
     assert data.task("compare").targets == ("left", "right", "same")
     for task in data.tasks:
@@ -272,6 +274,19 @@ def test_text_parity_strings(data):
     trained_pairs = {_parse_operands(t) for t in full_train.train["text_parity"][:]["text"]}
     assert {_parse_operands(t) for t in test["text"]} <= trained_pairs
     assert not set(full_train.test["text_parity"][:]["text"]) & set(full_train.train["text_parity"][:]["text"])
+
+
+def test_text_digit_strings(data):
+    phrases = text_digit_phrases()
+    assert len(phrases) == len({p for p, _ in phrases}) == 160
+    train, test = data.train["text_digit"][:], data.test["text_digit"][:]
+    for split in (train, test):
+        for text, label in zip(split["text"], split["label"].tolist()):
+            assert re.fullmatch(r"[a-z0-9 ]{1,16}", text), text
+            (number,) = [int(w) if w.isdigit() else DIGIT_NAMES.index(w) for w in text.split() if w.isdigit() or w in DIGIT_NAMES]
+            assert label == number
+    assert not set(test["text"]) & set(train["text"])  # test phrases are unseen in training
+    assert set(test["label"].tolist()) <= set(train["label"].tolist())
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,18 @@ class TaskBlockOutput:
     routings: tuple[Routing, ...]
 
 
+def block_routers(blocks) -> list[nn.Module]:
+    """The router of each routing decision of a stack of TaskMoEBlocks, in the order their forward
+    returns the routings: per MoE block the attention's (MoE attention), then the FFN's unless it shares."""
+    routers = []
+    for block in blocks:
+        if block.moe_attention:
+            routers.append(block.attn.router)
+        if block.moe_ffn and not block.share_routing:
+            routers.append(block.ffn.router)
+    return routers
+
+
 class TaskMoEBlock(nn.Module):
     """Pre-norm block over (B, S, D) with MoE or dense attention and MoE or dense FFN.
 

@@ -56,6 +56,14 @@ _SPLIT_STREAM = 0
 _TRAIN, _TEST = 0, 1
 
 
+def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 digits: (N, 8, 8) float32 in [0, 1] and (N,) int64 classes."""
+    from sklearn.datasets import load_digits  # here, not at import: scikit-learn takes seconds to import
+
+    source = load_digits()
+    return (source.images / 16.0).astype(np.float32), source.target.astype(np.int64)  # k/16 is exact in float32
+
+
 def place(digits: np.ndarray, offset: int) -> np.ndarray:
     """Put 8x8 digit(s) on empty canvas(es) starting at column ``offset``.
 
@@ -160,11 +168,7 @@ def build_digits_tasks(
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
 
-    from sklearn.datasets import load_digits  # here, not at import: scikit-learn takes seconds to import
-
-    source = load_digits()
-    images = (source.images / 16.0).astype(np.float32)  # k/16 is exact in float32
-    targets = source.target.astype(np.int64)
+    images, targets = load_digit_images()
     train_idx, test_idx = split_source_indices(targets, eval_fraction, seed)
     n_test = max(_MIN_TEST_EXAMPLES, round(pairs_per_task * eval_fraction))
 

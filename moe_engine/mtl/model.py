@@ -20,7 +20,7 @@ from moe_engine.config import ModelConfig, MoEConfig
 from moe_engine.experts import MLP
 from moe_engine.layer import MoELayer
 from moe_engine.mtl.attribute_router import AttributeRouter
-from moe_engine.mtl.blocks import TaskMoEBlock
+from moe_engine.mtl.blocks import TaskMoEBlock, block_routers
 from moe_engine.mtl.moe_attention import MoEAttention, attention_mask
 from moe_engine.mtl.tasks import TaskSpec
 from moe_engine.parallel import TokenDispatcher
@@ -141,13 +141,7 @@ class MultiTaskTransformer(nn.Module):
     def routers(self) -> list[nn.Module]:
         """The router of each routing decision of a forward, in the order of `MultiTaskOutput.routings`:
         per MoE block the attention's (with model.moe_attention), then the FFN's unless it shares."""
-        routers = []
-        for block in self.blocks:
-            if block.moe_attention:
-                routers.append(block.attn.router)
-            if block.moe_ffn and not block.share_routing:
-                routers.append(block.ffn.router)
-        return routers
+        return block_routers(self.blocks)
 
     def patchify(self, images_BHW: torch.Tensor) -> torch.Tensor:
         """(B, H, W) -> (B, P, p*p), patches in row-major order."""

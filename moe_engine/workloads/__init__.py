@@ -6,6 +6,10 @@ from moe_engine.workloads.base import StepForward, Workload, count_routed_choice
 
 def build_workload(cfg: Config) -> Workload:
     """The workload model.architecture asks for (its data built or loaded)."""
+    if cfg.model.architecture == "causal_lm":
+        from moe_engine.workloads.causal_lm import CausalLMWorkload
+
+        return CausalLMWorkload(cfg)
     if cfg.model.architecture == "generalist":
         from moe_engine.workloads.generalist import GeneralistWorkload
 

@@ -42,7 +42,7 @@ from moe_engine.config import ModelConfig, MoEConfig
 from moe_engine.experts import MLP
 from moe_engine.layer import MoELayer
 from moe_engine.mtl.attribute_router import AttributeRouter
-from moe_engine.mtl.blocks import TaskMoEBlock
+from moe_engine.mtl.blocks import TaskMoEBlock, block_routers
 from moe_engine.mtl.generalist.tasks import TASK_KINDS, GeneralistTask
 from moe_engine.mtl.generalist.tokenizers import ImagePatchTokenizer, ModalityTokenizer, TextTokenizer
 from moe_engine.mtl.model import SelfAttention
@@ -266,13 +266,7 @@ class GeneralistModel(nn.Module):
     def routers(self) -> list[nn.Module]:
         """The router of each routing decision, in the order of `GeneralistOutput.routings`: per MoE
         block the attention's (with model.moe_attention), then the FFN's unless it shares."""
-        routers = []
-        for block in self.blocks:
-            if block.moe_attention:
-                routers.append(block.attn.router)
-            if block.moe_ffn and not block.share_routing:
-                routers.append(block.ffn.router)
-        return routers
+        return block_routers(self.blocks)
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         """The learned embeddings (SPE, task prompts, modality types, token and position tables,
