@@ -341,3 +341,18 @@ def test_refusals_name_the_value(pretrained, tmp_path):
     (tmp_path / "one" / "train.jsonl").write_text('{"text": "abc", "task": "abc"}\n')
     with pytest.raises(FileNotFoundError, match="no test split"):
         CausalLMWorkload(_cfg(tmp_path, native, tmp_path / "one", "data.tasks=[abc]"))
+
+
+def test_cli_convert_then_finetune(pretrained, tmp_path, capsys):
+    """What a user types: convert the HF folder, then `moe-engine finetune --from` the converted file."""
+    from moe_engine import cli
+
+    native = tmp_path / "model.pt"
+    assert cli.main(["convert", "--from-hf", str(pretrained["folder"]), "--out", str(native)]) == 0
+    sets = [a for o in [*TINY, "model.architecture=causal_lm", "data.name=text", f"data.path={pretrained['data']}",
+                        f"data.tasks=[{','.join(TASKS)}]", f"train.out_dir={tmp_path / 'run'}"] for a in ("--set", o)]
+    assert cli.main(["finetune", "--from", str(native), "--freeze", "routers", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "frozen: routers" in out and "perplexity" in out
+    # Without --from the causal LM has no architecture to build: refused before any work.
+    assert cli.main(["finetune", *sets]) == 2

@@ -127,7 +127,8 @@ class TopKRouter(nn.Module):
                 topk_groups=self.topk_groups,
             )
             scores_TE, weights_TK, experts_TK = gating.scores_TE, gating.weights_TK, gating.experts_TK
-            aux_loss, aux_terms = self._aux_losses(gating, ctx)
+            with torch.profiler.record_function("moe::aux_loss"):  # its own row in `moe-engine profile`
+                aux_loss, aux_terms = self._aux_losses(gating, ctx)
             experts_TK, weights_TK, capacity = apply_capacity(
                 experts_TK, weights_TK, self.num_experts, self.capacity_factor, self.drop_policy
             )
