@@ -94,7 +94,7 @@ def test_checkpoint_saved_at_ep2_resumes_at_ep4_and_in_one_process(single_proces
 
 # Loss weighting under expert parallelism: the Gram of the task gradients is summed over ranks, and
 # the method's own parameters' gradients too, so EP=2 follows the single process step for step.
-@pytest.mark.parametrize("method", ["nash_mtl", "uncertainty"])
+@pytest.mark.parametrize("method", ["nash_mtl", pytest.param("uncertainty", marks=pytest.mark.slow)])
 def test_loss_weighting_under_expert_parallelism_follows_one_process(tmp_path: Path, method: str) -> None:
     weighting = (f"mtl.weighting={method}",)
     single = tmp_path / "single"

@@ -141,7 +141,13 @@ def test_cli_finetune_baselines_and_delta_p(pretrained, tmp_path: Path, capsys: 
     assert cli.main(["finetune", *sets, "--set", f"train.out_dir={tmp_path / 'x'}", "--baselines", str(tmp_path / "nope.json")]) == 2
 
 
-@pytest.mark.parametrize("method", ["uncertainty", "dwa", "gradnorm", "pcgrad", "mgda", "cagrad", "imtl", "nash_mtl"])
+# In CI one method of each family (a learned weight, the Gram's min-norm point, projections); the
+# others run with -m slow (each method's rule is tested alone in tests/test_weighting.py).
+@pytest.mark.parametrize("method", [
+    "uncertainty", pytest.param("dwa", marks=pytest.mark.slow), pytest.param("gradnorm", marks=pytest.mark.slow),
+    "pcgrad", "mgda", pytest.param("cagrad", marks=pytest.mark.slow), pytest.param("imtl", marks=pytest.mark.slow),
+    pytest.param("nash_mtl", marks=pytest.mark.slow),
+])
 def test_every_weighting_method_trains_in_the_loop_and_resumes(method: str, tmp_path: Path) -> None:
     extra = ("data.name=digits", "model.architecture=multitask", "data.tasks=[digit,parity,left,right]",
              "model.moe_attention=false", "model.share_routing=false", "moe.router.type=softmax_topk",

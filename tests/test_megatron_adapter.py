@@ -523,6 +523,7 @@ def _check_expert_bias_update(rank: int) -> None:
     assert router.local_tokens_per_expert.sum() == 0
 
 
+@pytest.mark.slow  # two ranks that each import megatron-core: about 45 s of CI's budget
 def test_expert_parallel_over_megatron_parallel_state() -> None:
     run_ranks(2, _expert_parallel_rank)
 
