@@ -69,7 +69,7 @@ def combine_task_losses(
     zero = step.aux_loss.new_zeros((), dtype=torch.float32)
     # + anchor: every task's loss reaches every collective of the forward (see StepForward.anchor).
     local_T = torch.stack([
-        (step.loss_sums[name].float() / global_counts_T[t] if name in step.loss_sums else zero) + step.anchor
+        (step.loss_sums[name].float() / global_counts_T[t].clamp_min(1) if name in step.loss_sums else zero) + step.anchor
         for t, name in enumerate(task_names)
     ])
     global_T = all_reduce_sum(local_T.detach(), run) if run.world_size > 1 else local_T.detach()

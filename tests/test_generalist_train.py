@@ -174,3 +174,5 @@ def test_weighting_options_are_checked_by_the_config(tmp_path: Path) -> None:
         _cfg(tmp_path, "mtl.weighting=cagrad", "mtl.weighting_options={alpha: 1.5}")
     with pytest.raises(ConfigError, match="did you mean 'pcgrad'"):
         _cfg(tmp_path, "mtl.weighting=pcgrd")
+    with pytest.raises(ConfigError, match="ZeRO's gradient buckets need the same graph on every rank"):
+        _cfg(tmp_path, "parallel.deepspeed_config=configs/deepspeed_zero2.json")

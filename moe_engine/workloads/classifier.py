@@ -60,11 +60,13 @@ class ClassifierWorkload(Workload):
         batch = rank_slice(batch, run)
         pixels, task, label = (batch[k].to(device, non_blocking=True) for k in ("pixels", "task", "label"))
         out = model(pixels, task)
-        loss_sums = {}
-        for t, name in enumerate(self.task_names):
-            rows = (task == t).nonzero().squeeze(-1)
-            if rows.numel():
-                loss_sums[name] = F.cross_entropy(model.logits(out.features_BD[rows], t).float(), label[rows], reduction="sum")
+        # Every head runs, on zero rows where this rank has no example of its task: every rank then
+        # builds the same graph, so gradients become ready in the same order (ZeRO's buckets need it).
+        loss_sums = {
+            name: F.cross_entropy(model.logits(out.features_BD[rows], t).float(), label[rows], reduction="sum")
+            for t, name in enumerate(self.task_names)
+            for rows in [(task == t).nonzero().squeeze(-1)]
+        }
         tokens_per_example = model.pos_embed.shape[0]  # the task token and the patches
         return StepForward(
             loss_sums, task_counts(task, len(self.task_names)), out.aux_loss, out.routings,
