@@ -8,6 +8,7 @@ value. Every rank takes rows rank::world of each task's sub-batch.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -104,17 +105,16 @@ class GeneralistWorkload(Workload):
         num_tasks = len(self.task_names)
         sums = torch.zeros(3, num_tasks, device=device, dtype=torch.float64)  # metric sum, examples, loss sum
         counts_LXE = torch.zeros(len(model.routers), num_tasks, num_experts, dtype=torch.long, device=device)
-        model_index = {task.name: i for i, task in enumerate(model.tasks)}
+        # Telemetry rows are indexed by this workload's tasks; the model may know more (fine-tuning): -1.
+        remap = torch.tensor(
+            [self.task_names.index(task.name) if task.name in self.task_names else -1 for task in model.tasks],
+            dtype=torch.long, device=device,
+        )
         for t, name in enumerate(self.task_names):
             for sub in eval_batches(self.data.test[name], self.cfg.data.eval_batch_size):
                 local = self._local({name: sub}, run, device)
                 with autocast():
                     out = model(local)
-                # Telemetry rows are indexed by this workload's tasks; the model may know more (fine-tuning).
-                remap = torch.full((len(model.tasks),), -1, dtype=torch.long, device=device)
-                for other, i in model_index.items():
-                    if other in self.task_names:
-                        remap[i] = self.task_names.index(other)
                 task_ids_T = remap[out.routing_task_ids_T]
                 keep_T = task_ids_T >= 0
                 count_routed_choices(
@@ -172,7 +172,5 @@ class GeneralistWorkload(Workload):
 
 def _rows_of(routing, keep_T: torch.Tensor):
     """A Routing restricted to the kept token rows (only experts_TK is read by count_routed_choices)."""
-    from dataclasses import replace
-
     return replace(routing, experts_TK=routing.experts_TK[keep_T], weights_TK=routing.weights_TK[keep_T],
                    scores_TE=routing.scores_TE[keep_T])
