@@ -118,15 +118,13 @@ def format_report(cfg: Config, trainer: Trainer, result: TrainResult, delta: dic
         lines.append(trainer.frozen.describe())
     baseline = delta["baselines"] if delta else {}
     lines.append(f"{'task':<12} {'metric':<9} {'result':>7} {'chance':>7}" + (f" {'single':>7}" if baseline else "") + "  description")
-    chance = workload.chance()
+    chance, descriptions = workload.chance(), workload.descriptions()
     for name, metric in workload.primary_metrics().items():
         value = result.eval_metrics[f"{metric}_{name}"]
         single = baseline.get(name, {}).get(metric)
         single_cell = (f" {single:>7.3f}" if single is not None else f" {'-':>7}") if baseline else ""
-        description = workload.data.task(name).description if hasattr(workload.data, "task") else next(
-            t.description for t in workload.data.tasks if t.name == name
-        )
-        lines.append(f"{name:<12} {metric:<9} {value:>7.3f} {chance.get(name, float('nan')):>7.3f}{single_cell}  {description}")
+        lines.append(f"{name:<12} {metric:<9} {value:>7.3f} {chance.get(name, float('nan')):>7.3f}{single_cell}  "
+                     f"{descriptions.get(name, '')}")
     if delta:
         lines.append(f"Delta_p against the single-task baselines: {delta['delta_p']:+.2f} % (over {', '.join(delta['tasks'])})")
     counts_LE = result.tokens_per_expert_LE

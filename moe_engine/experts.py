@@ -15,7 +15,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from moe_engine.kernels._triton import TRITON_AVAILABLE
-from moe_engine.kernels.backend import select_backend
+from moe_engine.kernels.backend import ENV_VAR, requested_backend, select_backend
 from moe_engine.kernels.permute import GatheredRows
 from moe_engine.kernels.grouped_gemm import (
     grouped_linear_grouped_mm,
@@ -35,6 +35,33 @@ def _activate(h_NH: torch.Tensor, activation: str) -> torch.Tensor:
         gate, up = h_NH.chunk(2, dim=-1)
         return F.silu(gate) * up
     return F.gelu(h_NH)
+
+
+def resolve_experts_impl(impl: str, device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> str:
+    """'loop', 'grouped_mm' or 'triton': what runs expert GEMMs of inner widths `dims` on `device` in `dtype`.
+
+    impl: one of EXPERT_IMPLS. 'auto' takes Triton where `select_backend` picks it (CUDA, or
+    MOE_ENGINE_KERNELS=triton) and it can run this dtype, else torch._grouped_mm where supported,
+    else the loop. Naming an implementation that cannot run here is an error, as is
+    MOE_ENGINE_KERNELS=triton where the Triton grouped GEMM cannot run (never a silent fallback:
+    a benchmark must not time the loop believing it timed the kernel).
+    """
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"experts impl = {impl!r}: allowed: {', '.join(EXPERT_IMPLS)}")
+    triton_reason = triton_unsupported_reason(device, dtype)
+    if impl == "triton" and triton_reason is not None:
+        raise ValueError(f"moe.experts_impl = 'triton' cannot run here: {triton_reason}; use 'loop' or 'auto'")
+    if impl == "auto" and select_backend("grouped_mlp", device, has_triton=TRITON_AVAILABLE) == "triton":
+        if triton_reason is None:
+            return "triton"
+        if requested_backend() == "triton":
+            raise RuntimeError(f"{ENV_VAR}=triton, but the Triton grouped GEMM cannot run here: {triton_reason}")
+    grouped_mm_reason = grouped_mm_unsupported_reason(device, dtype, dims)
+    if impl == "grouped_mm" and grouped_mm_reason is not None:
+        raise ValueError(f"moe.experts_impl = 'grouped_mm' cannot run here: {grouped_mm_reason}; use 'loop' or 'auto'")
+    if impl == "auto":
+        return "grouped_mm" if grouped_mm_reason is None else "loop"
+    return impl
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -82,18 +109,7 @@ class GroupedExperts(nn.Module):
 
     def resolve_impl(self, device: torch.device, dtype: torch.dtype) -> str:
         """'loop', 'grouped_mm' or 'triton' for inputs on `device` in `dtype`."""
-        triton_reason = triton_unsupported_reason(device, dtype)
-        if self.impl == "triton" and triton_reason is not None:
-            raise ValueError(f"moe.experts_impl = 'triton' cannot run here: {triton_reason}; use 'loop' or 'auto'")
-        if self.impl == "auto" and select_backend("grouped_mlp", device, has_triton=TRITON_AVAILABLE) == "triton":
-            if triton_reason is None:
-                return "triton"
-        reason = grouped_mm_unsupported_reason(device, dtype, (self.d_model, self.ffn_hidden, self.w_in.shape[1]))
-        if self.impl == "grouped_mm" and reason is not None:
-            raise ValueError(f"moe.experts_impl = 'grouped_mm' cannot run here: {reason}; use 'loop' or 'auto'")
-        if self.impl == "auto":
-            return "grouped_mm" if reason is None else "loop"
-        return self.impl
+        return resolve_experts_impl(self.impl, device, dtype, (self.d_model, self.ffn_hidden, self.w_in.shape[1]))
 
     def forward(self, x_ND: torch.Tensor | GatheredRows, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         if isinstance(x_ND, GatheredRows):

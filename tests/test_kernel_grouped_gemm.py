@@ -146,7 +146,9 @@ def test_grouped_experts_triton_impl_and_forward_gathered(activation, monkeypatc
     assert GroupedExperts(4, 16, 8, activation, "auto").resolve_impl(torch.device("cpu"), torch.float32) != "triton"
     monkeypatch.setenv("MOE_ENGINE_KERNELS", "triton")
     assert GroupedExperts(4, 16, 8, activation, "auto").resolve_impl(torch.device("cpu"), torch.float32) == "triton"
-    assert GroupedExperts(4, 16, 8, activation, "auto").resolve_impl(torch.device("cpu"), torch.float64) == "loop"
+    # Asked for Triton where it cannot run (float64): an error, not a silent fallback to the loop.
+    with pytest.raises(RuntimeError, match="MOE_ENGINE_KERNELS=triton, but the Triton grouped GEMM cannot run here: .*float64"):
+        GroupedExperts(4, 16, 8, activation, "auto").resolve_impl(torch.device("cpu"), torch.float64)
 
     tokens_E = torch.tensor([2, 0, 3, 1])
     x_TD = torch.randn(4, 16)

@@ -43,15 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_engine.kernels._triton import TRITON_AVAILABLE
-from moe_engine.kernels.backend import ENV_VAR, requested_backend, select_backend
+from moe_engine.experts import resolve_experts_impl
 from moe_engine.kernels.grouped_gemm import (
     grouped_gemm_triton,
     grouped_linear_grouped_mm,
     grouped_linear_loop,
     grouped_mlp_triton,
-    grouped_mm_unsupported_reason,
-    triton_unsupported_reason,
 )
 from moe_engine.kernels.permute import expert_order, permute, unpermute
 
@@ -225,18 +222,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def resolve_impl(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> str:
-    """'triton', 'grouped_mm' or 'loop' for expert GEMMs of inner widths `dims` on `device` in `dtype`.
-
-    Triton where `select_backend` picks it; asking for it (MOE_ENGINE_KERNELS=triton) where it cannot
-    run this dtype is an error, as everywhere in moe_engine.
-    """
-    if select_backend("grouped_mlp", device, has_triton=TRITON_AVAILABLE) == "triton":
-        reason = triton_unsupported_reason(device, dtype)
-        if reason is None:
-            return "triton"
-        if requested_backend() == "triton":
-            raise RuntimeError(f"{ENV_VAR}=triton, but the Triton grouped GEMM cannot run here: {reason}")
-    return "grouped_mm" if grouped_mm_unsupported_reason(device, dtype, dims) is None else "loop"
+    """'triton', 'grouped_mm' or 'loop' for expert GEMMs of inner widths `dims` on `device` in `dtype`:
+    `GroupedExperts`'s choice for impl 'auto' (see moe_engine.experts.resolve_experts_impl)."""
+    return resolve_experts_impl("auto", device, dtype, dims)
 
 
 def _kept_choices(

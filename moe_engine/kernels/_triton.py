@@ -8,7 +8,10 @@
   there. On a GPU it is always False, so compiled kernels keep bf16 tensor-core dots.
 - `kernel_configs(op, candidates)`: the autotune candidates of one kernel, narrowed to a single
   config pinned by `MOE_ENGINE_<OP>_CONFIG="BLOCK_M=64,BLOCK_N=128,num_warps=4,num_stages=3"`,
-  and to the first candidate under the interpreter (autotuning there would only cost time).
+  and to the first candidate under the interpreter (autotuning there would only cost time) or
+  with `MOE_ENGINE_AUTOTUNE=0` (correctness runs on a GPU: one compile per kernel instead of one
+  per candidate, which for the grouped GEMM is ten). Both are read when the kernel modules are
+  imported.
 - `jit` and `autotune(op, candidates, key, ...)`: the decorators kernel modules use; without
   triton they leave the function undecorated (its op then only runs the torch reference).
 """
@@ -58,15 +61,27 @@ def pinned_config(op: str) -> dict[str, int] | None:
     return config
 
 
+AUTOTUNE_ENV_VAR = "MOE_ENGINE_AUTOTUNE"
+
+
+def autotune_enabled() -> bool:
+    """False when MOE_ENGINE_AUTOTUNE=0: every kernel takes its first candidate."""
+    value = os.environ.get(AUTOTUNE_ENV_VAR, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{AUTOTUNE_ENV_VAR}={value!r}: allowed: 0 (first candidate of every kernel) or 1 (autotune)")
+    return value == "1"
+
+
 def kernel_configs(op: str, candidates: list[dict[str, int]]) -> list[Any]:
-    """triton.Config objects for `triton.autotune`: the pinned one, the first under the interpreter, or all."""
+    """triton.Config objects for `triton.autotune`: the pinned one, the first under the interpreter
+    or with MOE_ENGINE_AUTOTUNE=0, or all."""
     pinned = pinned_config(op)
     if pinned is not None:
         unknown = set(pinned) - set(candidates[0]) - set(_LAUNCH_KEYS)
         if unknown:
             raise ValueError(f"{config_env_var(op)} names {sorted(unknown)}; {op} takes {sorted(set(candidates[0]) | set(_LAUNCH_KEYS))}")
         chosen = [pinned]
-    elif interpreting():
+    elif interpreting() or not autotune_enabled():
         chosen = candidates[:1]
     else:
         chosen = candidates

@@ -134,8 +134,17 @@ def _tile_configs() -> list[dict[str, int]]:
 # Shapes: probs (T, E) float, row stride stride_p; experts (T, K) int64 contiguous; seq (T,) int64
 # (read if HAS_SEQ, else every token is in sequence 0); counts (S, E) int32, prob_sums (S, E) fp32,
 # tokens (S,) int32, all zeroed beforehand. Grid: (cdiv(T, BLOCK_T), cdiv(E, BLOCK_E)).
+def _prune_balance_stats_configs(configs, named_args, **kwargs):
+    """With sequence ids every element of a tile may add to its own address (two pointer tiles live
+    at once): tiles of 8192 elements spill 44-48 bytes on sm_90 with 8 warps (128 x 64 on triton
+    3.6 and 3.9, 64 x 128 on 3.6; moe_engine.kernels.compile_check), so keep them to 4096."""
+    if not kwargs.get("HAS_SEQ", named_args.get("HAS_SEQ")):
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_E"] <= 4096] or configs[:1]
+
+
 @_autotune("balance_stats", _tile_configs(), key=["num_experts", "HAS_SEQ"],
-           reset_to_zero=["counts_ptr", "prob_sums_ptr", "tokens_ptr"])
+           reset_to_zero=["counts_ptr", "prob_sums_ptr", "tokens_ptr"], prune=_prune_balance_stats_configs)
 def _balance_stats_kernel(
     probs_ptr, experts_ptr, seq_ptr, counts_ptr, prob_sums_ptr, tokens_ptr,
     num_tokens, num_experts, num_seqs, top_k, stride_p,
@@ -151,10 +160,13 @@ def _balance_stats_kernel(
     row_ok = rows < num_tokens
     col_ok = cols < num_experts
     if HAS_SEQ:
-        seq = tl.load(seq_ptr + rows, mask=row_ok, other=-1)
-        row_ok = row_ok & (seq >= 0) & (seq < num_seqs)
+        seq_ids = tl.load(seq_ptr + rows, mask=row_ok, other=-1)
+        row_ok = row_ok & (seq_ids >= 0) & (seq_ids < num_seqs)
+        # int32 from here (S * E is small): int64 offsets of a (BLOCK_T, BLOCK_E) tile made ptxas
+        # spill 44 bytes at 128 x 64 (moe_engine.kernels.compile_check).
+        seq = seq_ids.to(tl.int32)
     else:
-        seq = tl.zeros((BLOCK_T,), tl.int64)
+        seq = tl.zeros((BLOCK_T,), tl.int32)
     tile_ok = row_ok[:, None] & col_ok[None, :]
     p = tl.load(probs_ptr + rows[:, None] * stride_p + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     hits = tl.zeros((BLOCK_T, BLOCK_E), tl.int32)

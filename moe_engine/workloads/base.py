@@ -113,6 +113,12 @@ class Workload(ABC):
         """Task name -> the primary metric of a trivial predictor."""
         return {}
 
+    def descriptions(self) -> dict[str, str]:
+        """Task name -> one line describing the task (the end-of-run report). The built-in workloads
+        keep their data in `self.data`, whose `tasks` carry a name and a description; a workload
+        holding its tasks elsewhere overrides this."""
+        return {task.name: task.description for task in self.data.tasks}
+
 
 def count_routed_choices(
     routings: Sequence[Routing], task_ids_T: torch.Tensor, num_tasks: int, num_experts: int, out_LXE: torch.Tensor
