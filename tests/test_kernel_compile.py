@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+from moe_engine.bench.problem import Shape
 from moe_engine.kernels import compile_check
 from moe_engine.kernels.compile_check import CompiledVariant
 
@@ -77,7 +78,7 @@ def test_bench_shapes_compile_into_a_cache_that_a_rerun_reuses(tmp_path):
 
 def test_bench_widths_keep_the_layer_widths_at_a_small_batch():
     assert compile_check.bench_widths("olmoe,mixtral") == [
-        compile_check.Widths("olmoe", 256, 2048, 1024, 64, 8), compile_check.Widths("mixtral", 256, 4096, 14336, 8, 2)]
+        Shape("olmoe", 256, 2048, 1024, 64, 8), Shape("mixtral", 256, 4096, 14336, 8, 2)]
     with pytest.raises(ValueError, match="unknown \\['olmo'\\]"):
         compile_check.bench_widths("olmo")
 

@@ -2,10 +2,11 @@
 
 The CPU test suite runs the kernels through Triton's interpreter, which accepts code the GPU
 compiler rejects and says nothing about speed. This tool runs each custom op's real launcher on
-CPU tensors with Triton's launch replaced by an ahead-of-time compile for a CUDA target (sm_90 =
-H100/H200 by default): the same argument specialisation (16-byte divisibility, strides of 1) and
-every autotune config the pruner keeps, so what compiles here is what a GPU would compile. For each
-(kernel, config, specialisation) it reports:
+CPU tensors while Triton's driver is replaced by one that only names a CUDA target (sm_90 =
+H100/H200 by default): every launch becomes a warm-up launch of the JIT's own code path, which
+specialises the arguments (16-byte divisibility, strides of 1), compiles and returns without
+running, for every autotune config the pruner keeps. What compiles here is what a GPU compiles,
+under the same cache key. For each (kernel, config, specialisation) it reports:
 
 - registers per thread and spilled bytes (ptxas -v), dynamic shared memory against the target's limit;
 - how each `tl.dot` lowered: `wgmma` (Hopper warpgroup MMA), `mma` (Ampere MMA), `fma` (none);
@@ -14,11 +15,13 @@ every autotune config the pruner keeps, so what compiles here is what a GPU woul
 A config that spills, or a GEMM whose loop is not pipelined or not on tensor cores, is slow before
 any timing is taken; fix those before spending GPU time on tuning.
 
-    python -m moe_engine.kernels.compile_check [--arch 90] [--quick] [--json out.json]
+    python -m moe_engine.kernels.compile_check [--arch 90] [--quick] [--strict] [--json out.json]
+    python -m moe_engine.kernels.compile_check --shapes mixtral,olmoe --no-analyse --jobs 14
 
-Exit status 1 when a kernel fails to compile, or with --strict, when a GEMM config spills or is
-not pipelined on tensor cores. Runs with triton 3.6 and 3.9 (the launch internals it replaces are
-the same in both). TRITON_INTERPRET must be unset (the interpreter replaces the kernels).
+The second form warms a GPU host's Triton cache with what `moe-engine bench --shapes mixtral,olmoe`
+will compile, on every core (scripts/gpu_checks.sh). Exit status 1 when a kernel fails to compile,
+or with --strict, when a variant has a problem (`CompiledVariant.problems`). Works with triton 3.6
+and 3.9. TRITON_INTERPRET must be unset (the interpreter replaces the kernels).
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from moe_engine.bench.problem import Shape, find_shapes
+
 KERNEL_MODULES = tuple(f"moe_engine.kernels.{name}" for name in ("aux_losses", "grouped_gemm", "permute", "router"))
-# A few spilled bytes (ptxas parking one value in L1-cached local memory) cost nothing measurable; on
-# triton 3.9 one aux-loss tile config spills 4. The GELU epilogue's 72-216 bytes at 128 accumulator
-# elements per thread are what this check exists to catch.
+# A few spilled bytes (ptxas parking one value in L1-cached local memory) cost nothing measurable:
+# small router and aux-loss configs spill 4-16 bytes. The GELU epilogue's 72-216 bytes at 128
+# accumulator elements per thread are what this check exists to catch.
 SPILL_TOLERANCE_BYTES = 16
 # Per-block dynamic shared memory limit (bytes) by compute capability.
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
@@ -224,21 +229,10 @@ def compile_only(
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Widths:
-    """The sizes a group of launches is compiled at. Only dtypes and divisibility by 16 of each
-    integer argument decide the specialisation, so a small T with a layer's own D, F, E and K
-    compiles exactly the kernels that layer launches (with T a multiple of 16, as real batches are)."""
-
-    name: str
-    T: int
-    D: int
-    F: int
-    E: int
-    K: int
-
-
-DEFAULT_WIDTHS = Widths("check", 256, 1024, 512, 8, 2)
+# The sizes a group of launches is compiled at are a benchmark `Shape`. Only dtypes and divisibility by
+# 16 of each integer argument decide the specialisation, so a small T with a layer's own D, F, E and K
+# compiles exactly the kernels that layer launches (with T a multiple of 16, as real batches are).
+DEFAULT_WIDTHS = Shape("check", 256, 1024, 512, 8, 2)
 
 
 def _routing(T: int, E: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -251,7 +245,7 @@ def _routing(T: int, E: int, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.
 # Float inputs are torch.empty: no kernel runs, so values never matter, and a layer's full-size
 # weights cost address space only.
 
-def _gemm_cases(dtype: torch.dtype, quick: bool, w: Widths) -> dict[str, Callable[[], None]]:
+def _gemm_cases(dtype: torch.dtype, quick: bool, w: Shape) -> dict[str, Callable[[], None]]:
     ops = torch.ops.moe_engine
     T, D, F, E, K = w.T, w.D, w.F, w.E, w.K
     experts_TK, choice_N, tokens_E = _routing(T, E, K)
@@ -280,7 +274,7 @@ def _gemm_cases(dtype: torch.dtype, quick: bool, w: Widths) -> dict[str, Callabl
     return cases
 
 
-def _router_cases(dtype: torch.dtype, quick: bool, w: Widths) -> dict[str, Callable[[], None]]:
+def _router_cases(dtype: torch.dtype, quick: bool, w: Shape) -> dict[str, Callable[[], None]]:
     """The gating kernels take fp32 logits (the router's gate GEMM runs in fp32), whatever `dtype`."""
     ops = torch.ops.moe_engine
     if w is DEFAULT_WIDTHS:  # (E, K, groups, top groups): softmax/sigmoid, group-limited, small and large E
@@ -302,7 +296,7 @@ def _router_cases(dtype: torch.dtype, quick: bool, w: Widths) -> dict[str, Calla
     return cases
 
 
-def _permute_cases(dtype: torch.dtype, quick: bool, w: Widths) -> dict[str, Callable[[], None]]:
+def _permute_cases(dtype: torch.dtype, quick: bool, w: Shape) -> dict[str, Callable[[], None]]:
     ops = torch.ops.moe_engine
     T, D, E, K = w.T, w.D, w.E, w.K
     experts_TK, choice_N, _ = _routing(T, E, K)
@@ -318,7 +312,7 @@ def _permute_cases(dtype: torch.dtype, quick: bool, w: Widths) -> dict[str, Call
     }
 
 
-def _aux_loss_cases(dtype: torch.dtype, quick: bool, w: Widths) -> dict[str, Callable[[], None]]:
+def _aux_loss_cases(dtype: torch.dtype, quick: bool, w: Shape) -> dict[str, Callable[[], None]]:
     """The losses read the router's fp32 probabilities and logits, whatever `dtype`."""
     ops = torch.ops.moe_engine
     T, E, K, S = w.T, w.E, w.K, 4
@@ -343,7 +337,7 @@ CASE_GROUPS = {"grouped_gemm": _gemm_cases, "router": _router_cases, "permute": 
 
 def compile_all(
     arch: int = 90, groups: list[str] | None = None, dtype: torch.dtype = torch.bfloat16, quick: bool = False,
-    progress: Callable[[CompiledVariant], None] | None = None, widths: list[Widths] | None = None,
+    progress: Callable[[CompiledVariant], None] | None = None, widths: list[Shape] | None = None,
     shard: tuple[int, int] = (0, 1), analyse: bool = True,
 ) -> list[CompiledVariant]:
     """Compile every launch of the named case groups (all by default) for sm_<arch>, at each of
@@ -380,11 +374,9 @@ def compile_all(
     return variants
 
 
-def bench_widths(names: str) -> list[Widths]:
+def bench_widths(names: str) -> list[Shape]:
     """The `moe-engine bench` shapes named in a comma-separated list, at T = 256."""
-    from moe_engine.bench.problem import find_shapes
-
-    return [Widths(s.name, 256, s.D, s.F, s.E, s.K) for s in find_shapes(names, quick=False)]
+    return [dataclasses.replace(s, T=256) for s in find_shapes(names, quick=False)]
 
 
 # ---------------------------------------------------------------------------------------------
