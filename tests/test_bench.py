@@ -56,6 +56,8 @@ def test_report_names_device_versions_date_and_backend(quick) -> None:
     assert report["versions"]["torch"] == torch.__version__
     assert dt.datetime.fromisoformat(report["date"]).tzinfo is not None
     assert report["kernels"]["backend"] in ("torch", "triton")
+    # Each Triton kernel's autotune pick (here, under the interpreter, its one candidate) and its pin.
+    assert report["autotune"]["grouped_gemm"]["chosen"][0]["pin"].startswith("MOE_ENGINE_GROUPED_GEMM_CONFIG=BLOCK_M=")
     assert report["copy_bandwidth_gbps"] > 0
     assert report["settings"]["shapes"] == [s.name for s in QUICK_SHAPES]
 

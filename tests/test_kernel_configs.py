@@ -62,3 +62,31 @@ def test_autotune_switch_values(monkeypatch):
     monkeypatch.setenv(AUTOTUNE_ENV_VAR, "off")
     with pytest.raises(ValueError, match=r"MOE_ENGINE_AUTOTUNE='off': allowed: 0 .* or 1"):
         autotune_enabled()
+
+
+def test_autotune_choices_report_each_kernels_pick_and_how_to_pin_it(monkeypatch):
+    import importlib
+
+    import triton
+
+    from moe_engine.kernels._triton import KERNEL_MODULES, autotune_choices
+
+    modules = {name.rsplit(".", 1)[1]: importlib.import_module(name) for name in KERNEL_MODULES}
+    permute_tuner = modules["permute"]._permute_kernel
+    # Under the interpreter every kernel has one candidate: reported under key None.
+    fixed = autotune_choices()["permute"]
+    assert fixed["kernel"] == "_permute_kernel" and fixed["candidates"] == len(permute_tuner.configs) == 1
+    (entry,) = fixed["chosen"]
+    assert entry["key"] is None
+    assert entry["pin"] == "MOE_ENGINE_PERMUTE_CONFIG=" + ",".join(f"{k}={v}" for k, v in entry["config"].items())
+    # With several candidates, one entry per key the autotuner has seen, with the config it kept.
+    picked = triton.Config({"BLOCK_R": 8, "BLOCK_D": 128}, num_warps=8, num_stages=2)
+    monkeypatch.setattr(permute_tuner, "configs", [permute_tuner.configs[0], picked])
+    monkeypatch.setattr(permute_tuner, "cache", {(4096, "torch.bfloat16"): picked})
+    tuned = autotune_choices()["permute"]
+    assert tuned["candidates"] == 2
+    assert tuned["chosen"] == [{
+        "key": ["4096", "torch.bfloat16"], "config": {"BLOCK_R": 8, "BLOCK_D": 128, "num_warps": 8, "num_stages": 2},
+        "pin": "MOE_ENGINE_PERMUTE_CONFIG=BLOCK_R=8,BLOCK_D=128,num_warps=8,num_stages=2",
+    }]
+    assert {"grouped_gemm", "grouped_gemm_dw", "topk_gating", "unpermute", "balance_stats"} <= set(autotune_choices())

@@ -37,6 +37,7 @@ from moe_engine.bench.common import (
 )
 from moe_engine.bench.peers import PEERS
 from moe_engine.bench.problem import DTYPES, ROUTINGS, find_shapes
+from moe_engine.kernels._triton import autotune_choices
 
 BENCHMARKS = ("layer", "router", "permute")
 
@@ -142,6 +143,8 @@ def measure_all(
 
     def save() -> None:
         report["wall_seconds"] = (now() - started).total_seconds()
+        # The config each Triton kernel's autotuner picked per key, with the setting that pins it.
+        report["autotune"] = autotune_choices()
         if png is not None and report.get("layer"):
             title = f"MoE layer fwd+bwd on {device['name']}, torch {torch.__version__}, {report['date'][:10]}"
             plot_layer_tflops(report["layer"], title, png)

@@ -32,6 +32,8 @@ except ImportError:  # pragma: no cover - triton is a dependency; this guards br
     TRITON_AVAILABLE = False
 
 _LAUNCH_KEYS = ("num_warps", "num_stages", "num_ctas")
+# The modules that define Triton kernels (compile_check compiles them, autotune_choices reads them).
+KERNEL_MODULES = tuple(f"moe_engine.kernels.{name}" for name in ("aux_losses", "grouped_gemm", "permute", "router"))
 
 
 def interpreting() -> bool:
@@ -112,6 +114,45 @@ def autotune(
     if not TRITON_AVAILABLE:
         return lambda fn: fn
     prune_by = {"early_config_prune": prune} if prune is not None else None
-    return lambda fn: triton.autotune(
-        configs=kernel_configs(op, candidates), key=key, reset_to_zero=reset_to_zero, prune_configs_by=prune_by
-    )(triton.jit(fn))
+
+    def decorate(fn):
+        tuner = triton.autotune(
+            configs=kernel_configs(op, candidates), key=key, reset_to_zero=reset_to_zero, prune_configs_by=prune_by
+        )(triton.jit(fn))
+        tuner.moe_engine_op = op  # what `autotune_choices` reports it as, and the name of its pin variable
+        return tuner
+
+    return decorate
+
+
+def _config_dict(config: Any) -> dict[str, int]:
+    launch = {k: getattr(config, k) for k in ("num_warps", "num_stages") if getattr(config, k, None) is not None}
+    return {**config.kwargs, **launch}
+
+
+def autotune_choices(modules: tuple[str, ...] = KERNEL_MODULES) -> dict[str, dict[str, Any]]:
+    """What every autotuned kernel of the (already imported) kernel modules has chosen in this process.
+
+    {op: {"kernel": name, "candidates": n, "chosen": [{"key": [...], "config": {...}, "pin": "VAR=..."}]}},
+    one entry of "chosen" per autotune key seen (the key lists the key arguments' values, then the
+    dtypes of the tensor arguments). A kernel with one candidate (interpreter, MOE_ENGINE_AUTOTUNE=0,
+    a pinned config) reports that config under key None. `pin` is the environment setting that
+    reproduces the choice without autotuning.
+    """
+    import sys
+
+    choices: dict[str, dict[str, Any]] = {}
+    for module in filter(None, map(sys.modules.get, modules)):
+        for tuner in vars(module).values():
+            op = getattr(tuner, "moe_engine_op", None)
+            if op is None:
+                continue
+            cache = dict(tuner.cache) if len(tuner.configs) > 1 else {None: tuner.configs[0]}
+            chosen = []
+            for key, config in cache.items():
+                values = _config_dict(config)
+                pin = ",".join(f"{k}={v}" for k, v in values.items())
+                chosen.append({"key": None if key is None else [str(k) for k in key], "config": values,
+                               "pin": f"{config_env_var(op)}={pin}"})
+            choices[op] = {"kernel": tuner.base_fn.__name__, "candidates": len(tuner.configs), "chosen": chosen}
+    return choices

@@ -42,8 +42,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from moe_engine.bench.problem import Shape, find_shapes
+from moe_engine.kernels._triton import KERNEL_MODULES
 
-KERNEL_MODULES = tuple(f"moe_engine.kernels.{name}" for name in ("aux_losses", "grouped_gemm", "permute", "router"))
 # A few spilled bytes (ptxas parking one value in L1-cached local memory) cost nothing measurable:
 # small router and aux-loss configs spill 4-16 bytes. The GELU epilogue's 72-216 bytes at 128
 # accumulator elements per thread are what this check exists to catch.

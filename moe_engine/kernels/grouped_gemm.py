@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from moe_engine.kernels._triton import TRITON_AVAILABLE, interpreting, kernel_configs, triton, upcast_dot_operands
+from moe_engine.kernels._triton import TRITON_AVAILABLE, autotune, interpreting, triton, upcast_dot_operands
 from moe_engine.kernels.backend import select_backend
 
 if TRITON_AVAILABLE:
@@ -228,12 +228,8 @@ if TRITON_AVAILABLE:
     #   "gelu_bwd":   dh = d_act * gelu'(a), gelu'(a) = Phi(a) + a * exp(-a^2 / 2) / sqrt(2 pi); act = gelu(a)
     # The forward epilogue applies the activation to h rounded to the output dtype, so the backward
     # (which reads the stored h) differentiates exactly the function the forward computed.
-    @triton.autotune(
-        configs=kernel_configs("grouped_gemm", _grouped_gemm_configs()),
-        key=["K_DIM", "O", "EPILOGUE", "HAS_GATHER"],
-        prune_configs_by={"early_config_prune": _prune_gemm_configs},
-    )
-    @triton.jit
+    @autotune("grouped_gemm", _grouped_gemm_configs(), key=["K_DIM", "O", "EPILOGUE", "HAS_GATHER"],
+              prune=_prune_gemm_configs)
     def _grouped_gemm_kernel(
         x_ptr, gather_ptr, w_ptr, tokens_ptr, y_ptr, h_ptr, act_ptr,
         N, K_DIM, O, E,
@@ -328,8 +324,7 @@ if TRITON_AVAILABLE:
     #   tokens_ptr  (E,) int rows per expert
     #   dw_ptr      (E, O, I) output, written in full: experts with no rows get zeros
     # Grid: (O-tiles * I-tiles, E); each program loops over its expert's rows BLOCK_K at a time.
-    @triton.autotune(configs=kernel_configs("grouped_gemm_dw", _grouped_gemm_dw_configs()), key=["O", "I", "HAS_GATHER"])
-    @triton.jit
+    @autotune("grouped_gemm_dw", _grouped_gemm_dw_configs(), key=["O", "I", "HAS_GATHER"])
     def _grouped_gemm_dw_kernel(
         dy_ptr, x_ptr, gather_ptr, tokens_ptr, dw_ptr,
         N, O, I, E,
