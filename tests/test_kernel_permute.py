@@ -20,10 +20,13 @@ from moe_engine.kernels.permute import (
     _combine_configs,
     _expert_order_configs,
     _permute_configs,
+    _gather_backward_configs,
     _unpermute_backward_configs,
     expert_order,
     expert_order_reference,
     expert_order_triton,
+    gather_backward_reference,
+    gather_backward_triton,
     permute,
     permute_backward_triton,
     permute_reference,
@@ -216,6 +219,63 @@ def test_bf16_sums_in_fp32_rounded_once_to_nearest():
     assert torch.equal(grad_y_ND, y.grad)
 
 
+# (N rows, M source rows, how the rows index them), each an edge case of a gather's backward.
+GATHER_CASES = [
+    (1, 1, "sorted"),  # one row
+    (12, 4, "routing"),  # the routing gather choice_N // K: K rows per token, expert-grouped order
+    (30, 7, "random"),  # unsorted, some source rows gathered many times, some never
+    (5, 9, "random"),  # more source rows than rows: most get zeros
+    (40, 1, "random"),  # every row reads row 0 (all tokens on one expert, MMoE's shared input)
+    (0, 3, "random"),  # no rows: zeros
+    (0, 0, "random"),  # no rows, no source rows
+]
+
+
+def _gather_index(num_rows: int, num_sources: int, how: str) -> torch.Tensor:
+    if num_sources == 0:
+        return torch.zeros(num_rows, dtype=torch.int64)
+    if how == "routing":
+        top_k = num_rows // num_sources
+        experts_TK = random_choices(num_sources, top_k, 2 * top_k)
+        choice_N, _ = expert_order_reference(experts_TK, 2 * top_k)
+        return choice_N // top_k
+    index = torch.randint(0, num_sources, (num_rows,))
+    return index.sort().values if how == "sorted" else index
+
+
+@pytest.mark.parametrize("num_rows, num_sources, how", GATHER_CASES)
+@pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-6, 1e-5), (torch.bfloat16, 8e-3, 8e-3)])
+def test_gather_backward_matches_reference(num_rows, num_sources, how, dtype, atol, rtol):
+    torch.manual_seed(num_rows + num_sources)
+    index_N = _gather_index(num_rows, num_sources, how)
+    grad_ND = torch.randn(num_rows, 37, dtype=dtype)
+    got = gather_backward_triton(grad_ND, index_N, num_sources)
+    assert got.dtype == dtype and got.shape == (num_sources, 37)
+    torch.testing.assert_close(got, gather_backward_reference(grad_ND, index_N, num_sources), atol=atol, rtol=rtol)
+    # Summed in fp32 and rounded once: exactly the fp32 result rounded to the output dtype.
+    assert torch.equal(got, gather_backward_triton(grad_ND.float(), index_N, num_sources).to(dtype))
+
+
+def test_gather_backward_sums_in_row_order_in_fp32():
+    # 1 + 3 * 2^-9 is lost when summed in bf16, kept (rounded once to 1.0078125) in fp32; and the
+    # fp32 sum follows row order, whatever order the index lists them in.
+    grad_ND = torch.tensor([[2.0**-9], [1.0], [2.0**-9], [2.0**-9]], dtype=torch.bfloat16)
+    assert gather_backward_triton(grad_ND, torch.zeros(4, dtype=torch.int64), 1).item() == 1.0078125
+    grad_ND = torch.tensor([[1e8], [1.0], [-1e8], [1.0]])
+    index_N = torch.tensor([1, 0, 1, 1])
+    # Row order for source 1: 1e8 + (-1e8) + 1 = 1 (any other order of the three loses the 1).
+    assert gather_backward_triton(grad_ND, index_N, 2).tolist() == [[1.0], [1.0]]
+
+
+def test_gather_backward_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="index_N has 3 rows, grad_ND 4: expected equal"):
+        gather_backward_triton(torch.randn(4, 2), torch.arange(3), 4)
+    with pytest.raises(ValueError, match="num_rows = -1: expected >= 0"):
+        gather_backward_triton(torch.randn(4, 2), torch.arange(4), -1)
+    with pytest.raises(ValueError, match="index_N: expected a 1-D int32/int64 tensor"):
+        gather_backward_triton(torch.randn(4, 2), torch.arange(4).float(), 4)
+
+
 @pytest.mark.parametrize("index", range(1, 10))
 def test_every_autotune_candidate(index):
     # The interpreter runs only the first candidate through the autotuner; force each of the others.
@@ -246,6 +306,8 @@ def test_every_autotune_candidate(index):
                                                pick(_unpermute_backward_configs()))
     torch.testing.assert_close(grad_y, y.grad)
     torch.testing.assert_close(grad_w, w.grad)
+    torch.testing.assert_close(gather_backward_triton(y_ND, choice_N // top_k, num_tokens, pick(_gather_backward_configs())),
+                               expected_grad_x)
 
 
 def test_launchers_reject_bad_shapes():

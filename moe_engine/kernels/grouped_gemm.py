@@ -24,9 +24,8 @@ Triton implementation (custom ops `moe_engine::*`, so torch.compile traces throu
   from x (a second up-projection GEMM) would save N * H more at +1/3 backward FLOPs.
 - Backward: dX reuses the forward kernel on the weight's transposed view; dW[e] = dy_e^T @ x_e
   is its own kernel tiled over (O-tile, I-tile, expert) looping over the expert's rows (experts
-  with no rows get zeros). With a gather, dX is computed per row and summed per source row with
-  `index_add_` in fp32 (deterministic on CPU; CUDA's index_add_ uses atomics, so the order of the
-  K additions per token, and the last bit, may vary between runs).
+  with no rows get zeros). With a gather, dX is computed per row and each source row sums its
+  rows in fp32, in row order (`permute.gather_backward_triton`: deterministic, no atomics).
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 
 from moe_engine.kernels._triton import TRITON_AVAILABLE, autotune, interpreting, triton, upcast_dot_operands
 from moe_engine.kernels.backend import select_backend
+from moe_engine.kernels.permute import gather_backward_triton
 
 if TRITON_AVAILABLE:
     import triton.language as tl
@@ -434,14 +434,13 @@ def _grouped_gemm_dx_op(
     num_x_rows: int,
 ) -> torch.Tensor:
     """dx_N[n] = dy[n] @ w[e(n)]; with a gather, dx[m] = sum of dx_N[n] over rows n with gather[n] = m."""
-    # With a gather the kernel writes fp32 rows: a token's K row gradients are summed in fp32, not bf16.
-    row_dtype = dy_NO.dtype if gather_index_N is None else torch.float32
-    dx_NI = dy_NO.new_empty(dy_NO.shape[0], w_EOI.shape[2], dtype=row_dtype)
+    dx_NI = dy_NO.new_empty(dy_NO.shape[0], w_EOI.shape[2])
     _launch_gemm(dy_NO, w_EOI, tokens_per_expert_E, None, dx_NI, w_EOI.shape[2])
     if gather_index_N is None:
         return dx_NI
-    dx = dx_NI.new_zeros(num_x_rows, w_EOI.shape[2])
-    return dx.index_add_(0, gather_index_N, dx_NI).to(dy_NO.dtype)
+    # The rows of one source row summed in fp32, in row order (deterministic, unlike index_add_'s
+    # atomics on CUDA): exactly what permute's backward does on the materialised path.
+    return gather_backward_triton(dx_NI, gather_index_N, num_x_rows)
 
 
 @_grouped_gemm_dx_op.register_fake

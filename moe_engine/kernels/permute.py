@@ -10,13 +10,15 @@ fewer when capacity dropped choices), C = T*K choices. A "choice" is the flat in
 - `permute`:   x_ND[n] = x_TD[choice_N[n] // K]                          (a gather)
 - `unpermute`: y_TD[t] = sum over rows n of token t of weight[choice_N[n]] * y_ND[n]
                (a weighted sum, accumulated in fp32, fp64 for fp64 inputs)
+- `gather_backward`: grad_x_MD[m] = sum over rows n with index_N[n] = m of grad_ND[n], for any
+               gather index (the input gradient of a grouped GEMM that read x rows through one)
 
 Each op has its pure-torch reference (`*_reference`), a Triton launcher (`*_triton`) and a public
 function that picks one through `select_backend`. The Triton path runs as `moe_engine::*`
 custom ops with fake kernels and autograd formulas, so `torch.compile` traces through it.
 
-The combines are token-centric (one program gathers a token's K rows through `row_of_choice_C`):
-deterministic, no atomics. They need `choice_N` to hold distinct choices, as `expert_order`
+The combines are token-centric (one program gathers a token's K rows through `row_of_choice_C`,
+or a source row's rows through a stable sort of the index): deterministic, no atomics. They need `choice_N` to hold distinct choices, as `expert_order`
 makes it; the references also accept repeated choices. Autotuned tiles can be pinned with
 MOE_ENGINE_{PERMUTE,UNPERMUTE,UNPERMUTE_BACKWARD,EXPERT_ORDER}_CONFIG (UNPERMUTE's kernel also
 runs permute's backward); the launchers take `config=` to force one tile (tests, benchmarks).
@@ -82,6 +84,14 @@ def unpermute_reference(
     weighted_ND = y_ND.to(acc_dtype) * weights_N.to(acc_dtype)[:, None]
     y_TD = torch.zeros(num_tokens, y_ND.shape[-1], dtype=acc_dtype, device=y_ND.device)
     return y_TD.index_add(0, choice_N // top_k, weighted_ND).to(y_ND.dtype)
+
+
+def gather_backward_reference(grad_ND: torch.Tensor, index_N: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """grad_ND: (N, D), index_N: (N,) int in [0, num_rows) -> grad_x (num_rows, D) in grad_ND's dtype,
+    grad_x[m] = sum of grad_ND[n] over n with index_N[n] = m, accumulated in at least fp32."""
+    acc_dtype = torch.promote_types(grad_ND.dtype, torch.float32)
+    out = torch.zeros(num_rows, grad_ND.shape[-1], dtype=acc_dtype, device=grad_ND.device)
+    return out.index_add_(0, index_N, grad_ND.to(acc_dtype)).to(grad_ND.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +306,42 @@ def _unpermute_backward_kernel(grad_y_TD_ptr, y_ND_ptr, row_of_choice_C_ptr, wei
         tl.store(grad_weights_C_ptr + choice_TK, grad_w_TK, mask=mask_tk)
 
 
+def _gather_backward_configs() -> list[dict[str, int]]:
+    # Like the combine: BLOCK_M source rows, each summing its rows (K of them after a routing gather).
+    return [
+        {"BLOCK_M": 4, "BLOCK_D": 64, "num_warps": 4},
+        {"BLOCK_M": 1, "BLOCK_D": 512, "num_warps": 4},
+        {"BLOCK_M": 1, "BLOCK_D": 1024, "num_warps": 8},
+        {"BLOCK_M": 2, "BLOCK_D": 1024, "num_warps": 8},
+        {"BLOCK_M": 4, "BLOCK_D": 256, "num_warps": 8},
+    ]
+
+
+# Shapes: src_ND (N, D), row stride stride_src; order_N (N,) int64, the rows sorted by index
+# (stable); starts_M1 (M + 1,) int64, source row m's rows are order_N[starts[m]:starts[m + 1]];
+# out_MD (M, D), row stride stride_out. Grid: (cdiv(M, BLOCK_M), cdiv(D, BLOCK_D)).
+@_autotune("gather_backward", _gather_backward_configs(), key=["D"])
+def _gather_backward_kernel(src_ND_ptr, order_N_ptr, starts_M1_ptr, out_MD_ptr, M, D, stride_src, stride_out,
+                            ACC_FP64: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    # out[m, d] = sum_j src[order[starts[m] + j], d], j < count[m], in increasing row order: the
+    # same sum in the same order on every run and GPU (index_add_ on CUDA adds atomically instead).
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    start = tl.load(starts_M1_ptr + offs_m, mask=mask_m, other=0)
+    count = tl.load(starts_M1_ptr + offs_m + 1, mask=mask_m, other=0) - start
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float64 if ACC_FP64 else tl.float32)
+    for j in range(0, tl.max(count, axis=0)):
+        has = count > j
+        row = tl.load(order_N_ptr + start + j, mask=has, other=0)
+        src = tl.load(src_ND_ptr + row[:, None] * stride_src + offs_d[None, :], mask=has[:, None] & mask_d[None, :], other=0)
+        acc += src.to(tl.float64) if ACC_FP64 else src.to(tl.float32)
+    out = _round_to(acc, out_MD_ptr.dtype.element_ty, EMULATE_RNE)
+    tl.store(out_MD_ptr + offs_m[:, None] * stride_out + offs_d[None, :], out, mask=mask_m[:, None] & mask_d[None, :])
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
@@ -427,6 +473,33 @@ def permute_backward_triton(
         raise ValueError(f"choice_N has {choice_N.numel()} rows, grad_x_ND {grad_x_ND.shape[0]}: expected equal")
     row_of_choice_C = invert_choice_triton(choice_N, num_tokens * top_k)
     return _combine(grad_x_ND, row_of_choice_C, None, num_tokens, top_k, grad_x_ND.dtype, config)
+
+
+def gather_backward_triton(
+    grad_ND: torch.Tensor, index_N: torch.Tensor, num_rows: int, config: dict[str, int] | None = None
+) -> torch.Tensor:
+    """Triton `gather_backward`: grad_x (num_rows, D) in grad_ND's dtype, each row the fp32 sum of the
+    rows that gathered it, in row order (deterministic). No autograd; no device-to-host sync."""
+    grad_ND = _check_rows("grad_ND", grad_ND)
+    _check_index("index_N", index_N, 1, grad_ND.device)
+    if index_N.numel() != grad_ND.shape[0]:
+        raise ValueError(f"index_N has {index_N.numel()} rows, grad_ND {grad_ND.shape[0]}: expected equal")
+    if num_rows < 0:
+        raise ValueError(f"num_rows = {num_rows}: expected >= 0")
+    width = grad_ND.shape[1]
+    out_MD = torch.empty(num_rows, width, dtype=grad_ND.dtype, device=grad_ND.device)
+    if num_rows == 0 or width == 0:
+        return out_MD
+    sorted_N, order_N = torch.sort(index_N, stable=True)
+    # starts[m] = number of rows with index < m; indices outside [0, num_rows) fall outside every segment.
+    starts_M1 = torch.searchsorted(sorted_N, torch.arange(num_rows + 1, device=grad_ND.device, dtype=sorted_N.dtype))
+
+    def grid(meta):
+        return triton.cdiv(num_rows, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_D"])
+
+    _launch(_gather_backward_kernel, grid, config, grad_ND, order_N, starts_M1, out_MD, num_rows, width,
+            grad_ND.stride(0), out_MD.stride(0), ACC_FP64=grad_ND.dtype == torch.float64, EMULATE_RNE=interpreting())
+    return out_MD
 
 
 def _check_choices_and_weights(choice_N: torch.Tensor, num_rows: int, weights_TK: torch.Tensor, num_tokens: int,
