@@ -246,3 +246,97 @@ def test_compiled_kernels_on_cuda_bf16(activation, skewed):
     expected = [y_ref, *grads(y_ref, grad_y, ref_leaves)]
     for what, a, b in zip(("y", "dx", "dw_in", "dw_out"), got, expected):
         assert_close(a, b.detach(), 2e-2, 2e-2, what)
+
+
+# A TMA candidate (weights through a tensor descriptor) and its pointer-load twin, small enough for
+# the interpreter; each launch below is run with both and compared with the torch loop.
+TMA_CONFIGS = [
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, B_TMA=tma, num_warps=4, num_stages=3) for tma in (0, 1)
+]
+
+
+@pytest.mark.parametrize("config", TMA_CONFIGS, ids=["pointer", "tma"])
+@pytest.mark.parametrize("dtype, ref_dtype, atol, rtol", DTYPE_TOLERANCES)
+def test_tma_weight_loads_match_the_loop(config, dtype, ref_dtype, atol, rtol):
+    # Both weight orientations: K-major (the forward reads w.transpose(1, 2), with SwiGLU's up half
+    # O rows further on) and N-major (act_backward / dX read w itself). The widths are not tile
+    # multiples (the descriptor box runs past the weight's edges) and expert 1 has no rows.
+    from moe_engine.kernels.grouped_gemm import _launch_gemm, activate_reference, grouped_linear_loop
+
+    torch.manual_seed(11)
+    tokens_E = torch.tensor([5, 0, 70])
+    N, D, F = int(tokens_E.sum()), 40, 24
+    x = torch.randn(N, D).to(dtype)
+    w_in = (torch.randn(3, 2 * F, D) * D**-0.5).to(dtype)
+    w_out = (torch.randn(3, D, F) * F**-0.5).to(dtype)
+    ref = [t.to(ref_dtype) for t in (x, w_in, w_out)]
+
+    act, h = x.new_empty(N, F), x.new_empty(N, 2 * F)
+    _launch_gemm(x, w_in.transpose(1, 2), tokens_E, None, act, F, "swiglu", h=h, store_h=True, config=config)
+    h_ref = grouped_linear_loop(ref[0], ref[1], tokens_E)
+    assert_close(h, h_ref, atol, rtol, "h (K-major, SwiGLU's two halves)")
+    assert_close(act, activate_reference(h_ref, "swiglu"), atol, rtol, "act")
+
+    dx = x.new_empty(N, 2 * F)  # dX of the down-projection's input: grad_y @ w_out[e] (N-major)
+    grad_y = torch.randn(N, D).to(dtype)
+    _launch_gemm(grad_y, w_out, tokens_E, None, dx[:, :F], F, config=config)
+    assert_close(dx[:, :F], grouped_linear_loop(grad_y.to(ref_dtype), ref[2].transpose(1, 2), tokens_E), atol, rtol, "dX")
+
+
+def test_tma_config_needs_a_descriptor():
+    from moe_engine.kernels.grouped_gemm import _launch_gemm
+
+    x, w = torch.randn(4, 18), torch.randn(2, 8, 18)  # rows of 18 * 4 bytes: not 16-byte aligned
+    with pytest.raises(ValueError, match="asks for TMA weight loads, but this weight has no TMA descriptor"):
+        _launch_gemm(x, w.transpose(1, 2), torch.tensor([1, 3]), None, x.new_empty(4, 8), 8, config=TMA_CONFIGS[1])
+
+
+@pytest.mark.gpu
+def test_every_tma_candidate_on_cuda_bf16():
+    # The TMA candidates are opt-in (MOE_ENGINE_GEMM_TMA=1) until measured; here every one of them
+    # runs compiled, both weight orientations, widths that are not tile multiples, an empty expert.
+    from moe_engine.kernels.grouped_gemm import _grouped_gemm_configs, _launch_gemm, grouped_linear_loop
+
+    torch.manual_seed(12)
+    tokens_E = torch.tensor([300, 0, 700, 24], device="cuda")
+    N, D, F = int(tokens_E.sum()), 520, 200
+    x = torch.randn(N, D, device="cuda").bfloat16()
+    w_in = (torch.randn(4, 2 * F, D, device="cuda") * D**-0.5).bfloat16()
+    w_out = (torch.randn(4, D, F, device="cuda") * F**-0.5).bfloat16()
+    grad_y = torch.randn(N, D, device="cuda").bfloat16()
+    h_ref = grouped_linear_loop(x.float(), w_in.float(), tokens_E)
+    dx_ref = grouped_linear_loop(grad_y.float(), w_out.float().transpose(1, 2), tokens_E)
+    for config in [c for c in _grouped_gemm_configs() if c["B_TMA"]]:
+        act, h = x.new_empty(N, F), x.new_empty(N, 2 * F)
+        _launch_gemm(x, w_in.transpose(1, 2), tokens_E, None, act, F, "swiglu", h=h, store_h=True, config=config)
+        assert_close(h, h_ref, 2e-2, 2e-2, f"h, K-major, {config}")
+        dx = x.new_empty(N, F)
+        _launch_gemm(grad_y, w_out, tokens_E, None, dx, F, config=config)
+        assert_close(dx, dx_ref, 2e-2, 2e-2, f"dX, N-major, {config}")
+
+
+def test_tma_candidates_are_opt_in_and_need_a_descriptor(monkeypatch):
+    import triton
+
+    from moe_engine.kernels.grouped_gemm import (
+        GEMM_TMA_ENV_VAR, _grouped_gemm_configs, _prune_gemm_configs, _weight_descriptor, gemm_tma_enabled,
+    )
+
+    configs = [triton.Config({k: v for k, v in c.items() if not k.startswith("num_")}, num_warps=c["num_warps"],
+                             num_stages=c["num_stages"]) for c in _grouped_gemm_configs()]
+    desc, k_major = _weight_descriptor(torch.randn(4, 64, 32).transpose(1, 2))
+    assert desc is not None and k_major and list(desc.shape) == [4, 64, 32]
+    args = {"w_desc": desc, "O": 512, "EPILOGUE": "none"}
+
+    def tma_kept(named_args):
+        return {c.kwargs["B_TMA"] for c in _prune_gemm_configs(configs, named_args)}
+
+    monkeypatch.delenv(GEMM_TMA_ENV_VAR, raising=False)
+    assert not gemm_tma_enabled() and tma_kept(args) == {0}
+    monkeypatch.setenv(GEMM_TMA_ENV_VAR, "1")
+    assert tma_kept(args) == {0, 1}
+    assert tma_kept({**args, "w_desc": torch.empty(1)}) == {0}  # no descriptor for this weight: pointer loads
+    assert _weight_descriptor(torch.randn(2, 8, 18).transpose(1, 2))[0] is None  # 72-byte rows: not TMA-aligned
+    monkeypatch.setenv(GEMM_TMA_ENV_VAR, "yes")
+    with pytest.raises(ValueError, match="MOE_ENGINE_GEMM_TMA='yes': allowed: 0 .* or 1"):
+        gemm_tma_enabled()

@@ -74,9 +74,10 @@ def autotune_enabled() -> bool:
     return value == "1"
 
 
-def kernel_configs(op: str, candidates: list[dict[str, int]]) -> list[Any]:
+def kernel_configs(op: str, candidates: list[dict[str, int]], pre_hook: Any = None) -> list[Any]:
     """triton.Config objects for `triton.autotune`: the pinned one, the first under the interpreter
-    or with MOE_ENGINE_AUTOTUNE=0, or all."""
+    or with MOE_ENGINE_AUTOTUNE=0, or all. pre_hook(nargs): run before each launch with a config
+    (e.g. to give a tensor descriptor the config's block shape)."""
     pinned = pinned_config(op)
     if pinned is not None:
         unknown = set(pinned) - set(candidates[0]) - set(_LAUNCH_KEYS)
@@ -91,7 +92,7 @@ def kernel_configs(op: str, candidates: list[dict[str, int]]) -> list[Any]:
     for c in chosen:
         meta = {k: v for k, v in c.items() if k not in _LAUNCH_KEYS}
         launch = {k: v for k, v in c.items() if k in _LAUNCH_KEYS}
-        configs.append(triton.Config(meta, **launch))
+        configs.append(triton.Config(meta, **launch, pre_hook=pre_hook))
     return configs
 
 
@@ -105,8 +106,9 @@ def autotune(
     key: list[str],
     reset_to_zero: list[str] | None = None,
     prune: Any = None,
+    pre_hook: Any = None,
 ):
-    """`triton.autotune` over `kernel_configs(op, candidates)` around `triton.jit`.
+    """`triton.autotune` over `kernel_configs(op, candidates, pre_hook)` around `triton.jit`.
 
     reset_to_zero: output buffers that accumulate (atomics) and must be zeroed between trials.
     prune: an `early_config_prune(configs, named_args, **kwargs)` function, or None.
@@ -117,7 +119,7 @@ def autotune(
 
     def decorate(fn):
         tuner = triton.autotune(
-            configs=kernel_configs(op, candidates), key=key, reset_to_zero=reset_to_zero, prune_configs_by=prune_by
+            configs=kernel_configs(op, candidates, pre_hook), key=key, reset_to_zero=reset_to_zero, prune_configs_by=prune_by
         )(triton.jit(fn))
         tuner.moe_engine_op = op  # what `autotune_choices` reports it as, and the name of its pin variable
         return tuner

@@ -209,6 +209,8 @@ def compile_only(
         try:
             kept = self.prune_configs(kwargs)
             for config in kept if all_configs else kept[:1]:
+                if config.pre_hook is not None:  # e.g. a descriptor's block shape, as Autotuner.run does
+                    config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
                 self.fn.run(*args, **kwargs, **config.all_kwargs())
         finally:
             self.nargs = None
@@ -387,7 +389,7 @@ def bench_widths(names: str) -> list[Shape]:
 def format_variant(v: CompiledVariant, arch: int) -> str:
     cfg = ",".join(f"{k.removeprefix('BLOCK_')}={val}" for k, val in v.config.items()
                    if not (k == "num_ctas" and val == 1)).replace("num_warps", "warps").replace("num_stages", "stages")
-    keys = ("EPILOGUE", "HAS_GATHER", "SIGMOID", "N_GROUPS", "BACKWARD")
+    keys = ("EPILOGUE", "HAS_GATHER", "B_TMA", "SIGMOID", "N_GROUPS", "BACKWARD")
     spec = ",".join(f"{k}={v.constexprs[k]}" for k in keys if k in v.constexprs)
     problems = "; ".join(v.problems(arch)) or "ok"
     if v.error:

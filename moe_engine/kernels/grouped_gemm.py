@@ -22,6 +22,10 @@ Triton implementation (custom ops `moe_engine::*`, so torch.compile traces throu
   Memory: the forward saves the pre-activation h (N, H) and recomputes act (N, F) in the
   backward's epilogue, instead of saving both (N * 3F) as an unfused layer does; recomputing h
   from x (a second up-projection GEMM) would save N * H more at +1/3 backward FLOPs.
+- Weight tiles: pointer loads (cp.async-pipelined on Hopper), or with MOE_ENGINE_GEMM_TMA=1 also
+  candidates that read them through a host TMA descriptor of the 3-D weight (K-major for the
+  forward's transposed view, N-major for dX), each box one expert's (E = 1) slice so the reduction
+  edge reads zeros. Opt-in until a GPU run shows the autotuner picking them and the GPU tests pass.
 - Backward: dX reuses the forward kernel on the weight's transposed view; dW[e] = dy_e^T @ x_e
   is its own kernel tiled over (O-tile, I-tile, expert) looping over the expert's rows (experts
   with no rows get zeros). With a gather, dX is computed per row and each source row sums its
@@ -30,6 +34,7 @@ Triton implementation (custom ops `moe_engine::*`, so torch.compile traces throu
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -41,6 +46,11 @@ from moe_engine.kernels.permute import gather_backward_triton
 
 if TRITON_AVAILABLE:
     import triton.language as tl
+
+try:  # host-side TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton or none: the pointer-load candidates only
+    TensorDescriptor = None
 
 MLP_ACTIVATIONS = ("swiglu", "gelu")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -142,15 +152,39 @@ def grouped_mlp_reference(
 # Kernels
 
 def _grouped_gemm_configs() -> list[dict[str, int]]:
-    """Candidates of `_grouped_gemm_kernel`; the first (small) one is what the interpreter runs."""
-    small = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)]
-    return small + [
-        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (64, 128, 64, 4, 4), (64, 128, 64, 8, 4), (128, 64, 64, 8, 4), (128, 128, 32, 4, 4), (128, 128, 64, 4, 3),
-            (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 32, 8, 4),
-        ]
+    """Candidates of `_grouped_gemm_kernel`; the first (small) one is what the interpreter runs.
+
+    B_TMA=1: the weight tiles come through a TMA tensor descriptor instead of pointer loads
+    (Hopper and newer; opt-in with MOE_ENGINE_GEMM_TMA=1 until measured on a GPU, see `_prune_gemm_configs`).
+    """
+    small = [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, B_TMA=0, num_warps=4, num_stages=3)]
+    tiles = [
+        (64, 128, 64, 4, 4), (64, 128, 64, 8, 4), (128, 64, 64, 8, 4), (128, 128, 32, 4, 4), (128, 128, 64, 4, 3),
+        (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 256, 64, 8, 3), (128, 256, 32, 8, 4),
     ]
+    return small + [
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, B_TMA=tma, num_warps=w, num_stages=s)
+        for tma in (0, 1) for bm, bn, bk, w, s in tiles
+    ]
+
+
+GEMM_TMA_ENV_VAR = "MOE_ENGINE_GEMM_TMA"
+
+
+def gemm_tma_enabled() -> bool:
+    """MOE_ENGINE_GEMM_TMA=1 adds the TMA weight-load candidates to the grouped GEMM's autotuning."""
+    value = os.environ.get(GEMM_TMA_ENV_VAR, "0").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{GEMM_TMA_ENV_VAR}={value!r}: allowed: 0 (pointer loads only) or 1 (also TMA candidates)")
+    return value == "1"
+
+
+def _set_weight_block(nargs) -> None:
+    """Config pre-hook: give the weight descriptor the config's tile (a [1, rows, cols] box of the 3-D weight)."""
+    desc = nargs["w_desc"]
+    if nargs.get("B_TMA") and isinstance(desc, TensorDescriptor):
+        rows, cols = (nargs["BLOCK_N"], nargs["BLOCK_K"]) if nargs["B_KMAJOR"] else (nargs["BLOCK_K"], nargs["BLOCK_N"])
+        desc.block_shape = [1, rows, cols]
 
 
 def _grouped_gemm_dw_configs() -> list[dict[str, int]]:
@@ -177,11 +211,14 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     per_thread = {"swiglu": 64, "gelu": 64, "swiglu_bwd": 32, "gelu_bwd": 32}.get(args.get("EPILOGUE"), 128)
     max_n = max(64, triton.next_power_of_2(int(args.get("O", 256))))
+    # TMA candidates only where asked for and where the weight has a descriptor (see `_weight_descriptor`).
+    tma = gemm_tma_enabled() and isinstance(args.get("w_desc"), TensorDescriptor)
     kept = [
         c for c in configs
         if c.kwargs["BLOCK_N"] <= max_n and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= per_thread * 32 * c.num_warps
+        and (tma or not c.kwargs.get("B_TMA"))
     ]
-    return kept or configs[:1]
+    return kept or [c for c in configs if not c.kwargs.get("B_TMA")][:1]
 
 
 if TRITON_AVAILABLE:
@@ -229,14 +266,15 @@ if TRITON_AVAILABLE:
     # The forward epilogue applies the activation to h rounded to the output dtype, so the backward
     # (which reads the stored h) differentiates exactly the function the forward computed.
     @autotune("grouped_gemm", _grouped_gemm_configs(), key=["K_DIM", "O", "EPILOGUE", "HAS_GATHER"],
-              prune=_prune_gemm_configs)
+              prune=_prune_gemm_configs, pre_hook=_set_weight_block)
     def _grouped_gemm_kernel(
-        x_ptr, gather_ptr, w_ptr, tokens_ptr, y_ptr, h_ptr, act_ptr,
+        x_ptr, gather_ptr, w_ptr, w_desc, tokens_ptr, y_ptr, h_ptr, act_ptr,
         N, K_DIM, O, E,
         stride_xm, stride_xk, stride_we, stride_wk, stride_wo, stride_ym, stride_hm, stride_am,
-        EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, STORE_H: tl.constexpr,
+        EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, STORE_H: tl.constexpr, B_KMAJOR: tl.constexpr,
         UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        B_TMA: tl.constexpr,
     ):
         pid = tl.program_id(0)
         offs_e = tl.arange(0, BLOCK_E)
@@ -272,10 +310,23 @@ if TRITON_AVAILABLE:
         for k0 in range(0, K_DIM, BLOCK_K):
             k_ok = offs_k < K_DIM - k0
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b_ok = k_ok[:, None] & col_ok[None, :]
-            acc = _dot(a, tl.load(b_ptrs, mask=b_ok, other=0.0), acc, UPCAST_DOT, IEEE_DOT)
+            if B_TMA:
+                # The descriptor's box: rows of w[e] (O-tile, K-tile) then transposed, or (K-tile, O-tile).
+                # Past the weight's edge the box reads zeros; columns past O read the next rows of
+                # w[e] (or, for SwiGLU's gate, its up half) and land in output columns never stored.
+                if B_KMAJOR:
+                    b = w_desc.load([e, pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+                else:
+                    b = w_desc.load([e, k0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+            else:
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = _dot(a, b, acc, UPCAST_DOT, IEEE_DOT)
             if EPILOGUE == "swiglu":
-                acc_up = _dot(a, tl.load(b_ptrs + O * stride_wo, mask=b_ok, other=0.0), acc_up, UPCAST_DOT, IEEE_DOT)
+                if B_TMA:
+                    b_up = w_desc.load([e, O + pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+                else:
+                    b_up = tl.load(b_ptrs + O * stride_wo, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                acc_up = _dot(a, b_up, acc_up, UPCAST_DOT, IEEE_DOT)
             a_ptrs += BLOCK_K * stride_xk
             b_ptrs += BLOCK_K * stride_wk
 
@@ -365,26 +416,59 @@ if TRITON_AVAILABLE:
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=o_ok[:, None] & i_ok[None, :])
 
 
-def _launch_gemm(x, b_EKO, tokens_E, gather_N, y, out_width, epilogue="none", h=None, act=None, store_h=False) -> None:
-    """Fill y (and h / act, per the epilogue) from x rows and the strided (E, K, O) weight view b_EKO."""
+def _weight_descriptor(b_EKO: torch.Tensor) -> tuple[object, bool]:
+    """(descriptor or None, K-major) for the weight behind the (E, K, O) view b_EKO.
+
+    The descriptor covers the 3-D weight as stored, last dimension contiguous: (E, O, K) behind a
+    transposed view (K-major: the forward's w.transpose(1, 2)), (E, K, O) itself otherwise (the dX
+    path's w). None where TMA cannot read it (a 16-byte aligned base and row strides are required)
+    or Triton has no host descriptors; its block shape is set per config by `_set_weight_block`.
+    """
+    k_major = b_EKO.stride(1) == 1 and b_EKO.stride(2) != 1
+    weight = b_EKO.transpose(1, 2) if k_major else b_EKO
+    if TensorDescriptor is None or weight.stride(2) != 1 or weight.numel() == 0:
+        return None, k_major
+    elem = weight.element_size()
+    if weight.data_ptr() % 16 or any((stride * elem) % 16 for stride in weight.stride()[:2]):
+        return None, k_major
+    return TensorDescriptor(weight, list(weight.shape), list(weight.stride()), [1, 16, 16]), k_major
+
+
+def _launch_gemm(x, b_EKO, tokens_E, gather_N, y, out_width, epilogue="none", h=None, act=None, store_h=False,
+                 config: dict[str, int] | None = None) -> None:
+    """Fill y (and h / act, per the epilogue) from x rows and the strided (E, K, O) weight view b_EKO.
+
+    config: one forced candidate of `_grouped_gemm_configs()` (tests), bypassing the autotuner.
+    """
     num_rows, num_experts, k_dim = y.shape[0], b_EKO.shape[0], b_EKO.shape[1]
     if num_rows == 0 or out_width == 0:
         return
     h_ = h if h is not None else y
     act_ = act if act is not None else y
+    w_desc, k_major = _weight_descriptor(b_EKO) if not interpreting() or config is not None else (None, False)
 
     def grid(meta):
         return ((triton.cdiv(num_rows, meta["BLOCK_M"]) + num_experts) * triton.cdiv(out_width, meta["BLOCK_N"]),)
 
-    _grouped_gemm_kernel[grid](
-        x, gather_N if gather_N is not None else tokens_E, b_EKO, tokens_E, y, h_, act_,
-        num_rows, k_dim, out_width, num_experts,
+    args = (
+        x, gather_N if gather_N is not None else tokens_E, b_EKO, w_desc if w_desc is not None else b_EKO, tokens_E,
+        y, h_, act_, num_rows, k_dim, out_width, num_experts,
         x.stride(0), x.stride(1), b_EKO.stride(0), b_EKO.stride(1), b_EKO.stride(2),
         y.stride(0), h_.stride(0), act_.stride(0),
-        EPILOGUE=epilogue, HAS_GATHER=gather_N is not None, STORE_H=store_h,
+    )
+    constexprs = dict(
+        EPILOGUE=epilogue, HAS_GATHER=gather_N is not None, STORE_H=store_h, B_KMAJOR=k_major,
         UPCAST_DOT=upcast_dot_operands(x.dtype), IEEE_DOT=x.dtype == torch.float32 or upcast_dot_operands(x.dtype),
         BLOCK_E=max(16, triton.next_power_of_2(num_experts)),
     )
+    if config is None:
+        _grouped_gemm_kernel[grid](*args, **constexprs)
+        return
+    if config.get("B_TMA") and w_desc is None:
+        raise ValueError(f"config {config} asks for TMA weight loads, but this weight has no TMA descriptor")
+    meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+    _set_weight_block({"w_desc": w_desc, "B_KMAJOR": k_major, **meta})
+    _grouped_gemm_kernel.fn[grid](*args, **constexprs, **config)
 
 
 def _launch_dw(dy: torch.Tensor, x: torch.Tensor, tokens_E: torch.Tensor, gather_N: torch.Tensor | None) -> torch.Tensor:
