@@ -66,12 +66,17 @@ def pinned_config(op: str) -> dict[str, int] | None:
 AUTOTUNE_ENV_VAR = "MOE_ENGINE_AUTOTUNE"
 
 
+def env_switch(name: str, default: bool, off: str, on: str) -> bool:
+    """The 0/1 environment switch `name` (unset: default); off / on say what 0 and 1 mean in the error."""
+    value = os.environ.get(name, "1" if default else "0").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: allowed: 0 ({off}) or 1 ({on})")
+    return value == "1"
+
+
 def autotune_enabled() -> bool:
     """False when MOE_ENGINE_AUTOTUNE=0: every kernel takes its first candidate."""
-    value = os.environ.get(AUTOTUNE_ENV_VAR, "1").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"{AUTOTUNE_ENV_VAR}={value!r}: allowed: 0 (first candidate of every kernel) or 1 (autotune)")
-    return value == "1"
+    return env_switch(AUTOTUNE_ENV_VAR, True, "first candidate of every kernel", "autotune")
 
 
 def kernel_configs(op: str, candidates: list[dict[str, int]], pre_hook: Any = None) -> list[Any]:

@@ -34,13 +34,12 @@ Triton implementation (custom ops `moe_engine::*`, so torch.compile traces throu
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from moe_engine.kernels._triton import TRITON_AVAILABLE, autotune, interpreting, triton, upcast_dot_operands
+from moe_engine.kernels._triton import TRITON_AVAILABLE, autotune, env_switch, interpreting, triton, upcast_dot_operands
 from moe_engine.kernels.backend import select_backend
 from moe_engine.kernels.permute import gather_backward_triton
 
@@ -173,10 +172,7 @@ GEMM_TMA_ENV_VAR = "MOE_ENGINE_GEMM_TMA"
 
 def gemm_tma_enabled() -> bool:
     """MOE_ENGINE_GEMM_TMA=1 adds the TMA weight-load candidates to the grouped GEMM's autotuning."""
-    value = os.environ.get(GEMM_TMA_ENV_VAR, "0").strip()
-    if value not in ("0", "1"):
-        raise ValueError(f"{GEMM_TMA_ENV_VAR}={value!r}: allowed: 0 (pointer loads only) or 1 (also TMA candidates)")
-    return value == "1"
+    return env_switch(GEMM_TMA_ENV_VAR, False, "pointer loads only", "also TMA candidates")
 
 
 def _set_weight_block(nargs) -> None:
