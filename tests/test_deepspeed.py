@@ -70,6 +70,9 @@ def test_zero2_on_two_ranks_follows_the_single_process_run(single_process: list[
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [f"step_{STEPS // 2:08d}", f"step_{STEPS:08d}"]
 
 
+# Slow (a minute on 2 cores): the expert-parallel test below also runs ZeRO-1 to a DeepSpeed checkpoint
+# and resumes from it, so CI keeps that path; this one adds the same without expert parallelism.
+@pytest.mark.slow
 def test_zero1_run_resumes_from_its_deepspeed_checkpoint(single_process: list[float], tmp_path: Path) -> None:
     _deepspeed(tmp_path, "deepspeed_zero1.json", "--set", f"train.max_steps={STEPS // 2}")
     _deepspeed(tmp_path, "deepspeed_zero1.json", "--resume")
