@@ -412,6 +412,11 @@ if TRITON_AVAILABLE:
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=o_ok[:, None] & i_ok[None, :])
 
 
+def _k_major(b_EKO: torch.Tensor) -> bool:
+    """Whether the (E, K, O) weight view is a transposed (E, O, K) weight (the forward's w.transpose(1, 2))."""
+    return b_EKO.stride(1) == 1 and b_EKO.stride(2) != 1
+
+
 def _weight_descriptor(b_EKO: torch.Tensor) -> tuple[object, bool]:
     """(descriptor or None, K-major) for the weight behind the (E, K, O) view b_EKO.
 
@@ -420,7 +425,7 @@ def _weight_descriptor(b_EKO: torch.Tensor) -> tuple[object, bool]:
     path's w). None where TMA cannot read it (a 16-byte aligned base and row strides are required)
     or Triton has no host descriptors; its block shape is set per config by `_set_weight_block`.
     """
-    k_major = b_EKO.stride(1) == 1 and b_EKO.stride(2) != 1
+    k_major = _k_major(b_EKO)
     weight = b_EKO.transpose(1, 2) if k_major else b_EKO
     if TensorDescriptor is None or weight.stride(2) != 1 or weight.numel() == 0:
         return None, k_major
@@ -441,7 +446,10 @@ def _launch_gemm(x, b_EKO, tokens_E, gather_N, y, out_width, epilogue="none", h=
         return
     h_ = h if h is not None else y
     act_ = act if act is not None else y
-    w_desc, k_major = _weight_descriptor(b_EKO) if not interpreting() or config is not None else (None, False)
+    # A descriptor only when a TMA candidate can run: with TMA off (the default) every launch passes
+    # the plain weight pointer, and the pruner keeps the pointer-load candidates.
+    wants_tma = bool(config.get("B_TMA")) if config is not None else gemm_tma_enabled()
+    w_desc, k_major = _weight_descriptor(b_EKO) if wants_tma else (None, _k_major(b_EKO))
 
     def grid(meta):
         return ((triton.cdiv(num_rows, meta["BLOCK_M"]) + num_experts) * triton.cdiv(out_width, meta["BLOCK_N"]),)
