@@ -16,7 +16,8 @@ from torch.profiler import record_function
 
 from moe_engine.kernels._triton import TRITON_AVAILABLE
 from moe_engine.kernels.backend import ENV_VAR, requested_backend, select_backend
-from moe_engine.kernels.permute import GatheredRows
+from moe_engine.kernels.mlp_combine import grouped_mlp_combine_triton
+from moe_engine.kernels.permute import GatheredRows, unpermute
 from moe_engine.kernels.grouped_gemm import (
     grouped_linear_grouped_mm,
     grouped_linear_loop,
@@ -137,6 +138,27 @@ class GroupedExperts(nn.Module):
             return self.forward(x_TD.index_select(0, gather_index_N), tokens_per_expert_E)
         w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
         return grouped_mlp_triton(x_TD.to(dtype), w_in, w_out, tokens_per_expert_E, self.activation, gather_index_N)
+
+    def forward_combined(
+        self, rows: GatheredRows, tokens_per_expert_E: torch.Tensor, weights_TK: torch.Tensor
+    ) -> torch.Tensor:
+        """y_TD (T, D) = sum over the K rows of each token of weights_TK * its expert's output: the experts
+        and the dispatcher's weighted combine (`unpermute`) in one step.
+
+        rows: the gathered rows (x_TD, choice_N grouped by expert, K); weights_TK: (T, K) floating.
+        The Triton path is one op (moe_engine.kernels.mlp_combine) that saves no (N, D) expert outputs
+        for the backward; the torch paths run `forward` and `unpermute`.
+        """
+        x_TD = rows.x_TD
+        dtype = _compute_dtype(x_TD)
+        if self.resolve_impl(x_TD.device, dtype) == "triton":
+            w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
+            return grouped_mlp_combine_triton(
+                x_TD.to(dtype), w_in, w_out, tokens_per_expert_E, self.activation, rows.choice_N, weights_TK
+            )
+        y_ND = self.forward(rows, tokens_per_expert_E)
+        with record_function("moe::combine"):
+            return unpermute(y_ND, rows.choice_N, weights_TK, x_TD.shape[0])
 
     def extra_repr(self) -> str:
         return (

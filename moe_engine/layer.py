@@ -106,10 +106,14 @@ class MoELayer(nn.Module):
         else:
             with record_function("moe::permute"):
                 x_ND, tokens_per_expert_E, meta = self.dispatcher.dispatch(x_TD, routing)
-            with record_function("moe::experts"):
-                y_ND = self.experts(x_ND, tokens_per_expert_E)
-            with record_function("moe::combine"):
-                y_TD = self.dispatcher.combine(y_ND, meta)
+            experts_and_combine = getattr(self.dispatcher, "experts_and_combine", None)
+            if experts_and_combine is not None:  # e.g. the local dispatcher, which can fuse the two
+                y_TD = experts_and_combine(self.experts, x_ND, tokens_per_expert_E, meta)
+            else:
+                with record_function("moe::experts"):
+                    y_ND = self.experts(x_ND, tokens_per_expert_E)
+                with record_function("moe::combine"):
+                    y_TD = self.dispatcher.combine(y_ND, meta)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:

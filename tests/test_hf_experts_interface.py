@@ -171,7 +171,7 @@ def test_triton_kernels_match_eager_under_the_interpreter(triton_kernels) -> Non
     """MOE_ENGINE_KERNELS=triton: expert_order, the fused SwiGLU grouped MLP and unpermute (interpreted on CPU)."""
     model = build_model(make_config("mixtral", hidden_size=32, intermediate_size=16, num_local_experts=4))
     assert experts_layout(moe_experts_modules(model)[0]).fused_activation == "swiglu"
-    with mock.patch.object(hf_experts, "grouped_mlp_triton", wraps=hf_experts.grouped_mlp_triton) as fused:
+    with mock.patch.object(hf_experts, "grouped_mlp_combine_triton", wraps=hf_experts.grouped_mlp_combine_triton) as fused:
         assert_matches_eager(model, torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3)))
     assert fused.call_count == 2
 
@@ -440,7 +440,7 @@ def test_cuda_bf16_triton_matches_eager(family) -> None:
     model.set_experts_implementation("eager")
     logits_ref, grads_ref = logits_and_grads(model, input_ids)
     model.set_experts_implementation(NAME)
-    with mock.patch.object(hf_experts, "grouped_mlp_triton", wraps=hf_experts.grouped_mlp_triton) as fused:
+    with mock.patch.object(hf_experts, "grouped_mlp_combine_triton", wraps=hf_experts.grouped_mlp_combine_triton) as fused:
         logits, grads = logits_and_grads(model, input_ids)
     assert fused.call_count == 2  # compiled Triton, SwiGLU fused
     torch.testing.assert_close(logits.float(), logits_ref.float(), rtol=3e-2, atol=3e-2)

@@ -81,8 +81,10 @@ def test_compiled_triton_layer_matches_eager() -> None:
     out = compiled(x)
     torch.testing.assert_close(out.y, eager.y)
     torch.testing.assert_close(out.aux_loss, eager.aux_loss)
-    g_eager = torch.autograd.grad(eager.y.sum() + eager.aux_loss, [x, layer.experts.w_in])
-    g_compiled = torch.autograd.grad(out.y.sum() + out.aux_loss, [x, layer.experts.w_in])
+    # Every input: the router's weight gradient comes from the fused MLP-and-combine op's backward GEMM.
+    params = [x, layer.router.weight, layer.experts.w_in, layer.experts.w_out]
+    g_eager = torch.autograd.grad(eager.y.sum() + eager.aux_loss, params)
+    g_compiled = torch.autograd.grad(out.y.sum() + out.aux_loss, params)
     for a, b in zip(g_compiled, g_eager):
         torch.testing.assert_close(a, b)
 
@@ -101,3 +103,24 @@ def test_triton_layer_reads_tokens_through_the_index_without_the_permuted_copy(m
     out = layer(x)
     out.y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_triton_layer_keeps_no_expert_outputs_for_the_backward() -> None:
+    # The local layer runs its experts and combine as one op (moe_engine.kernels.mlp_combine): nothing
+    # of shape (T*K, D) is saved for the backward, though the router still gets its gradient.
+    torch.manual_seed(2)
+    T, D, F, E, K = 9, 40, 16, 4, 2
+    layer = _layer(D, F, E, K, torch.float32)
+    x = torch.randn(T, D, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    assert (T * K, 2 * F) in saved  # the pre-activation h is what the experts keep
+    assert (T * K, D) not in saved
+    out.y.sum().backward()
+    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0

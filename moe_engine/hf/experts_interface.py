@@ -18,6 +18,8 @@ run every expert MLP of the model as moe_engine's layer does:
     grouped GEMM up-projection (reading x_TD rows through choice_N // K; the Triton path fuses this
     gather, the torch paths `permute` first) -> activation -> grouped GEMM down-projection
     unpermute(y_ND, choice_N, top_k_weights_TK)                          (weighted sum of the K rows)
+(with the fused activations below, the Triton path runs these as one op, `grouped_mlp_combine`, whose
+backward takes the routing-weight gradient from its own GEMM instead of keeping y_ND),
 
 Implementation per call, as `GroupedExperts(impl="auto")` picks it: the Triton kernels where
 `select_backend` chooses Triton (CUDA by default, or MOE_ENGINE_KERNELS=triton); otherwise
@@ -48,8 +50,8 @@ from moe_engine.kernels.grouped_gemm import (
     grouped_gemm_triton,
     grouped_linear_grouped_mm,
     grouped_linear_loop,
-    grouped_mlp_triton,
 )
+from moe_engine.kernels.mlp_combine import grouped_mlp_combine_triton
 from moe_engine.kernels.permute import expert_order, permute, unpermute
 
 DEFAULT_NAME = "moe_engine"
@@ -279,8 +281,11 @@ def moe_engine_experts_forward(
         # The up-projection reads x_TD rows through the index: no permuted copy of x.
         token_N = choice_N // top_k
         if layout.fused_activation is not None:
-            y_ND = grouped_mlp_triton(x_TD, w_in_EHD, w_out_EDF, tokens_per_expert_E, layout.fused_activation, token_N)
-            return unpermute(y_ND, choice_N, weights_TK, num_tokens).to(hidden_states.dtype)
+            # The MLP and the weighted combine as one op: no (N, D) expert outputs kept for the backward.
+            y_TD = grouped_mlp_combine_triton(
+                x_TD, w_in_EHD, w_out_EDF, tokens_per_expert_E, layout.fused_activation, choice_N, weights_TK
+            )
+            return y_TD.to(hidden_states.dtype)
         h_NH = grouped_gemm_triton(x_TD, w_in_EHD, tokens_per_expert_E, token_N)
     else:
         h_NH = _grouped_linear(impl)(permute(x_TD, choice_N, top_k), w_in_EHD, tokens_per_expert_E)

@@ -33,7 +33,10 @@ except ImportError:  # pragma: no cover - triton is a dependency; this guards br
 
 _LAUNCH_KEYS = ("num_warps", "num_stages", "num_ctas")
 # The modules that define Triton kernels (compile_check compiles them, autotune_choices reads them).
-KERNEL_MODULES = tuple(f"moe_engine.kernels.{name}" for name in ("aux_losses", "grouped_gemm", "permute", "router"))
+# The modules that define Triton kernels or register custom ops on them (mlp_combine: ops only).
+KERNEL_MODULES = tuple(
+    f"moe_engine.kernels.{name}" for name in ("aux_losses", "grouped_gemm", "mlp_combine", "permute", "router")
+)
 
 
 def interpreting() -> bool:

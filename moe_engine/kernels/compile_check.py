@@ -259,17 +259,29 @@ def _gemm_cases(dtype: torch.dtype, quick: bool, w: Shape) -> dict[str, Callable
     grad_ND = torch.empty(N, D, dtype=dtype)
     h_NH = torch.empty(N, 2 * F, dtype=dtype)
     h_NF = torch.empty(N, F, dtype=dtype)
+    weights_TK = torch.empty(T, K)
+    score_N = torch.empty(N)
+    # The local layer's path: the MLP fused with the combine, its scored backward, dW_out through the token index.
     cases = {
-        "grouped_mlp swiglu (gather, save h)": lambda: ops.grouped_mlp(x_TD, w_swiglu, w_out, tokens_E, gather_N, "swiglu", True),
-        "grouped_mlp_act_backward swiglu": lambda: ops.grouped_mlp_act_backward(grad_ND, w_out, h_NH, tokens_E, "swiglu"),
+        "grouped_mlp_combine swiglu (save h)": lambda: ops.grouped_mlp_combine(
+            x_TD, w_swiglu, w_out, tokens_E, choice_N, weights_TK, "swiglu", True),
+        "grouped_mlp_scored_act_backward swiglu": lambda: ops.grouped_mlp_scored_act_backward(
+            x_TD, gather_N, w_out, h_NH, tokens_E, score_N, "swiglu", True),
         "grouped_gemm_dx (gather)": lambda: ops.grouped_gemm_dx(h_NH, w_swiglu, tokens_E, gather_N, T),
         "grouped_gemm_dw (gather)": lambda: ops.grouped_gemm_dw(h_NH, x_TD, tokens_E, gather_N),
-        "grouped_gemm_dw": lambda: ops.grouped_gemm_dw(grad_ND, h_NF, tokens_E, None),
+        "grouped_gemm_dw (dy gather)": lambda: ops.grouped_gemm_dw(x_TD, h_NF, tokens_E, None, gather_N),
     }
     if w is DEFAULT_WIDTHS:  # the paths the benchmark's SwiGLU layers do not take
         w_gelu = torch.empty(E, F, D, dtype=dtype)
         cases.update({
-            "grouped_mlp gelu (gather, save h)": lambda: ops.grouped_mlp(x_TD, w_gelu, w_out, tokens_E, gather_N, "gelu", True),
+            # The unfused MLP: what expert parallelism runs on the rows it received.
+            "grouped_mlp swiglu (save h)": lambda: ops.grouped_mlp(grad_ND, w_swiglu, w_out, tokens_E, None, "swiglu", True),
+            "grouped_mlp_act_backward swiglu": lambda: ops.grouped_mlp_act_backward(grad_ND, w_out, h_NH, tokens_E, "swiglu"),
+            "grouped_gemm_dw": lambda: ops.grouped_gemm_dw(grad_ND, h_NF, tokens_E, None),
+            "grouped_mlp_combine gelu (save h)": lambda: ops.grouped_mlp_combine(
+                x_TD, w_gelu, w_out, tokens_E, choice_N, weights_TK, "gelu", True),
+            "grouped_mlp_scored_act_backward gelu": lambda: ops.grouped_mlp_scored_act_backward(
+                x_TD, gather_N, w_out, h_NF, tokens_E, score_N, "gelu", True),
             "grouped_mlp_act_backward gelu": lambda: ops.grouped_mlp_act_backward(grad_ND, w_out, h_NF, tokens_E, "gelu"),
             "grouped_gemm (no gather)": lambda: ops.grouped_gemm(grad_ND, w_out.transpose(1, 2), tokens_E, None),
         })
@@ -390,7 +402,9 @@ def format_variant(v: CompiledVariant, arch: int) -> str:
     cfg = ",".join(f"{k.removeprefix('BLOCK_')}={val}" for k, val in v.config.items()
                    if not (k == "num_ctas" and val == 1)).replace("num_warps", "warps").replace("num_stages", "stages")
     keys = ("EPILOGUE", "HAS_GATHER", "B_TMA", "SIGMOID", "N_GROUPS", "BACKWARD")
-    spec = ",".join(f"{k}={v.constexprs[k]}" for k in keys if k in v.constexprs)
+    flags = ("HAS_SCORE", "STORE_DSCORE", "HAS_DY_GATHER")  # shown only when set
+    spec = ",".join([f"{k}={v.constexprs[k]}" for k in keys if k in v.constexprs]
+                    + [k for k in flags if v.constexprs.get(k)])
     problems = "; ".join(v.problems(arch)) or "ok"
     if v.error:
         return f"{v.kernel:<30} {cfg:<48} {spec:<28} {problems}"

@@ -39,7 +39,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from moe_engine.kernels._triton import TRITON_AVAILABLE, autotune, env_switch, interpreting, triton, upcast_dot_operands
+from moe_engine.kernels._triton import (
+    TRITON_AVAILABLE, autotune, env_switch, interpreting, pinned_config, triton, upcast_dot_operands,
+)
 from moe_engine.kernels.backend import select_backend
 from moe_engine.kernels.permute import gather_backward_triton
 
@@ -52,6 +54,8 @@ except ImportError:  # pragma: no cover - older triton or none: the pointer-load
     TensorDescriptor = None
 
 MLP_ACTIVATIONS = ("swiglu", "gelu")
+# Output columns per partial sum of the backward's score dot (the smallest BLOCK_N of any candidate).
+SCORE_SLOT = 64
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -218,6 +222,8 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
 
 
 if TRITON_AVAILABLE:
+    # A global a kernel may read (compiled Triton takes module globals only as constexpr objects).
+    _SCORE_SLOT_C = tl.constexpr(SCORE_SLOT)
 
     @triton.jit
     def _dot(a, b, acc, UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr):
@@ -239,6 +245,14 @@ if TRITON_AVAILABLE:
         here = offs_e == e
         return tl.sum(tl.where(here, ends - counts, 0), 0), tl.sum(tl.where(here, ends, 0), 0)
 
+    @triton.jit
+    def _store_row_partial(ptr, rows64, row_ok, pid_n, part, stride, num_slots, SLOTS: tl.constexpr):
+        """ptr[row, pid_n * SLOTS] = part[row], zeros in the tile's SLOTS - 1 other slots (those < num_slots)."""
+        offs = tl.arange(0, SLOTS)
+        slot = pid_n * SLOTS + offs
+        vals = tl.where(offs[None, :] == 0, part[:, None], 0.0)
+        tl.store(ptr + rows64[:, None] * stride + slot[None, :], vals, mask=row_ok[:, None] & (slot < num_slots)[None, :])
+
     # Grouped GEMM with a fused epilogue. Shapes (N rows, E experts, K_DIM reduction width, O output columns):
     #   x_ptr       (M_x, K_DIM) A operand; row n reads x[gather[n]] if HAS_GATHER else x[n]
     #   gather_ptr  (N,) int64 source rows (HAS_GATHER only)
@@ -249,6 +263,11 @@ if TRITON_AVAILABLE:
     #   y_ptr       (N, O) output: y, act, or for "*_bwd" dh (N, H) (H = 2O for swiglu, O for gelu)
     #   h_ptr       (N, H) pre-activation: written by "swiglu"/"gelu" when STORE_H, read by "*_bwd"
     #   act_ptr     (N, O) "*_bwd" only: the activation recomputed from h, for the caller's dW_out
+    #   score_ptr   (N,) fp32 "*_bwd" with HAS_SCORE only: the routing weight s_n of each row
+    #   dscore_ptr  (N, NUM_SLOTS) fp32 with STORE_DSCORE only: partial sums of the row dot
+    #               <acc_n, act_n> (acc unweighted), one per SCORE_SLOT output columns; a program
+    #               writes its tile's sum in its first slot and zeros in the others, so every
+    #               config fills every slot and the caller's row sum is the whole dot
     # Work items: M-tiles of each expert (cdiv(tokens_e, BLOCK_M), counted in-kernel from tokens_ptr,
     # no host sync) times N-tiles; the grid is an upper bound, cdiv(N, BLOCK_M) + E M-tiles, and
     # spare programs return. Group-M order keeps one expert's weight tile in L2 across M-tiles.
@@ -259,15 +278,19 @@ if TRITON_AVAILABLE:
     #   "swiglu_bwd": acc = d_act; dg = d_act * u * silu'(g), silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g);
     #                 du = d_act * silu(g); dh = [dg | du]; act = silu(g) * u
     #   "gelu_bwd":   dh = d_act * gelu'(a), gelu'(a) = Phi(a) + a * exp(-a^2 / 2) / sqrt(2 pi); act = gelu(a)
+    #   HAS_SCORE (the backward of the MLP fused with the weighted combine, see mlp_combine.py): acc is the
+    #   unweighted g_n @ w_out[e]; the score gradient's partial dot <acc, act> is taken first, then
+    #   d_act = s_n * acc and the stored act is s_n * act (what dW_out = g^T (s * act) reads).
     # The forward epilogue applies the activation to h rounded to the output dtype, so the backward
     # (which reads the stored h) differentiates exactly the function the forward computed.
-    @autotune("grouped_gemm", _grouped_gemm_configs(), key=["K_DIM", "O", "EPILOGUE", "HAS_GATHER"],
+    @autotune("grouped_gemm", _grouped_gemm_configs(), key=["K_DIM", "O", "EPILOGUE", "HAS_GATHER", "HAS_SCORE"],
               prune=_prune_gemm_configs, pre_hook=_set_weight_block)
     def _grouped_gemm_kernel(
-        x_ptr, gather_ptr, w_ptr, w_desc, tokens_ptr, y_ptr, h_ptr, act_ptr,
-        N, K_DIM, O, E,
-        stride_xm, stride_xk, stride_we, stride_wk, stride_wo, stride_ym, stride_hm, stride_am,
+        x_ptr, gather_ptr, w_ptr, w_desc, tokens_ptr, y_ptr, h_ptr, act_ptr, score_ptr, dscore_ptr,
+        N, K_DIM, O, E, NUM_SLOTS,
+        stride_xm, stride_xk, stride_we, stride_wk, stride_wo, stride_ym, stride_hm, stride_am, stride_dsm,
         EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, STORE_H: tl.constexpr, B_KMAJOR: tl.constexpr,
+        HAS_SCORE: tl.constexpr, STORE_DSCORE: tl.constexpr,
         UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         B_TMA: tl.constexpr,
@@ -349,34 +372,48 @@ if TRITON_AVAILABLE:
             tl.store(y_ptrs, (0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))).to(out_ty), mask=ok)
         else:
             act_ptrs = act_ptr + rows64[:, None] * stride_am + cols[None, :]
+            # Masked rows and columns read h = 0, so their act is 0 and they add nothing to the dot.
             g = tl.load(h_ptrs, mask=ok, other=0.0).to(tl.float32)
             if EPILOGUE == "swiglu_bwd":
-                s = tl.sigmoid(g)
-                silu = g * s
+                sig = tl.sigmoid(g)
+                silu = g * sig
                 up = tl.load(h_ptrs + O, mask=ok, other=0.0).to(tl.float32)
-                tl.store(act_ptrs, (silu * up).to(out_ty), mask=ok)
-                tl.store(y_ptrs + O, (acc * silu).to(out_ty), mask=ok)
-                tl.store(y_ptrs, (acc * up * (s + silu * (1.0 - s))).to(out_ty), mask=ok)
+                act = silu * up
             else:
                 cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+                act = g * cdf
+            if STORE_DSCORE:
+                _store_row_partial(dscore_ptr, rows64, row_ok, pid_n, tl.sum(acc * act, 1), stride_dsm, NUM_SLOTS,
+                                   BLOCK_N // _SCORE_SLOT_C)
+            if HAS_SCORE:
+                score = tl.load(score_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
+                acc = acc * score[:, None]
+                act = act * score[:, None]
+            tl.store(act_ptrs, act.to(out_ty), mask=ok)
+            if EPILOGUE == "swiglu_bwd":
+                tl.store(y_ptrs + O, (acc * silu).to(out_ty), mask=ok)
+                tl.store(y_ptrs, (acc * up * (sig + silu * (1.0 - sig))).to(out_ty), mask=ok)
+            else:
                 pdf = tl.exp(-0.5 * g * g) * 0.3989422804014327
                 tl.store(y_ptrs, (acc * (cdf + g * pdf)).to(out_ty), mask=ok)
-                tl.store(act_ptrs, (g * cdf).to(out_ty), mask=ok)
 
     # Weight gradient per expert: dw[e] = dy_e^T @ x_e, i.e. dw[e, o, i] = sum over rows n of expert e
     # of dy[n, o] * x[g(n), i]. Shapes:
-    #   dy_ptr      (N, O) rows grouped by expert (any strides; `.sum()` gives zero strides)
+    #   dy_ptr      (N, O) rows grouped by expert (any strides; `.sum()` gives zero strides); row n reads
+    #               dy[dy_gather[n]] if HAS_DY_GATHER (dW_out of the MLP fused with the combine reads the
+    #               token gradients through the token index)
     #   x_ptr       (M_x, I) row n reads x[gather[n]] if HAS_GATHER else x[n]
     #   gather_ptr  (N,) int64 (HAS_GATHER only)
     #   tokens_ptr  (E,) int rows per expert
     #   dw_ptr      (E, O, I) output, written in full: experts with no rows get zeros
     # Grid: (O-tiles * I-tiles, E); each program loops over its expert's rows BLOCK_K at a time.
-    @autotune("grouped_gemm_dw", _grouped_gemm_dw_configs(), key=["O", "I", "HAS_GATHER"])
+    @autotune("grouped_gemm_dw", _grouped_gemm_dw_configs(), key=["O", "I", "HAS_GATHER", "HAS_DY_GATHER"])
     def _grouped_gemm_dw_kernel(
-        dy_ptr, x_ptr, gather_ptr, tokens_ptr, dw_ptr,
+        dy_ptr, x_ptr, gather_ptr, dy_gather_ptr, tokens_ptr, dw_ptr,
         N, O, I, E,
         stride_dym, stride_dyo, stride_xm, stride_xi, stride_we, stride_wo, stride_wi,
-        HAS_GATHER: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+        HAS_GATHER: tl.constexpr, HAS_DY_GATHER: tl.constexpr, UPCAST_DOT: tl.constexpr, IEEE_DOT: tl.constexpr,
+        BLOCK_E: tl.constexpr,
         BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_O: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -403,7 +440,11 @@ if TRITON_AVAILABLE:
                 src = tl.load(gather_ptr + rows, mask=r_ok, other=0).to(tl.int64)
             else:
                 src = rows.to(tl.int64)
-            dy_ptrs = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym + offs_o[None, :] * stride_dyo
+            if HAS_DY_GATHER:
+                dy_src = tl.load(dy_gather_ptr + rows, mask=r_ok, other=0).to(tl.int64)
+            else:
+                dy_src = rows.to(tl.int64)
+            dy_ptrs = dy_ptr + dy_src[:, None] * stride_dym + offs_o[None, :] * stride_dyo
             dy = tl.load(dy_ptrs, mask=r_ok[:, None] & o_ok[None, :], other=0.0)
             x = tl.load(x_ptr + src[:, None] * stride_xm + offs_i[None, :] * stride_xi,
                         mask=r_ok[:, None] & i_ok[None, :], other=0.0)
@@ -436,9 +477,11 @@ def _weight_descriptor(b_EKO: torch.Tensor) -> tuple[object, bool]:
 
 
 def _launch_gemm(x, b_EKO, tokens_E, gather_N, y, out_width, epilogue="none", h=None, act=None, store_h=False,
-                 config: dict[str, int] | None = None) -> None:
+                 score=None, dscore=None, config: dict[str, int] | None = None) -> None:
     """Fill y (and h / act, per the epilogue) from x rows and the strided (E, K, O) weight view b_EKO.
 
+    score: (N,) fp32 routing weights a "*_bwd" epilogue scales d_act and act by; dscore:
+    (N, score_slots(out_width)) fp32, filled with the row dot's partial sums (see the kernel).
     config: one forced candidate of `_grouped_gemm_configs()` (tests), bypassing the autotuner.
     """
     num_rows, num_experts, k_dim = y.shape[0], b_EKO.shape[0], b_EKO.shape[1]
@@ -446,6 +489,13 @@ def _launch_gemm(x, b_EKO, tokens_E, gather_N, y, out_width, epilogue="none", h=
         return
     h_ = h if h is not None else y
     act_ = act if act is not None else y
+    if dscore is not None and (score is None or tuple(dscore.shape) != (num_rows, score_slots(out_width))):
+        raise ValueError(f"dscore of shape {tuple(dscore.shape)} needs a score and shape ({num_rows}, "
+                         f"{score_slots(out_width)})")
+    if dscore is not None:
+        _check_score_block(config if config is not None else pinned_config("grouped_gemm"))
+    score_ = score if score is not None else tokens_E
+    dscore_ = dscore if dscore is not None else y
     # A descriptor only when a TMA candidate can run: with TMA off (the default) every launch passes
     # the plain weight pointer, and the pruner keeps the pointer-load candidates.
     wants_tma = bool(config.get("B_TMA")) if config is not None else gemm_tma_enabled()
@@ -456,12 +506,13 @@ def _launch_gemm(x, b_EKO, tokens_E, gather_N, y, out_width, epilogue="none", h=
 
     args = (
         x, gather_N if gather_N is not None else tokens_E, b_EKO, w_desc if w_desc is not None else b_EKO, tokens_E,
-        y, h_, act_, num_rows, k_dim, out_width, num_experts,
+        y, h_, act_, score_, dscore_, num_rows, k_dim, out_width, num_experts, score_slots(out_width),
         x.stride(0), x.stride(1), b_EKO.stride(0), b_EKO.stride(1), b_EKO.stride(2),
-        y.stride(0), h_.stride(0), act_.stride(0),
+        y.stride(0), h_.stride(0), act_.stride(0), dscore_.stride(0),
     )
     constexprs = dict(
         EPILOGUE=epilogue, HAS_GATHER=gather_N is not None, STORE_H=store_h, B_KMAJOR=k_major,
+        HAS_SCORE=score is not None, STORE_DSCORE=dscore is not None,
         UPCAST_DOT=upcast_dot_operands(x.dtype), IEEE_DOT=x.dtype == torch.float32 or upcast_dot_operands(x.dtype),
         BLOCK_E=max(16, triton.next_power_of_2(num_experts)),
     )
@@ -475,9 +526,11 @@ def _launch_gemm(x, b_EKO, tokens_E, gather_N, y, out_width, epilogue="none", h=
     _grouped_gemm_kernel.fn[grid](*args, **constexprs, **config)
 
 
-def _launch_dw(dy: torch.Tensor, x: torch.Tensor, tokens_E: torch.Tensor, gather_N: torch.Tensor | None) -> torch.Tensor:
-    """dw (E, O, I) in x's dtype: dw[e] = dy_e^T @ x_e."""
-    num_experts, (num_rows, out_width), in_width = tokens_E.shape[0], dy.shape, x.shape[1]
+def _launch_dw(dy: torch.Tensor, x: torch.Tensor, tokens_E: torch.Tensor, gather_N: torch.Tensor | None,
+               dy_gather_N: torch.Tensor | None = None) -> torch.Tensor:
+    """dw (E, O, I) in x's dtype: dw[e] = dy_e^T @ x_e, dy rows read through dy_gather_N if given."""
+    num_experts, out_width, in_width = tokens_E.shape[0], dy.shape[1], x.shape[1]
+    num_rows = dy.shape[0] if dy_gather_N is None else dy_gather_N.shape[0]
     dw = torch.empty(num_experts, out_width, in_width, dtype=x.dtype, device=x.device)
     if num_rows == 0 or dw.numel() == 0:
         return dw.zero_()
@@ -486,18 +539,41 @@ def _launch_dw(dy: torch.Tensor, x: torch.Tensor, tokens_E: torch.Tensor, gather
         return (triton.cdiv(out_width, meta["BLOCK_O"]) * triton.cdiv(in_width, meta["BLOCK_I"]), num_experts)
 
     _grouped_gemm_dw_kernel[grid](
-        dy, x, gather_N if gather_N is not None else tokens_E, tokens_E, dw,
-        num_rows, out_width, in_width, num_experts,
+        dy, x, gather_N if gather_N is not None else tokens_E, dy_gather_N if dy_gather_N is not None else tokens_E,
+        tokens_E, dw, num_rows, out_width, in_width, num_experts,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        HAS_GATHER=gather_N is not None, UPCAST_DOT=upcast_dot_operands(x.dtype),
+        HAS_GATHER=gather_N is not None, HAS_DY_GATHER=dy_gather_N is not None, UPCAST_DOT=upcast_dot_operands(x.dtype),
         IEEE_DOT=x.dtype == torch.float32 or upcast_dot_operands(x.dtype),
         BLOCK_E=max(16, triton.next_power_of_2(num_experts)),
     )
     return dw
 
 
+def _check_score_block(config: dict[str, int] | None) -> None:
+    # Each N-tile writes whole slots: a tile narrower than a slot would share one with its neighbour.
+    if config is not None and config.get("BLOCK_N", SCORE_SLOT) % SCORE_SLOT:
+        raise ValueError(f"grouped_gemm config {config}: the routing-score gradient needs BLOCK_N a multiple of "
+                         f"{SCORE_SLOT}, got {config['BLOCK_N']}")
+
+
+def score_slots(out_width: int) -> int:
+    """Columns of the (N, slots) fp32 partial-sum buffer a scored "*_bwd" launch of width out_width fills."""
+    return max(1, -(-out_width // SCORE_SLOT))
+
+
 def _num_rows(x: torch.Tensor, gather_N: torch.Tensor | None) -> int:
     return x.shape[0] if gather_N is None else gather_N.shape[0]
+
+
+def mlp_forward(x, w_in, w_out, tokens_E, gather_N, activation: str, save_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two launches of the expert MLP's forward: (y (N, D), h (N, H), or (0, H) when not save_h)."""
+    num_rows, hidden = _num_rows(x, gather_N), w_out.shape[2]
+    act = x.new_empty(num_rows, hidden)
+    h = x.new_empty(num_rows if save_h else 0, w_in.shape[1])
+    _launch_gemm(x, w_in.transpose(1, 2), tokens_E, gather_N, act, hidden, activation, h=h, store_h=save_h)
+    y = x.new_empty(num_rows, w_out.shape[1])
+    _launch_gemm(act, w_out.transpose(1, 2), tokens_E, None, y, w_out.shape[1])
+    return y, h
 
 
 # Custom ops (Triton), their fakes and autograd
@@ -539,14 +615,15 @@ def _(dy_NO, w_EOI, tokens_per_expert_E, gather_index_N, num_x_rows):
 
 @torch.library.custom_op("moe_engine::grouped_gemm_dw", mutates_args=())
 def _grouped_gemm_dw_op(
-    dy_NO: torch.Tensor, x: torch.Tensor, tokens_per_expert_E: torch.Tensor, gather_index_N: Optional[torch.Tensor]
+    dy_NO: torch.Tensor, x: torch.Tensor, tokens_per_expert_E: torch.Tensor, gather_index_N: Optional[torch.Tensor],
+    dy_gather_index_N: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """dw (E, O, I): dw[e] = dy_e^T @ x_e, x rows read through gather_index_N."""
-    return _launch_dw(dy_NO, x, tokens_per_expert_E, gather_index_N)
+    """dw (E, O, I): dw[e] = dy_e^T @ x_e, x rows read through gather_index_N, dy rows through dy_gather_index_N."""
+    return _launch_dw(dy_NO, x, tokens_per_expert_E, gather_index_N, dy_gather_index_N)
 
 
 @_grouped_gemm_dw_op.register_fake
-def _(dy_NO, x, tokens_per_expert_E, gather_index_N):
+def _(dy_NO, x, tokens_per_expert_E, gather_index_N, dy_gather_index_N=None):
     return x.new_empty(tokens_per_expert_E.shape[0], dy_NO.shape[1], x.shape[1])
 
 
@@ -574,13 +651,7 @@ def _grouped_mlp_op(
     gather_index_N: Optional[torch.Tensor], activation: str, save_h: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y (N, D), h (N, H) pre-activation, or (0, H) when not save_h); h is for the backward only."""
-    num_rows, hidden = _num_rows(x, gather_index_N), w_out.shape[2]
-    act = x.new_empty(num_rows, hidden)
-    h = x.new_empty(num_rows if save_h else 0, w_in.shape[1])
-    _launch_gemm(x, w_in.transpose(1, 2), tokens_per_expert_E, gather_index_N, act, hidden, activation, h=h, store_h=save_h)
-    y = x.new_empty(num_rows, w_out.shape[1])
-    _launch_gemm(act, w_out.transpose(1, 2), tokens_per_expert_E, None, y, w_out.shape[1])
-    return y, h
+    return mlp_forward(x, w_in, w_out, tokens_per_expert_E, gather_index_N, activation, save_h)
 
 
 @_grouped_mlp_op.register_fake
@@ -650,6 +721,21 @@ def _check_rows(op: str, x: torch.Tensor, w: torch.Tensor, tokens_E: torch.Tenso
         raise RuntimeError(f"{op}: {reason}")
 
 
+def check_mlp(op: str, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_E: torch.Tensor, activation: str,
+              gather_N: torch.Tensor | None) -> None:
+    """Refuse, naming the bad value, what the Triton expert MLP cannot run (see `grouped_mlp_triton`)."""
+    if activation not in MLP_ACTIVATIONS:
+        raise ValueError(f"{op}: activation = {activation!r}, allowed: {', '.join(MLP_ACTIVATIONS)}")
+    _check_rows(op, x, w_in, tokens_E, gather_N)
+    hidden = w_in.shape[1] // 2 if activation == "swiglu" else w_in.shape[1]
+    expected = (w_in.shape[0], x.shape[1], hidden)
+    if tuple(w_out.shape) != expected or (activation == "swiglu" and w_in.shape[1] % 2):
+        raise ValueError(f"{op}: w_in {tuple(w_in.shape)} and w_out {tuple(w_out.shape)} do not fit: for {activation} "
+                         f"expected w_out of shape {expected}" + (" and an even w_in.shape[1]" if activation == "swiglu" else ""))
+    if w_out.dtype != x.dtype or w_out.device != x.device:
+        raise ValueError(f"{op}: w_out is {w_out.dtype} on {w_out.device}, expected {x.dtype} on {x.device}")
+
+
 def grouped_gemm_triton(
     x: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: torch.Tensor, gather_index_N: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -672,16 +758,7 @@ def grouped_mlp_triton(
     then up rows) or F (GELU); w_out: (E, D, F); tokens_per_expert_E: (E,) int; gather_index_N:
     optional (N,) int64 rows of x. Returns y_ND (N, D) in x's dtype; differentiable in x, w_in, w_out.
     """
-    if activation not in MLP_ACTIVATIONS:
-        raise ValueError(f"grouped_mlp: activation = {activation!r}, allowed: {', '.join(MLP_ACTIVATIONS)}")
-    _check_rows("grouped_mlp", x, w_in, tokens_per_expert_E, gather_index_N)
-    hidden = w_in.shape[1] // 2 if activation == "swiglu" else w_in.shape[1]
-    expected = (w_in.shape[0], x.shape[1], hidden)
-    if tuple(w_out.shape) != expected or (activation == "swiglu" and w_in.shape[1] % 2):
-        raise ValueError(f"grouped_mlp: w_in {tuple(w_in.shape)} and w_out {tuple(w_out.shape)} do not fit: for {activation} "
-                         f"expected w_out of shape {expected}" + (" and an even w_in.shape[1]" if activation == "swiglu" else ""))
-    if w_out.dtype != x.dtype or w_out.device != x.device:
-        raise ValueError(f"grouped_mlp: w_out is {w_out.dtype} on {w_out.device}, expected {x.dtype} on {x.device}")
+    check_mlp("grouped_mlp", x, w_in, w_out, tokens_per_expert_E, activation, gather_index_N)
     save_h = torch.is_grad_enabled() and (x.requires_grad or w_in.requires_grad or w_out.requires_grad)
     y, _ = torch.ops.moe_engine.grouped_mlp(x, w_in, w_out, tokens_per_expert_E, gather_index_N, activation, save_h)
     return y

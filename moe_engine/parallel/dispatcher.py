@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch import nn
+from torch.profiler import record_function
 
 from moe_engine.kernels.permute import GatheredRows, expert_order, unpermute
 from moe_engine.routing.types import Routing
@@ -38,13 +40,18 @@ class TokenDispatcher(Protocol):
 
     def combine(self, y_ND: torch.Tensor, meta: object) -> torch.Tensor: ...
 
+    # Optional: experts_and_combine(experts, x_ND, tokens_per_expert_E, meta) -> y_TD, the experts and the
+    # combine in one step (MoELayer calls it where a dispatcher has it; see LocalDispatcher).
+
 
 class LocalDispatcher:
     """All E experts on this process: a sort-based permute of rows by expert, and its weighted inverse.
 
     fuse_gather: hand the experts `GatheredRows` (x_TD and the row index) instead of the permuted
     copy x_ND, so experts that fuse the gather into their up-projection skip the copy; others
-    materialise it with the same permute op.
+    materialise it with the same permute op. With it, `experts_and_combine` also lets experts that
+    offer `forward_combined` (GroupedExperts) run the combine themselves: the Triton path then keeps
+    no (N, D) expert outputs for the backward (moe_engine.kernels.mlp_combine).
     """
 
     def __init__(self, num_experts: int, fuse_gather: bool = False) -> None:
@@ -69,3 +76,17 @@ class LocalDispatcher:
     def combine(self, y_ND: torch.Tensor, meta: LocalDispatchMeta) -> torch.Tensor:
         """y_ND: (N, D) expert outputs in dispatch order -> y_TD: (T, D), the weighted sum over choices."""
         return unpermute(y_ND, meta.choice_N, meta.weights_TK, meta.weights_TK.shape[0])
+
+    def experts_and_combine(
+        self, experts: nn.Module, x_ND: torch.Tensor | GatheredRows, tokens_per_expert_E: torch.Tensor,
+        meta: LocalDispatchMeta,
+    ) -> torch.Tensor:
+        """y_TD (T, D): `combine(experts(x_ND, tokens_per_expert_E), meta)`, fused where the experts can."""
+        fused = getattr(experts, "forward_combined", None)
+        if isinstance(x_ND, GatheredRows) and fused is not None:
+            with record_function("moe::experts"):
+                return fused(x_ND, tokens_per_expert_E, meta.weights_TK)
+        with record_function("moe::experts"):
+            y_ND = experts(x_ND, tokens_per_expert_E)
+        with record_function("moe::combine"):
+            return self.combine(y_ND, meta)

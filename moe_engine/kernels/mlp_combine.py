@@ -1,0 +1,182 @@
+"""The expert MLP fused with the weighted combine, with the routing-weight gradient taken from the backward.
+
+    y_TD[t] = sum over the rows n of token t of s_n * mlp_e(n)(x_TD[t]),   s_n = weights_TK.flat[choice_N[n]]
+
+is `unpermute(grouped_mlp(x_TD, ..., gather=choice_N // K), choice_N, weights_TK)`, the local
+(no expert parallelism) MoE layer's experts and combine. Composed from the two ops, autograd keeps
+the expert outputs y_ND (N, D) alive until the backward, only so that the combine's weight gradient
+dS_n = <dY_t, y_n> can be taken. SonicMoE (arXiv 2512.14080) takes it from values the backward
+computes anyway:
+
+    dS_n = <g_n, act_n @ w_out[e]^T> = <g_n @ w_out[e], act_n>,      g_n = dY_{token(n)} (unweighted)
+
+and g_n @ w_out[e] is the accumulator of the backward's first GEMM, whose epilogue recomputes
+act_n from the saved pre-activation h anyway. So here:
+
+- forward: the two grouped-MLP launches, then the combine; y_ND is freed at once. Saved: x_TD
+  (the layer's input, alive anyway), h (N, H), the weights and the routing. N * D fewer saved
+  elements than the composed ops (at SonicMoE's shape, T = 32768, K = 4, D = 4096, bf16: 1 GiB less
+  per layer, against h's 512 MiB).
+- backward: one GEMM reads g_n through the token index (no (N, D) weighted copy of dY is written),
+  its epilogue takes the row dot <acc, act> per 64 columns (fp32 partial sums, summed in a fixed
+  order: deterministic), then d_act = s_n * acc through the activation's derivative into dh, and
+  stores s_n * act for dW_out = g^T (s * act), whose kernel reads g through the token index too.
+  dX and dW_in are the grouped MLP's own.
+
+`grouped_mlp_combine_reference` is the composition of the two torch references, which the tests
+hold the Triton op to (forward and the gradients of x, w_in, w_out and the routing weights).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.profiler import record_function
+
+from moe_engine.kernels._triton import TRITON_AVAILABLE, pinned_config
+from moe_engine.kernels.backend import select_backend
+from moe_engine.kernels.grouped_gemm import (
+    _check_score_block,
+    _launch_gemm,
+    check_mlp,
+    grouped_mlp_reference,
+    mlp_forward,
+    score_slots,
+)
+from moe_engine.kernels.permute import unpermute_reference, unpermute_triton
+
+
+def grouped_mlp_combine_reference(
+    x_TD: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor, activation: str,
+    choice_N: torch.Tensor, weights_TK: torch.Tensor,
+) -> torch.Tensor:
+    """The torch loop: `unpermute_reference(grouped_mlp_reference(x_TD rows choice_N // K), choice_N, weights_TK)`."""
+    y_ND = grouped_mlp_reference(x_TD, w_in, w_out, tokens_per_expert_E, activation, choice_N // weights_TK.shape[1])
+    return unpermute_reference(y_ND, choice_N, weights_TK, x_TD.shape[0])
+
+
+# Custom ops (Triton), their fakes and autograd
+
+@torch.library.custom_op("moe_engine::grouped_mlp_combine", mutates_args=())
+def _grouped_mlp_combine_op(
+    x_TD: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+    choice_N: torch.Tensor, weights_TK: torch.Tensor, activation: str, save_h: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y_TD (T, D), h (N, H) pre-activation or (0, H) when not save_h); h is for the backward only."""
+    y_ND, h = mlp_forward(x_TD, w_in, w_out, tokens_per_expert_E, choice_N // weights_TK.shape[1], activation, save_h)
+    with record_function("moe::combine"):
+        return unpermute_triton(y_ND, choice_N, weights_TK, x_TD.shape[0]), h
+
+
+@_grouped_mlp_combine_op.register_fake
+def _(x_TD, w_in, w_out, tokens_per_expert_E, choice_N, weights_TK, activation, save_h):
+    return x_TD.new_empty(x_TD.shape[0], w_out.shape[1]), x_TD.new_empty(choice_N.shape[0] if save_h else 0, w_in.shape[1])
+
+
+@torch.library.custom_op("moe_engine::grouped_mlp_scored_act_backward", mutates_args=())
+def _scored_act_backward_op(
+    grad_y_TD: torch.Tensor, token_N: torch.Tensor, w_out: torch.Tensor, h_NH: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor, score_N: torch.Tensor, activation: str, need_score_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh (N, H), s * act (N, F), partial score dots (N, slots) fp32 or (0, slots) when not need_score_grad).
+
+    acc = grad_y_TD[token_N[n]] @ w_out[e]; dh = act'(h) * (score_N[n] * acc); the partial dots sum
+    over their columns to <acc_n, act_n>, the gradient of the routing weight of row n.
+    """
+    num_rows, hidden = token_N.shape[0], w_out.shape[2]
+    dh = grad_y_TD.new_empty(num_rows, h_NH.shape[1])
+    act = grad_y_TD.new_empty(num_rows, hidden)
+    dscore = torch.empty(num_rows if need_score_grad else 0, score_slots(hidden), dtype=torch.float32,
+                         device=grad_y_TD.device)
+    _launch_gemm(grad_y_TD, w_out, tokens_per_expert_E, token_N, dh, hidden, activation + "_bwd", h=h_NH, act=act,
+                 score=score_N, dscore=dscore if need_score_grad else None)
+    return dh, act, dscore
+
+
+@_scored_act_backward_op.register_fake
+def _(grad_y_TD, token_N, w_out, h_NH, tokens_per_expert_E, score_N, activation, need_score_grad):
+    num_rows, hidden = token_N.shape[0], w_out.shape[2]
+    return (grad_y_TD.new_empty(num_rows, h_NH.shape[1]), grad_y_TD.new_empty(num_rows, hidden),
+            grad_y_TD.new_empty(num_rows if need_score_grad else 0, score_slots(hidden), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x_TD, w_in, w_out, tokens_E, choice_N, weights_TK, activation, _ = inputs
+    ctx.activation = activation
+    ctx.mark_non_differentiable(output[1])
+    # No expert outputs among them: the weight gradient comes from the backward's own GEMM.
+    ctx.save_for_backward(x_TD, w_in, w_out, tokens_E, choice_N, weights_TK, output[1])
+
+
+def _backward(ctx, grad_y_TD, _grad_h):
+    x_TD, w_in, w_out, tokens_E, choice_N, weights_TK, h = ctx.saved_tensors
+    need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
+    need_weights = ctx.needs_input_grad[5]
+    if h.shape[0] != choice_N.shape[0]:
+        raise RuntimeError("moe_engine::grouped_mlp_combine ran with save_h=False; it cannot be differentiated")
+    ops = torch.ops.moe_engine
+    token_N = choice_N // weights_TK.shape[1]
+    score_N = weights_TK.reshape(-1).index_select(0, choice_N).float()
+    dh, act, dscore = ops.grouped_mlp_scored_act_backward(
+        grad_y_TD, token_N, w_out, h, tokens_E, score_N, ctx.activation, need_weights
+    )
+    dx = ops.grouped_gemm_dx(dh, w_in, tokens_E, token_N, x_TD.shape[0]) if need_x else None
+    dw_in = ops.grouped_gemm_dw(dh, x_TD, tokens_E, token_N) if need_w_in else None
+    dw_out = ops.grouped_gemm_dw(grad_y_TD, act, tokens_E, None, token_N) if need_w_out else None
+    dweights = None
+    if need_weights:
+        with record_function("moe::combine"):
+            # Dropped choices have no row: their gradient stays 0, as the combine's.
+            dweights = weights_TK.new_zeros(weights_TK.numel()).index_copy_(
+                0, choice_N, dscore.sum(1).to(weights_TK.dtype)
+            ).view_as(weights_TK)
+    return dx, dw_in, dw_out, None, None, dweights, None, None
+
+
+_grouped_mlp_combine_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Launchers and the public op
+
+def _check_routing(x_TD: torch.Tensor, choice_N: torch.Tensor, weights_TK: torch.Tensor) -> None:
+    if weights_TK.dim() != 2 or not weights_TK.is_floating_point() or weights_TK.device != x_TD.device:
+        raise ValueError(f"grouped_mlp_combine: weights_TK is a {weights_TK.dim()}-D {weights_TK.dtype} tensor on "
+                         f"{weights_TK.device}, expected a 2-D floating (T, K) tensor on {x_TD.device}")
+    if weights_TK.shape[0] != x_TD.shape[0] or weights_TK.shape[1] < 1:
+        raise ValueError(f"grouped_mlp_combine: weights_TK has shape {tuple(weights_TK.shape)}, expected "
+                         f"({x_TD.shape[0]}, K >= 1): one row per token of x_TD")
+    if choice_N.shape[0] > weights_TK.numel():
+        raise ValueError(f"grouped_mlp_combine: choice_N has {choice_N.shape[0]} rows, more than the "
+                         f"{weights_TK.numel()} choices of weights_TK {tuple(weights_TK.shape)}")
+
+
+def grouped_mlp_combine_triton(
+    x_TD: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor, activation: str,
+    choice_N: torch.Tensor, weights_TK: torch.Tensor,
+) -> torch.Tensor:
+    """The Triton expert MLP and weighted combine: y_TD (T, D) in x_TD's dtype (see the module docstring).
+
+    x_TD: (T, D) tokens; w_in: (E, H, D), H = 2F (SwiGLU, [gate; up] rows) or F (GELU); w_out:
+    (E, D, F); tokens_per_expert_E: (E,) int, summing to N; choice_N: (N,) int64 distinct flat
+    choices t * K + k grouped by expert (`expert_order`); weights_TK: (T, K) floating, any dtype.
+    Differentiable in x_TD, w_in, w_out and weights_TK.
+    """
+    check_mlp("grouped_mlp_combine", x_TD, w_in, w_out, tokens_per_expert_E, activation, choice_N)
+    _check_routing(x_TD, choice_N, weights_TK)
+    needs_grad = [t.requires_grad for t in (x_TD, w_in, w_out, weights_TK)]
+    save_h = torch.is_grad_enabled() and any(needs_grad)
+    if save_h and needs_grad[3]:
+        _check_score_block(pinned_config("grouped_gemm"))  # now, not when the backward would fail
+    y_TD, _ = torch.ops.moe_engine.grouped_mlp_combine(
+        x_TD, w_in, w_out, tokens_per_expert_E, choice_N, weights_TK, activation, save_h
+    )
+    return y_TD
+
+
+def grouped_mlp_combine(
+    x_TD: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor, activation: str,
+    choice_N: torch.Tensor, weights_TK: torch.Tensor,
+) -> torch.Tensor:
+    """y_TD = the experts' outputs combined with the routing weights: Triton or the torch loop, per `select_backend`."""
+    if select_backend("grouped_mlp_combine", x_TD.device, has_triton=TRITON_AVAILABLE) == "triton":
+        return grouped_mlp_combine_triton(x_TD, w_in, w_out, tokens_per_expert_E, activation, choice_N, weights_TK)
+    return grouped_mlp_combine_reference(x_TD, w_in, w_out, tokens_per_expert_E, activation, choice_N, weights_TK)
