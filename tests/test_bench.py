@@ -220,3 +220,23 @@ def test_dispatch_overhead_script_times_both_dispatchers(tmp_path) -> None:
         assert record["layer_ms"] > 0 and record["dispatch_ms"] > 0
         assert record["dispatch_share"] == record["dispatch_ms"] / record["layer_ms"]
     assert report["device"] and report["versions"]["torch"] and report["date"]
+
+
+def test_saved_activations_of_ours_are_h_and_routing_metadata_only(tmp_path) -> None:
+    # Traced under FakeTensorMode: any shape, no compute. Ours keeps the pre-activation h (N, 2F) and
+    # the routing's small tensors; the grouped_mm peer keeps at least the permuted copy of x besides.
+    from moe_engine.bench.saved import main, measure
+
+    shape = Shape("saved_check", 1000, 96, 40, 6, 3, "bfloat16")
+    N = shape.T * shape.K
+    ours, peer = measure(shape, "ours"), measure(shape, "grouped_mm")
+    h_bytes = N * 2 * shape.F * 2
+    routing_bytes = shape.T * (shape.E * 4 + 4) + shape.T * shape.K * (8 + 4) + N * 8  # scores, lse, ids, weights, rows
+    assert h_bytes <= ours["bytes"] <= h_bytes + routing_bytes + 1024
+    assert peer["bytes"] >= ours["bytes"] + N * shape.D * 2
+    out = tmp_path / "saved.json"
+    assert main(["--shapes", "sonicmoe", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["shape"] == "sonicmoe" and row["ours_bytes"] < row["grouped_mm_bytes"]
+    with pytest.raises(ValueError, match="path = 'loop'"):
+        measure(shape, "loop")

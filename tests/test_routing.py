@@ -448,6 +448,42 @@ def test_router_with_bf16_input_and_weight_returns_fp32():
     torch.testing.assert_close(routing.weights_TK, expected.weights_TK.float(), atol=FP32_ATOL, rtol=FP32_RTOL)
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_gate_logits_keep_the_tokens_in_their_dtype_for_the_backward(weight_dtype):
+    # x.float() @ w.float().t() under plain autograd keeps an fp32 copy of x (T*D*4 bytes per layer);
+    # gate_logits keeps x itself and matches that formulation's values and gradients.
+    from moe_engine.routing.gate import gate_logits
+
+    torch.manual_seed(10)
+    x = torch.randn(13, 24, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(5, 24) * 0.2).to(weight_dtype).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = gate_logits(x, w)
+    assert logits.dtype == torch.float32
+    assert [t.dtype for t in saved if t.shape == x.shape] == [torch.bfloat16]  # no fp32 copy of x
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    expected = x_ref.float() @ w_ref.float().t()
+    torch.testing.assert_close(logits, expected, atol=0, rtol=0)
+    grad = torch.randn(13, 5)
+    got = torch.autograd.grad(logits, (x, w), grad)
+    want = torch.autograd.grad(expected, (x_ref, w_ref), grad)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # The router's own gate GEMM keeps no fp32 copy of bf16 tokens either.
+    router = make_router(24, 5, 2, z_loss_coef=0.01).to(weight_dtype)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        router(x)
+    assert not [t for t in saved if t.shape == x.shape and t.dtype == torch.float32]
+
+
 @pytest.mark.parametrize(
     "top_k, kwargs, match",
     [

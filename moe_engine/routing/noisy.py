@@ -34,6 +34,7 @@ from torch.nn import functional as F
 
 from moe_engine.kernels.router import topk_gating
 from moe_engine.routing.capacity import apply_capacity, check_routing_args
+from moe_engine.routing.gate import gate_logits
 from moe_engine.routing.losses import importance_cv_squared, load_cv_squared
 from moe_engine.routing.types import Routing, RoutingContext
 
@@ -168,11 +169,10 @@ class NoisyTopKRouter(nn.Module):
         check_noise(noise_TE, (num_tokens, self.num_experts), self.training, type(self).__name__)
         # fp32 even under bf16 autocast: the top-k and the CDF's tails are sensitive to rounding.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            x_TD = x_TD.float()
-            clean_TE = x_TD @ self.weight.float().t()
+            clean_TE = gate_logits(x_TD, self.weight)  # fp32, without keeping an fp32 copy of x
             noisy_TE, noise_std_TE = clean_TE, None
             if self.training:
-                raw_noise_TE = x_TD @ self.noise_weight.float().t()
+                raw_noise_TE = gate_logits(x_TD, self.noise_weight)
                 noisy_TE, noise_std_TE = noisy_logits(clean_TE, raw_noise_TE, self.noise_epsilon, noise_TE)
             gating = topk_gating(noisy_TE, self.top_k, score_function="softmax", renormalize=True)
             weights_TK, experts_TK = gating.weights_TK, gating.experts_TK

@@ -14,6 +14,7 @@ from torch import nn
 
 from moe_engine.kernels.router import TopKGating, topk_gating
 from moe_engine.routing.capacity import apply_capacity, check_routing_args
+from moe_engine.routing.gate import gate_logits
 from moe_engine.routing.losses import sequence_load_balancing_loss, switch_loss_from_stats
 from moe_engine.routing.types import Routing, RoutingContext
 
@@ -120,7 +121,7 @@ class TopKRouter(nn.Module):
         # Routing decisions are made in fp32 even under bf16 autocast: top-k near ties and the
         # z-loss's logsumexp are where low precision changes which experts get picked.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = x_TD.float() @ self.weight.float().t()
+            logits_TE = gate_logits(x_TD, self.weight)  # fp32, without keeping an fp32 copy of x
             gating = topk_gating(
                 logits_TE, self.top_k, score_function=self.score_function, renormalize=self.renormalize,
                 scaling_factor=self.scaling_factor, expert_bias_E=self.expert_bias, n_groups=self.n_groups,
