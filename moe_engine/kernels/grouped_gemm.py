@@ -21,7 +21,9 @@ Triton implementation (custom ops `moe_engine::*`, so torch.compile traces throu
   the epilogue of the backward GEMM d_act = grad_y @ w_out[e].
   Memory: the forward saves the pre-activation h (N, H) and recomputes act (N, F) in the
   backward's epilogue, instead of saving both (N * 3F) as an unfused layer does; recomputing h
-  from x (a second up-projection GEMM) would save N * H more at +1/3 backward FLOPs.
+  from x (a second up-projection GEMM) would save N * H more at +1/3 backward FLOPs. Followed by
+  the weighted combine, the layer runs it as `mlp_combine.grouped_mlp_combine`, whose backward
+  epilogue (HAS_SCORE below) also takes the routing-weight gradient, so y_ND is not kept either.
 - Weight tiles: pointer loads (cp.async-pipelined on Hopper), or with MOE_ENGINE_GEMM_TMA=1 also
   candidates that read them through a host TMA descriptor of the 3-D weight (K-major for the
   forward's transposed view, N-major for dX), each box one expert's (E = 1) slice so the reduction
