@@ -273,6 +273,10 @@ class ParallelConfig:
     # Split each all-to-all into this many chunks of tokens, so chunk i+1's exchange runs while the
     # experts compute chunk i (async collectives); 1: one exchange per direction.
     a2a_chunks: int = 1
+    # Send each row's routing weight (fp32) with it, so the experts scale their own outputs and take the
+    # weight's gradient in their backward: no rank keeps the returned expert rows (T*K, D) for it.
+    # false: the rows are weighted on return, in the combine. (The chunked overlap always does that.)
+    weights_to_experts: bool = True
     # Collective backend: "auto" takes nccl on CUDA, gloo on CPU.
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     # A DeepSpeed JSON config (e.g. configs/deepspeed_zero2.json): DeepSpeed's engine then runs

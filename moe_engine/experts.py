@@ -16,7 +16,7 @@ from torch.profiler import record_function
 
 from moe_engine.kernels._triton import TRITON_AVAILABLE
 from moe_engine.kernels.backend import ENV_VAR, requested_backend, select_backend
-from moe_engine.kernels.mlp_combine import grouped_mlp_combine_triton
+from moe_engine.kernels.mlp_combine import grouped_mlp_combine_triton, grouped_mlp_scored_triton
 from moe_engine.kernels.permute import GatheredRows, unpermute
 from moe_engine.kernels.grouped_gemm import (
     grouped_linear_grouped_mm,
@@ -138,6 +138,24 @@ class GroupedExperts(nn.Module):
             return self.forward(x_TD.index_select(0, gather_index_N), tokens_per_expert_E)
         w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
         return grouped_mlp_triton(x_TD.to(dtype), w_in, w_out, tokens_per_expert_E, self.activation, gather_index_N)
+
+    def forward_scored(
+        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, score_N: torch.Tensor
+    ) -> torch.Tensor:
+        """y_ND (N, D) = score_N[:, None] * forward(x_ND, tokens_per_expert_E): the experts applying each
+        row's routing weight themselves (what expert parallelism runs when the weights travel with the
+        rows). score_N: (N,) floating, differentiable. The Triton path scales in the down-projection's
+        epilogue and takes the score's gradient from its backward GEMM, keeping no unscaled outputs.
+        """
+        dtype = _compute_dtype(x_ND)
+        if self.resolve_impl(x_ND.device, dtype) == "triton":
+            w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
+            return grouped_mlp_scored_triton(
+                x_ND.to(dtype), w_in, w_out, tokens_per_expert_E, self.activation, score_N
+            )
+        y_ND = self.forward(x_ND, tokens_per_expert_E)
+        acc = torch.promote_types(y_ND.dtype, torch.float32)  # the product in at least fp32, as the kernel's
+        return (y_ND.to(acc) * score_N.to(acc)[:, None]).to(y_ND.dtype)
 
     def forward_combined(
         self, rows: GatheredRows, tokens_per_expert_E: torch.Tensor, weights_TK: torch.Tensor

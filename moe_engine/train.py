@@ -236,7 +236,7 @@ class Trainer:
         model = self.workload.build_model(
             lambda moe_cfg: AllToAllDispatcher(
                 moe_cfg.num_experts, groups.ep_group, fixed_splits=cfg.parallel.fixed_splits,
-                num_chunks=cfg.parallel.a2a_chunks,
+                num_chunks=cfg.parallel.a2a_chunks, weights_to_experts=cfg.parallel.weights_to_experts,
             ),
         )
         torch.set_rng_state(rng_after_init)

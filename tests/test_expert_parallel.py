@@ -127,6 +127,60 @@ def test_all_to_all_matches_single_process(world_size: int, ep_sizes: tuple[int,
     run_ranks(world_size, _all_cases, ep_sizes)
 
 
+def _triton_case(rank: int, world_size: int) -> None:
+    """EP=2 on the Triton kernels (interpreted), fp32: the routing weights with the rows (the experts scale
+    their outputs, the weight gradient comes from their backward GEMM) or applied on return; both against
+    the single-process layer, and what each keeps for the backward."""
+    import os
+
+    from moe_engine.bench.saved import saved_bytes
+
+    os.environ["MOE_ENGINE_KERNELS"] = "triton"
+    groups = build_parallel_groups(world_size, E)
+    rows = slice(rank * T_PER_RANK, (rank + 1) * T_PER_RANK)
+    for capacity_factor, fixed_splits in ((None, False), (1.0, True)):
+        cfg = _config(capacity_factor)
+        torch.manual_seed(3)  # the same reference layer on every rank
+        ref = MoELayer.from_config(D, cfg).float()  # single process, Triton kernels
+        x, grad_y = (t.float() for t in _inputs(world_size, "none"))
+        ref_x = x.clone().requires_grad_()
+        for r in range(world_size):
+            part = slice(r * T_PER_RANK, (r + 1) * T_PER_RANK)
+            (ref(ref_x[part]).y * grad_y[part]).sum().backward()
+        saved = {}
+        for weights_to_experts in (False, True):
+            dispatcher = AllToAllDispatcher(E, groups.ep_group, fixed_splits=fixed_splits,
+                                            weights_to_experts=weights_to_experts)
+            layer = MoELayer.from_config(D, cfg, dispatcher).float()
+            local = list(dispatcher.local_expert_ids)
+            with torch.no_grad():
+                layer.router.weight.copy_(ref.router.weight)
+                layer.experts.w_in.copy_(ref.experts.w_in[local])
+                layer.experts.w_out.copy_(ref.experts.w_out[local])
+            assert layer.experts.resolve_impl(x.device, torch.float32) == "triton"
+            x_local = x[rows].clone().requires_grad_()
+            outputs = []
+            saved[weights_to_experts], _ = saved_bytes(lambda: outputs.append(layer(x_local)), [x_local, *layer.parameters()])
+            (outputs[0].y * grad_y[rows]).sum().backward()
+            where = f"capacity {capacity_factor}, weights_to_experts {weights_to_experts}"
+            torch.testing.assert_close(outputs[0].y, ref(x[rows]).y, rtol=1e-5, atol=1e-5, msg=where)
+            torch.testing.assert_close(x_local.grad, ref_x.grad[rows], rtol=1e-5, atol=1e-5, msg=where)
+            router_grad = layer.router.weight.grad.clone()
+            dist.all_reduce(router_grad, group=groups.dp_group)
+            torch.testing.assert_close(router_grad, ref.router.weight.grad, rtol=1e-4, atol=1e-5, msg=where)
+            for name in ("w_in", "w_out"):
+                grad = getattr(layer.experts, name).grad
+                torch.testing.assert_close(grad, getattr(ref.experts, name).grad[local], rtol=1e-4, atol=1e-5, msg=where)
+        # Weighting on return keeps the returned rows (N, D) for the weight gradient; the experts weighting
+        # their own outputs keep a float per row instead.
+        returned_bytes = T_PER_RANK * K * D * 4
+        assert returned_bytes // 2 < saved[False] - saved[True] <= returned_bytes, (saved, capacity_factor)
+
+
+def test_triton_experts_under_expert_parallelism_take_the_weights_with_the_rows() -> None:
+    run_ranks(2, _triton_case)
+
+
 @pytest.mark.parametrize(
     "world, ep, experts, message",
     [

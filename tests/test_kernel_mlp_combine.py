@@ -17,6 +17,8 @@ from moe_engine.kernels.mlp_combine import (
     grouped_mlp_combine,
     grouped_mlp_combine_reference,
     grouped_mlp_combine_triton,
+    grouped_mlp_scored_reference,
+    grouped_mlp_scored_triton,
 )
 from moe_engine.kernels.permute import expert_order_reference, unpermute
 from moe_engine.kernels.grouped_gemm import grouped_mlp_triton
@@ -86,6 +88,64 @@ def test_fused_combine_matches_the_composed_references(T, D, F, E, K, kind, acti
         dropped = torch.ones(T * K, dtype=torch.bool)
         dropped[choice_N] = False
         assert dropped.any() and torch.all(got[4].reshape(-1)[dropped] == 0)
+
+
+# (rows per expert, D, F, gathered): the scored MLP of expert parallelism runs on received rows (no gather);
+# the gather is covered too. Empty experts, N = 1, F > 64 (two score slots), prime E, all rows on one expert.
+SCORED_SHAPES = [
+    ([3, 0, 5, 3], 16, 72, False),
+    ([0, 1, 0], 16, 8, False),
+    ([2, 0, 3, 1, 0, 4, 1], 13, 24, True),
+    ([0, 0, 70, 0], 24, 13, False),
+]
+
+
+# fp32 on every shape; bf16 on the first (bf16 changes the arithmetic, not the indexing the shapes probe).
+SCORED_ROWS = [(*shape, *DTYPE_TOLERANCES[0]) for shape in SCORED_SHAPES] + [(*SCORED_SHAPES[0], *DTYPE_TOLERANCES[1])]
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("tokens_per_expert, D, F, gathered, dtype, ref_dtype, atol, rtol", SCORED_ROWS)
+def test_scored_mlp_matches_the_reference(tokens_per_expert, D, F, gathered, activation, dtype, ref_dtype, atol, rtol):
+    gen = torch.Generator().manual_seed(8)
+    N, E = sum(tokens_per_expert), len(tokens_per_expert)
+    width_in = 2 * F if activation == "swiglu" else F
+    x = torch.randn(5 if gathered else N, D, generator=gen).to(dtype)
+    gather_N = torch.randint(0, 5, (N,), generator=gen) if gathered else None
+    w_in = (torch.randn(E, width_in, D, generator=gen) * D**-0.5).to(dtype)
+    w_out = (torch.randn(E, D, F, generator=gen) * F**-0.5).to(dtype)
+    score_N = torch.rand(N, generator=gen)
+    tokens_E = torch.tensor(tokens_per_expert)
+    leaves = [t.clone().requires_grad_() for t in (x, w_in, w_out, score_N)]
+    y = grouped_mlp_scored_triton(*leaves[:3], tokens_E, activation, leaves[3], gather_N)
+    assert y.shape == (N, D) and y.dtype == dtype
+    grad_y = torch.randn(y.shape, generator=gen)
+    got = [y, *torch.autograd.grad((y * grad_y.to(dtype)).sum(), leaves)]
+    ref_leaves = [t.detach().to(ref_dtype).requires_grad_() for t in (x, w_in, w_out)]
+    ref_score = score_N.to(torch.float64 if ref_dtype == torch.float64 else torch.float32).requires_grad_()
+    y_ref = grouped_mlp_scored_reference(*ref_leaves, tokens_E, activation, ref_score, gather_N)
+    expected = [y_ref, *torch.autograd.grad((y_ref * grad_y.to(ref_dtype)).sum(), [*ref_leaves, ref_score])]
+    for what, a, b in zip(("y", "dx", "dw_in", "dw_out", "dscore"), got, expected):
+        if what == "dscore":
+            tol = atol * max(1.0, b.abs().max().item()) if dtype == torch.bfloat16 else atol
+            torch.testing.assert_close(a.to(b.dtype), b.detach(), atol=tol, rtol=rtol, msg=lambda m: f"dscore: {m}")
+        else:
+            assert_close(a, b.detach(), atol, rtol, what)
+
+
+def test_scored_mlp_keeps_no_unscaled_outputs():
+    # Scaling the plain MLP's output by the score keeps that (N, D) output for the score's gradient; the
+    # scored op keeps h and the scores only.
+    gen = torch.Generator().manual_seed(9)
+    N, D, F, E = 12, 40, 16, 3
+    x, score = torch.randn(N, D, generator=gen, requires_grad=True), torch.rand(N, generator=gen, requires_grad=True)
+    w_in = torch.randn(E, 2 * F, D, generator=gen, requires_grad=True)
+    w_out = torch.randn(E, D, F, generator=gen, requires_grad=True)
+    tokens_E = torch.tensor([5, 0, 7])
+    scored = _saved_tensors(lambda: grouped_mlp_scored_triton(x, w_in, w_out, tokens_E, "swiglu", score))
+    plain = _saved_tensors(lambda: grouped_mlp_triton(x, w_in, w_out, tokens_E, "swiglu") * score[:, None])
+    assert sum(tuple(t.shape) == (N, D) and t is not x for t in plain) == 1
+    assert [tuple(t.shape) for t in scored if t.dim() == 2 and t is not x] == [(N, 2 * F)]
 
 
 def test_fused_combine_equals_the_unfused_triton_ops():
@@ -181,6 +241,8 @@ def test_opcheck_custom_ops():
         (ops.grouped_mlp_scored_act_backward, (grad_y, token_N, w_out, h, tokens_E, weights_TK.reshape(-1)[choice_N],
                                                "swiglu", True)),
         (ops.grouped_gemm_dw, (grad_y, act, tokens_E, None, token_N)),
+        (ops.grouped_mlp_scored, (leaf(x), leaf(w_in), leaf(w_out), tokens_E, token_N, leaf(torch.rand(N)), "swiglu", True)),
+        (ops.grouped_mlp_scored_act_backward, (torch.randn(N, 16), None, w_out, h, tokens_E, torch.rand(N), "swiglu", True)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

@@ -274,7 +274,12 @@ def _gemm_cases(dtype: torch.dtype, quick: bool, w: Shape) -> dict[str, Callable
     if w is DEFAULT_WIDTHS:  # the paths the benchmark's SwiGLU layers do not take
         w_gelu = torch.empty(E, F, D, dtype=dtype)
         cases.update({
-            # The unfused MLP: what expert parallelism runs on the rows it received.
+            # What expert parallelism runs on the rows it received: the scored MLP (weights sent with the
+            # rows) and its backward, or the unfused MLP (the chunked overlap).
+            "grouped_mlp_scored swiglu (save h)": lambda: ops.grouped_mlp_scored(
+                grad_ND, w_swiglu, w_out, tokens_E, None, score_N, "swiglu", True),
+            "grouped_mlp_scored_act_backward swiglu": lambda: ops.grouped_mlp_scored_act_backward(
+                grad_ND, None, w_out, h_NH, tokens_E, score_N, "swiglu", True),
             "grouped_mlp swiglu (save h)": lambda: ops.grouped_mlp(grad_ND, w_swiglu, w_out, tokens_E, None, "swiglu", True),
             "grouped_mlp_act_backward swiglu": lambda: ops.grouped_mlp_act_backward(grad_ND, w_out, h_NH, tokens_E, "swiglu"),
             "grouped_gemm_dw": lambda: ops.grouped_gemm_dw(grad_ND, h_NF, tokens_E, None),

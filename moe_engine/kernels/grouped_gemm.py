@@ -280,6 +280,7 @@ if TRITON_AVAILABLE:
     #   "swiglu_bwd": acc = d_act; dg = d_act * u * silu'(g), silu'(g) = s * (1 + g * (1 - s)), s = sigmoid(g);
     #                 du = d_act * silu(g); dh = [dg | du]; act = silu(g) * u
     #   "gelu_bwd":   dh = d_act * gelu'(a), gelu'(a) = Phi(a) + a * exp(-a^2 / 2) / sqrt(2 pi); act = gelu(a)
+    #   "none" with HAS_SCORE: y = s_n * acc (the scored MLP's down-projection, see mlp_combine.py)
     #   HAS_SCORE (the backward of the MLP fused with the weighted combine, see mlp_combine.py): acc is the
     #   unweighted g_n @ w_out[e]; the score gradient's partial dot <acc, act> is taken first, then
     #   d_act = s_n * acc and the stored act is s_n * act (what dW_out = g^T (s * act) reads).
@@ -357,6 +358,8 @@ if TRITON_AVAILABLE:
         y_ptrs = y_ptr + rows64[:, None] * stride_ym + cols[None, :]
         h_ptrs = h_ptr + rows64[:, None] * stride_hm + cols[None, :]
         if EPILOGUE == "none":
+            if HAS_SCORE:  # the down-projection of the scored MLP: y = s_n * acc
+                acc = acc * tl.load(score_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)[:, None]
             tl.store(y_ptrs, acc.to(out_ty), mask=ok)
         elif EPILOGUE == "swiglu":
             gate = acc.to(out_ty)
@@ -567,14 +570,18 @@ def _num_rows(x: torch.Tensor, gather_N: torch.Tensor | None) -> int:
     return x.shape[0] if gather_N is None else gather_N.shape[0]
 
 
-def mlp_forward(x, w_in, w_out, tokens_E, gather_N, activation: str, save_h: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two launches of the expert MLP's forward: (y (N, D), h (N, H), or (0, H) when not save_h)."""
+def mlp_forward(x, w_in, w_out, tokens_E, gather_N, activation: str, save_h: bool,
+                score_N: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two launches of the expert MLP's forward: (y (N, D), h (N, H), or (0, H) when not save_h).
+
+    score_N: (N,) fp32, each output row scaled by it in the down-projection's epilogue.
+    """
     num_rows, hidden = _num_rows(x, gather_N), w_out.shape[2]
     act = x.new_empty(num_rows, hidden)
     h = x.new_empty(num_rows if save_h else 0, w_in.shape[1])
     _launch_gemm(x, w_in.transpose(1, 2), tokens_E, gather_N, act, hidden, activation, h=h, store_h=save_h)
     y = x.new_empty(num_rows, w_out.shape[1])
-    _launch_gemm(act, w_out.transpose(1, 2), tokens_E, None, y, w_out.shape[1])
+    _launch_gemm(act, w_out.transpose(1, 2), tokens_E, None, y, w_out.shape[1], score=score_N)
     return y, h
 
 

@@ -29,6 +29,8 @@ hold the Triton op to (forward and the gradients of x, w_in, w_out and the routi
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch.profiler import record_function
 
@@ -74,15 +76,17 @@ def _(x_TD, w_in, w_out, tokens_per_expert_E, choice_N, weights_TK, activation, 
 
 @torch.library.custom_op("moe_engine::grouped_mlp_scored_act_backward", mutates_args=())
 def _scored_act_backward_op(
-    grad_y_TD: torch.Tensor, token_N: torch.Tensor, w_out: torch.Tensor, h_NH: torch.Tensor,
+    grad_y: torch.Tensor, token_N: Optional[torch.Tensor], w_out: torch.Tensor, h_NH: torch.Tensor,
     tokens_per_expert_E: torch.Tensor, score_N: torch.Tensor, activation: str, need_score_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh (N, H), s * act (N, F), partial score dots (N, slots) fp32 or (0, slots) when not need_score_grad).
 
-    acc = grad_y_TD[token_N[n]] @ w_out[e]; dh = act'(h) * (score_N[n] * acc); the partial dots sum
-    over their columns to <acc_n, act_n>, the gradient of the routing weight of row n.
+    acc = grad_y[token_N[n]] @ w_out[e] (grad_y (T, D) read through token_N, or grad_y (N, D) row by
+    row when token_N is None); dh = act'(h) * (score_N[n] * acc); the partial dots sum over their
+    columns to <acc_n, act_n>, the gradient of the routing weight of row n.
     """
-    num_rows, hidden = token_N.shape[0], w_out.shape[2]
+    grad_y_TD = grad_y
+    num_rows, hidden = _rows(grad_y, token_N), w_out.shape[2]
     dh = grad_y_TD.new_empty(num_rows, h_NH.shape[1])
     act = grad_y_TD.new_empty(num_rows, hidden)
     dscore = torch.empty(num_rows if need_score_grad else 0, score_slots(hidden), dtype=torch.float32,
@@ -93,10 +97,14 @@ def _scored_act_backward_op(
 
 
 @_scored_act_backward_op.register_fake
-def _(grad_y_TD, token_N, w_out, h_NH, tokens_per_expert_E, score_N, activation, need_score_grad):
-    num_rows, hidden = token_N.shape[0], w_out.shape[2]
-    return (grad_y_TD.new_empty(num_rows, h_NH.shape[1]), grad_y_TD.new_empty(num_rows, hidden),
-            grad_y_TD.new_empty(num_rows if need_score_grad else 0, score_slots(hidden), dtype=torch.float32))
+def _(grad_y, token_N, w_out, h_NH, tokens_per_expert_E, score_N, activation, need_score_grad):
+    num_rows, hidden = _rows(grad_y, token_N), w_out.shape[2]
+    return (grad_y.new_empty(num_rows, h_NH.shape[1]), grad_y.new_empty(num_rows, hidden),
+            grad_y.new_empty(num_rows if need_score_grad else 0, score_slots(hidden), dtype=torch.float32))
+
+
+def _rows(x: torch.Tensor, index_N: torch.Tensor | None) -> int:
+    return x.shape[0] if index_N is None else index_N.shape[0]
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -135,6 +143,49 @@ def _backward(ctx, grad_y_TD, _grad_h):
 _grouped_mlp_combine_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("moe_engine::grouped_mlp_scored", mutates_args=())
+def _grouped_mlp_scored_op(
+    x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+    gather_index_N: Optional[torch.Tensor], score_N: torch.Tensor, activation: str, save_h: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y_ND (N, D) = score_N[n] * mlp(x[g(n)]), h (N, H) or (0, H) when not save_h); h is for the backward only."""
+    return mlp_forward(x, w_in, w_out, tokens_per_expert_E, gather_index_N, activation, save_h,
+                       score_N.float().contiguous())
+
+
+@_grouped_mlp_scored_op.register_fake
+def _(x, w_in, w_out, tokens_per_expert_E, gather_index_N, score_N, activation, save_h):
+    num_rows = _rows(x, gather_index_N)
+    return x.new_empty(num_rows, w_out.shape[1]), x.new_empty(num_rows if save_h else 0, w_in.shape[1])
+
+
+def _scored_setup_context(ctx, inputs, output) -> None:
+    x, w_in, w_out, tokens_E, gather_N, score_N, activation, _ = inputs
+    ctx.activation = activation
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, w_in, w_out, tokens_E, gather_N, score_N, output[1])
+
+
+def _scored_backward(ctx, grad_y_ND, _grad_h):
+    x, w_in, w_out, tokens_E, gather_N, score_N, h = ctx.saved_tensors
+    need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
+    need_score = ctx.needs_input_grad[5]
+    if h.shape[0] != grad_y_ND.shape[0]:
+        raise RuntimeError("moe_engine::grouped_mlp_scored ran with save_h=False; it cannot be differentiated")
+    ops = torch.ops.moe_engine
+    dh, act, dscore = ops.grouped_mlp_scored_act_backward(
+        grad_y_ND, None, w_out, h, tokens_E, score_N.float(), ctx.activation, need_score
+    )
+    dx = ops.grouped_gemm_dx(dh, w_in, tokens_E, gather_N, x.shape[0]) if need_x else None
+    dw_in = ops.grouped_gemm_dw(dh, x, tokens_E, gather_N) if need_w_in else None
+    dw_out = ops.grouped_gemm_dw(grad_y_ND, act, tokens_E, None) if need_w_out else None
+    dscore_N = dscore.sum(1).to(score_N.dtype) if need_score else None
+    return dx, dw_in, dw_out, None, None, dscore_N, None, None
+
+
+_grouped_mlp_scored_op.register_autograd(_scored_backward, setup_context=_scored_setup_context)
+
+
 # Launchers and the public op
 
 def _check_routing(x_TD: torch.Tensor, choice_N: torch.Tensor, weights_TK: torch.Tensor) -> None:
@@ -170,6 +221,43 @@ def grouped_mlp_combine_triton(
         x_TD, w_in, w_out, tokens_per_expert_E, choice_N, weights_TK, activation, save_h
     )
     return y_TD
+
+
+def grouped_mlp_scored_reference(
+    x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor, activation: str,
+    score_N: torch.Tensor, gather_index_N: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The torch loop: score_N[:, None] * grouped_mlp_reference(...), the product in at least fp32, in x's dtype."""
+    y_ND = grouped_mlp_reference(x, w_in, w_out, tokens_per_expert_E, activation, gather_index_N)
+    acc = torch.promote_types(y_ND.dtype, torch.float32)
+    return (y_ND.to(acc) * score_N.to(acc)[:, None]).to(y_ND.dtype)
+
+
+def grouped_mlp_scored_triton(
+    x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor, activation: str,
+    score_N: torch.Tensor, gather_index_N: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The Triton expert MLP with each output row scaled by its routing weight: y_ND (N, D) in x's dtype.
+
+    y_ND[n] = score_N[n] * mlp_e(n)(x[g(n)]) (see `grouped_mlp_triton` for x, w_in, w_out, the counts and
+    the gather); score_N: (N,) floating, any dtype. The score's gradient <dy_n, mlp(x_n)> comes from the
+    backward GEMM's epilogue, so the unscaled outputs are not kept: what expert parallelism runs when the
+    routing weights travel with the rows (the combine on return is then an unweighted sum).
+    Differentiable in x, w_in, w_out and score_N.
+    """
+    check_mlp("grouped_mlp_scored", x, w_in, w_out, tokens_per_expert_E, activation, gather_index_N)
+    num_rows = _rows(x, gather_index_N)
+    if score_N.dim() != 1 or score_N.shape[0] != num_rows or not score_N.is_floating_point() or score_N.device != x.device:
+        raise ValueError(f"grouped_mlp_scored: score_N is a {tuple(score_N.shape)} {score_N.dtype} tensor on "
+                         f"{score_N.device}, expected ({num_rows},) floating on {x.device}: one weight per row")
+    needs_grad = [t.requires_grad for t in (x, w_in, w_out, score_N)]
+    save_h = torch.is_grad_enabled() and any(needs_grad)
+    if save_h and needs_grad[3]:
+        _check_score_block(pinned_config("grouped_gemm"))
+    y, _ = torch.ops.moe_engine.grouped_mlp_scored(
+        x, w_in, w_out, tokens_per_expert_E, gather_index_N, score_N, activation, save_h
+    )
+    return y
 
 
 def grouped_mlp_combine(

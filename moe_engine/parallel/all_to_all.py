@@ -9,6 +9,13 @@ dispatch, for the T tokens of this rank:
   3. regroup received rows by local expert (stable over sources)             -> x_MD, tokens_per_local_expert_L
 combine runs the same steps backwards, then the weighted sum over each token's K choices.
 
+Routing weights to the experts (`weights_to_experts=True`, the default): each row's routing weight
+(fp32) travels with it, and experts that offer `forward_scored` (GroupedExperts) scale their own
+outputs, so the combine on return is an unweighted sum. The weight gradient <dY_t, y_n> is then
+taken on the expert rank, inside the experts' backward (the Triton grouped MLP takes it from its
+backward GEMM's epilogue), and no rank keeps the returned expert rows (N, D) for it. The weights
+cost one exchange of N floats per direction, issued with the rows by one autograd node.
+
 Capacity mode (`fixed_splits=True` with a capacity router): every rank sends exactly C rows per
 expert, zero rows padding the empty slots. Splits are then static: no count exchange, no
 device-to-host sync, and static shapes, at the price of computing the padding rows.
@@ -35,7 +42,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from moe_engine.kernels.permute import expert_order, permute, unpermute
-from moe_engine.parallel.collectives import all_to_all, all_to_all_counts
+from moe_engine.parallel.collectives import all_to_all, all_to_all_counts, all_to_all_with_weights
 from moe_engine.parallel.telemetry import TrafficMeter
 from moe_engine.routing.types import Routing
 
@@ -48,6 +55,8 @@ class AllToAllDispatchMeta:
     weights_TK: (T, K) routing weights. send_splits/recv_splits: rows sent to / received from each
     rank. regroup_M: (M,) received-row index of each expert-grouped row (None in fixed-split mode).
     slot_N: (N,) padded-buffer row of each choice (fixed-split mode only).
+    score_M: (M,) float32 routing weight of each expert-grouped row (0 for padding rows), with
+    autograd graph back to weights_TK; None unless the dispatcher sends weights to the experts.
     """
 
     choice_N: torch.Tensor
@@ -56,6 +65,7 @@ class AllToAllDispatchMeta:
     recv_splits: list[int]
     regroup_M: torch.Tensor | None
     slot_N: torch.Tensor | None
+    score_M: torch.Tensor | None = None
 
 
 class AllToAllDispatcher:
@@ -64,13 +74,19 @@ class AllToAllDispatcher:
     num_experts: E in the whole model; the group's size P must divide it. fixed_splits: in
     capacity mode, pad each expert's rows to the capacity so splits are static. num_chunks: how
     many pieces `dispatch_compute_combine` cuts the exchanges into to overlap them with the experts.
+    weights_to_experts: send each row's routing weight with it, for experts that apply it themselves
+    (see the module docstring; the chunked overlap weights the rows on return instead).
     """
 
     def __init__(
-        self, num_experts: int, ep_group: dist.ProcessGroup, *, fixed_splits: bool = False, num_chunks: int = 1
+        self, num_experts: int, ep_group: dist.ProcessGroup, *, fixed_splits: bool = False, num_chunks: int = 1,
+        weights_to_experts: bool = True,
     ) -> None:
         if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
             raise ValueError(f"num_chunks = {num_chunks!r}: must be an int >= 1 (1: no overlap)")
+        if not isinstance(weights_to_experts, bool):
+            raise ValueError(f"weights_to_experts = {weights_to_experts!r}: must be True or False")
+        self.weights_to_experts = weights_to_experts
         self.ep_size = dist.get_world_size(ep_group)
         if num_experts % self.ep_size:
             raise ValueError(f"expert-parallel size {self.ep_size} does not divide num_experts {num_experts}")
@@ -107,25 +123,63 @@ class AllToAllDispatcher:
             received_PL = all_to_all_counts(counts_PL, self.group)  # received_PL[r, l]: rows from rank r for expert l
             both = torch.stack([counts_PL.sum(1), received_PL.sum(1)]).tolist()  # NOTE: device-to-host sync (split sizes)
             send_splits, recv_splits = both
-            x_RD = all_to_all(x_ND, recv_splits, send_splits, self.group, self.traffic)
+            score_R = None
+            if self.weights_to_experts:
+                x_RD, score_R = all_to_all_with_weights(
+                    x_ND, _row_weights(routing.weights_TK, choice_N), recv_splits, send_splits, self.group, self.traffic
+                )
+            else:
+                x_RD = all_to_all(x_ND, recv_splits, send_splits, self.group, self.traffic)
         regroup_M = _regroup_index(received_PL, x_RD.shape[0])
         x_MD = permute(x_RD, regroup_M, 1)
-        meta = AllToAllDispatchMeta(choice_N, routing.weights_TK, send_splits, recv_splits, regroup_M, None)
+        score_M = score_R.index_select(0, regroup_M) if score_R is not None else None
+        meta = AllToAllDispatchMeta(choice_N, routing.weights_TK, send_splits, recv_splits, regroup_M, None, score_M)
         return x_MD, received_PL.sum(0), meta
 
     def _dispatch_fixed(self, x_ND, choice_N, tokens_per_expert_E, routing):
         P, L, C = self.ep_size, self.num_local_experts, routing.capacity
         x_padded, slot_N = _pad_to_capacity(x_ND, choice_N, tokens_per_expert_E, routing)
         splits = [L * C] * P
+        score_M = None
         with record_function("moe::all_to_all"):
-            x_RD = all_to_all(x_padded, splits, splits, self.group, self.traffic)
+            if self.weights_to_experts:
+                # Padding slots get weight 0 (their rows are zeros and never come back anyway).
+                score_padded = torch.zeros(x_padded.shape[0], dtype=torch.float32, device=x_ND.device).index_copy(
+                    0, slot_N, _row_weights(routing.weights_TK, choice_N))
+                x_RD, score_R = all_to_all_with_weights(x_padded, score_padded, splits, splits, self.group, self.traffic)
+                score_M = score_R.view(P, L, C).transpose(0, 1).reshape(L * P * C)
+            else:
+                x_RD = all_to_all(x_padded, splits, splits, self.group, self.traffic)
         # (source, local expert, slot) -> (local expert, source, slot): a fixed transpose, no index.
         x_MD = x_RD.view(P, L, C, -1).transpose(0, 1).reshape(L * P * C, -1)
         tokens_per_local_expert_L = torch.full((L,), P * C, dtype=torch.int64, device=x_ND.device)
-        return x_MD, tokens_per_local_expert_L, AllToAllDispatchMeta(choice_N, routing.weights_TK, splits, splits, None, slot_N)
+        meta = AllToAllDispatchMeta(choice_N, routing.weights_TK, splits, splits, None, slot_N, score_M)
+        return x_MD, tokens_per_local_expert_L, meta
 
-    def combine(self, y_MD: torch.Tensor, meta: AllToAllDispatchMeta) -> torch.Tensor:
-        """y_MD: (M, D) local expert outputs in dispatch order -> y_TD: (T, D) for this rank's tokens."""
+    def experts_and_combine(
+        self, experts: nn.Module, x_MD: torch.Tensor, tokens_per_local_expert_L: torch.Tensor,
+        meta: AllToAllDispatchMeta,
+    ) -> torch.Tensor:
+        """y_TD (T, D): the local experts on the received rows, then `combine`. Where the routing weights
+        came with the rows and the experts offer `forward_scored`, the experts apply them and the
+        combine sums unweighted."""
+        scored = getattr(experts, "forward_scored", None)
+        if meta.score_M is not None and scored is not None:
+            with record_function("moe::experts"):
+                y_MD = scored(x_MD, tokens_per_local_expert_L, meta.score_M)
+            with record_function("moe::combine"):
+                return self.combine(y_MD, meta, weighted=False)
+        with record_function("moe::experts"):
+            y_MD = experts(x_MD, tokens_per_local_expert_L)
+        with record_function("moe::combine"):
+            return self.combine(y_MD, meta)
+
+    def combine(self, y_MD: torch.Tensor, meta: AllToAllDispatchMeta, weighted: bool = True) -> torch.Tensor:
+        """y_MD: (M, D) local expert outputs in dispatch order -> y_TD: (T, D) for this rank's tokens.
+
+        weighted=False: the rows already carry their routing weights (`experts_and_combine`); each
+        token's rows are summed as they are.
+        """
         num_tokens = meta.weights_TK.shape[0]
         if meta.slot_N is not None:
             P, L = self.ep_size, self.num_local_experts
@@ -137,7 +191,9 @@ class AllToAllDispatcher:
             y_RD = permute(y_MD, _inverse(meta.regroup_M), 1)
             with record_function("moe::all_to_all"):
                 y_ND = all_to_all(y_RD, meta.send_splits, meta.recv_splits, self.group, self.traffic)
-        return unpermute(y_ND, meta.choice_N, meta.weights_TK, num_tokens)
+        # Unweighted: weights of 1 without a gradient, so the combine keeps no y_ND for the backward.
+        weights_TK = meta.weights_TK if weighted else torch.ones_like(meta.weights_TK.detach())
+        return unpermute(y_ND, meta.choice_N, weights_TK, num_tokens)
 
     def dispatch_compute_combine(
         self, x_TD: torch.Tensor, routing: Routing, experts: nn.Module
@@ -251,6 +307,11 @@ class AllToAllDispatcher:
             y_TD = unpermute(y_ND, choice_N, routing.weights_TK, x_TD.shape[0])
         tokens_per_local_expert_L = torch.full((L,), P * C, dtype=torch.int64, device=x_TD.device)
         return y_TD, tokens_per_local_expert_L
+
+
+def _row_weights(weights_TK: torch.Tensor, choice_N: torch.Tensor) -> torch.Tensor:
+    """(N,) float32: the routing weight of each dispatched row, differentiable in weights_TK."""
+    return weights_TK.reshape(-1).index_select(0, choice_N).float()
 
 
 def _pad_to_capacity(x_ND, choice_N, tokens_per_expert_E, routing) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,6 +51,37 @@ def all_to_all(
     return _AllToAll.apply(x_ND, list(output_splits), list(input_splits), group, meter)
 
 
+class _AllToAllWithWeights(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, w_N, output_splits: list[int], input_splits: list[int], group, meter):
+        ctx.splits, ctx.group, ctx.meter = (output_splits, input_splits), group, meter
+        x_RD = _exchange(x_ND, output_splits, input_splits, group, meter)
+        return x_RD, _exchange(w_N, output_splits, input_splits, group, None)
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_w):
+        # Both exchanges, always, in the forward's order: every rank issues the same collectives
+        # (an unused output's gradient comes in as zeros).
+        output_splits, input_splits = ctx.splits
+        grad_x_ND = _exchange(grad_x, input_splits, output_splits, ctx.group, ctx.meter)
+        return grad_x_ND, _exchange(grad_w, input_splits, output_splits, ctx.group, None), None, None, None, None
+
+
+def all_to_all_with_weights(
+    x_ND: torch.Tensor, w_N: torch.Tensor, output_splits: list[int], input_splits: list[int], group,
+    meter: TrafficMeter | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`all_to_all` of the rows x_ND and of one weight per row w_N (N,), which travels with its row.
+
+    One autograd node issues both exchanges, rows first, forward and backward, so the order of the
+    collectives is the same on every rank whatever else the backward graph holds. meter counts the
+    rows only (the weights add w_N's element size per row).
+    """
+    if w_N.dim() != 1 or w_N.shape[0] != x_ND.shape[0]:
+        raise ValueError(f"w_N has shape {tuple(w_N.shape)}, expected ({x_ND.shape[0]},): one weight per row of x_ND")
+    return _AllToAllWithWeights.apply(x_ND, w_N, list(output_splits), list(input_splits), group, meter)
+
+
 def all_to_all_counts(counts: torch.Tensor, group) -> torch.Tensor:
     """Exchange one equal-size block of counts per rank: counts (P, L) -> received (P, L), row r from rank r."""
     received = torch.empty_like(counts)
