@@ -48,6 +48,17 @@ def _reference_layer(cfg: MoEConfig, skew: str) -> MoELayer:
     return layer
 
 
+def _sharded_copy(ref: MoELayer, cfg: MoEConfig, dispatcher: AllToAllDispatcher) -> tuple[MoELayer, list[int]]:
+    """(the layer of this rank under `dispatcher`, in ref's dtype and with ref's weights; its experts' global ids)."""
+    layer = MoELayer.from_config(D, cfg, dispatcher).to(ref.router.weight.dtype)
+    local = list(dispatcher.local_expert_ids)
+    with torch.no_grad():
+        layer.router.weight.copy_(ref.router.weight)
+        layer.experts.w_in.copy_(ref.experts.w_in[local])
+        layer.experts.w_out.copy_(ref.experts.w_out[local])
+    return layer, local
+
+
 def _check_rank(rank: int, world_size: int, ep_size: int, capacity_factor, fixed_splits: bool, skew: str) -> None:
     cfg = _config(capacity_factor)
     groups = build_parallel_groups(ep_size, E)
@@ -60,12 +71,7 @@ def _check_rank(rank: int, world_size: int, ep_size: int, capacity_factor, fixed
         (ref(ref_x[rows]).y * grad_y[rows]).sum().backward()
 
     dispatcher = AllToAllDispatcher(E, groups.ep_group, fixed_splits=fixed_splits)
-    layer = MoELayer.from_config(D, cfg, dispatcher).double()
-    local = list(dispatcher.local_expert_ids)
-    with torch.no_grad():
-        layer.router.weight.copy_(ref.router.weight)
-        layer.experts.w_in.copy_(ref.experts.w_in[local])
-        layer.experts.w_out.copy_(ref.experts.w_out[local])
+    layer, local = _sharded_copy(ref, cfg, dispatcher)
     rows = slice(rank * T_PER_RANK, (rank + 1) * T_PER_RANK)
     x_local = x[rows].clone().requires_grad_()
     out = layer(x_local)
@@ -151,12 +157,7 @@ def _triton_case(rank: int, world_size: int) -> None:
         for weights_to_experts in (False, True):
             dispatcher = AllToAllDispatcher(E, groups.ep_group, fixed_splits=fixed_splits,
                                             weights_to_experts=weights_to_experts)
-            layer = MoELayer.from_config(D, cfg, dispatcher).float()
-            local = list(dispatcher.local_expert_ids)
-            with torch.no_grad():
-                layer.router.weight.copy_(ref.router.weight)
-                layer.experts.w_in.copy_(ref.experts.w_in[local])
-                layer.experts.w_out.copy_(ref.experts.w_out[local])
+            layer, local = _sharded_copy(ref, cfg, dispatcher)
             assert layer.experts.resolve_impl(x.device, torch.float32) == "triton"
             x_local = x[rows].clone().requires_grad_()
             outputs = []

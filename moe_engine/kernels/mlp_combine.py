@@ -108,28 +108,36 @@ def _rows(x: torch.Tensor, index_N: torch.Tensor | None) -> int:
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x_TD, w_in, w_out, tokens_E, choice_N, weights_TK, activation, _ = inputs
-    ctx.activation = activation
+    """Both ops take (x, w_in, w_out, tokens_E, row index, weights, activation, save_h): keep the tensors and h."""
+    ctx.activation = inputs[6]
     ctx.mark_non_differentiable(output[1])
     # No expert outputs among them: the weight gradient comes from the backward's own GEMM.
-    ctx.save_for_backward(x_TD, w_in, w_out, tokens_E, choice_N, weights_TK, output[1])
+    ctx.save_for_backward(*inputs[:6], output[1])
+
+
+def _scored_mlp_backward(ctx, grad_y, dy_gather_N, x, w_in, w_out, tokens_E, gather_N, score_N, h, need_score):
+    """(dx, dw_in, dw_out, partial score dots) of score_N[n] * mlp(x[g(n)]) for grad_y (read through dy_gather_N)."""
+    if h.shape[0] != score_N.shape[0]:
+        raise RuntimeError("a scored moe_engine MLP op ran with save_h=False; it cannot be differentiated")
+    ops = torch.ops.moe_engine
+    need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
+    dh, act, dscore = ops.grouped_mlp_scored_act_backward(
+        grad_y, dy_gather_N, w_out, h, tokens_E, score_N, ctx.activation, need_score
+    )
+    dx = ops.grouped_gemm_dx(dh, w_in, tokens_E, gather_N, x.shape[0]) if need_x else None
+    dw_in = ops.grouped_gemm_dw(dh, x, tokens_E, gather_N) if need_w_in else None
+    dw_out = ops.grouped_gemm_dw(grad_y, act, tokens_E, None, dy_gather_N) if need_w_out else None
+    return dx, dw_in, dw_out, dscore
 
 
 def _backward(ctx, grad_y_TD, _grad_h):
     x_TD, w_in, w_out, tokens_E, choice_N, weights_TK, h = ctx.saved_tensors
-    need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
     need_weights = ctx.needs_input_grad[5]
-    if h.shape[0] != choice_N.shape[0]:
-        raise RuntimeError("moe_engine::grouped_mlp_combine ran with save_h=False; it cannot be differentiated")
-    ops = torch.ops.moe_engine
     token_N = choice_N // weights_TK.shape[1]
     score_N = weights_TK.reshape(-1).index_select(0, choice_N).float()
-    dh, act, dscore = ops.grouped_mlp_scored_act_backward(
-        grad_y_TD, token_N, w_out, h, tokens_E, score_N, ctx.activation, need_weights
+    dx, dw_in, dw_out, dscore = _scored_mlp_backward(
+        ctx, grad_y_TD, token_N, x_TD, w_in, w_out, tokens_E, token_N, score_N, h, need_weights
     )
-    dx = ops.grouped_gemm_dx(dh, w_in, tokens_E, token_N, x_TD.shape[0]) if need_x else None
-    dw_in = ops.grouped_gemm_dw(dh, x_TD, tokens_E, token_N) if need_w_in else None
-    dw_out = ops.grouped_gemm_dw(grad_y_TD, act, tokens_E, None, token_N) if need_w_out else None
     dweights = None
     if need_weights:
         with record_function("moe::combine"):
@@ -159,31 +167,17 @@ def _(x, w_in, w_out, tokens_per_expert_E, gather_index_N, score_N, activation, 
     return x.new_empty(num_rows, w_out.shape[1]), x.new_empty(num_rows if save_h else 0, w_in.shape[1])
 
 
-def _scored_setup_context(ctx, inputs, output) -> None:
-    x, w_in, w_out, tokens_E, gather_N, score_N, activation, _ = inputs
-    ctx.activation = activation
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, w_in, w_out, tokens_E, gather_N, score_N, output[1])
-
-
 def _scored_backward(ctx, grad_y_ND, _grad_h):
     x, w_in, w_out, tokens_E, gather_N, score_N, h = ctx.saved_tensors
-    need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
     need_score = ctx.needs_input_grad[5]
-    if h.shape[0] != grad_y_ND.shape[0]:
-        raise RuntimeError("moe_engine::grouped_mlp_scored ran with save_h=False; it cannot be differentiated")
-    ops = torch.ops.moe_engine
-    dh, act, dscore = ops.grouped_mlp_scored_act_backward(
-        grad_y_ND, None, w_out, h, tokens_E, score_N.float(), ctx.activation, need_score
+    dx, dw_in, dw_out, dscore = _scored_mlp_backward(
+        ctx, grad_y_ND, None, x, w_in, w_out, tokens_E, gather_N, score_N.float(), h, need_score
     )
-    dx = ops.grouped_gemm_dx(dh, w_in, tokens_E, gather_N, x.shape[0]) if need_x else None
-    dw_in = ops.grouped_gemm_dw(dh, x, tokens_E, gather_N) if need_w_in else None
-    dw_out = ops.grouped_gemm_dw(grad_y_ND, act, tokens_E, None) if need_w_out else None
     dscore_N = dscore.sum(1).to(score_N.dtype) if need_score else None
     return dx, dw_in, dw_out, None, None, dscore_N, None, None
 
 
-_grouped_mlp_scored_op.register_autograd(_scored_backward, setup_context=_scored_setup_context)
+_grouped_mlp_scored_op.register_autograd(_scored_backward, setup_context=_setup_context)
 
 
 # Launchers and the public op
