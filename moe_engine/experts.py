@@ -16,7 +16,7 @@ from torch.profiler import record_function
 
 from moe_engine.kernels._triton import TRITON_AVAILABLE
 from moe_engine.kernels.backend import ENV_VAR, requested_backend, select_backend
-from moe_engine.kernels.mlp_combine import grouped_mlp_combine_triton, grouped_mlp_scored_triton
+from moe_engine.kernels.mlp_combine import grouped_mlp_combine_triton, grouped_mlp_scored_triton, scale_rows
 from moe_engine.kernels.permute import GatheredRows, unpermute
 from moe_engine.kernels.grouped_gemm import (
     grouped_linear_grouped_mm,
@@ -153,9 +153,7 @@ class GroupedExperts(nn.Module):
             return grouped_mlp_scored_triton(
                 x_ND.to(dtype), w_in, w_out, tokens_per_expert_E, self.activation, score_N
             )
-        y_ND = self.forward(x_ND, tokens_per_expert_E)
-        acc = torch.promote_types(y_ND.dtype, torch.float32)  # the product in at least fp32, as the kernel's
-        return (y_ND.to(acc) * score_N.to(acc)[:, None]).to(y_ND.dtype)
+        return scale_rows(self.forward(x_ND, tokens_per_expert_E), score_N)
 
     def forward_combined(
         self, rows: GatheredRows, tokens_per_expert_E: torch.Tensor, weights_TK: torch.Tensor

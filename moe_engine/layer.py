@@ -6,6 +6,7 @@ dispatcher's business (see moe_engine.parallel), how tokens choose is the router
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from torch.profiler import record_function
 
 from moe_engine.experts import MLP, GroupedExperts
 from moe_engine.parallel import LocalDispatcher, TokenDispatcher
+from moe_engine.parallel.dispatcher import experts_then_combine
 from moe_engine.routers import build_any_router
 from moe_engine.routing import Routing, RoutingContext
 
@@ -106,14 +108,11 @@ class MoELayer(nn.Module):
         else:
             with record_function("moe::permute"):
                 x_ND, tokens_per_expert_E, meta = self.dispatcher.dispatch(x_TD, routing)
-            experts_and_combine = getattr(self.dispatcher, "experts_and_combine", None)
-            if experts_and_combine is not None:  # e.g. the local dispatcher, which can fuse the two
-                y_TD = experts_and_combine(self.experts, x_ND, tokens_per_expert_E, meta)
-            else:
-                with record_function("moe::experts"):
-                    y_ND = self.experts(x_ND, tokens_per_expert_E)
-                with record_function("moe::combine"):
-                    y_TD = self.dispatcher.combine(y_ND, meta)
+            # Dispatchers that can fuse the experts with their combine say so with `experts_and_combine`.
+            run = getattr(self.dispatcher, "experts_and_combine", None)
+            if run is None:
+                run = functools.partial(experts_then_combine, self.dispatcher)
+            y_TD = run(self.experts, x_ND, tokens_per_expert_E, meta)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:

@@ -48,8 +48,7 @@ def saved_bytes(forward: Callable[[], Any], alive: list[torch.Tensor]) -> tuple[
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = _storage_key(t)
         if key not in skip and key not in sizes:
-            nbytes = t.untyped_storage().nbytes()
-            sizes[key] = int(nbytes) if isinstance(nbytes, int) or _is_concrete(nbytes) else None
+            sizes[key] = _concrete(t.untyped_storage().nbytes())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -57,45 +56,40 @@ def saved_bytes(forward: Callable[[], Any], alive: list[torch.Tensor]) -> tuple[
     return sum(v for v in sizes.values() if v is not None), sum(v is None for v in sizes.values())
 
 
-def _is_concrete(value: Any) -> bool:
+def _concrete(value: Any) -> int | None:
+    """value as an int, or None for an unbacked SymInt (a data-dependent size)."""
     try:
-        int(value)
-    except Exception:  # an unbacked SymInt cannot be made an int
-        return False
-    return True
+        return int(value)
+    except Exception:
+        return None
 
 
-def _ours(shape: Shape) -> Callable[[], tuple[Callable[[], Any], list[torch.Tensor]]]:
-    def build():
-        from moe_engine.config import MoEConfig, RouterConfig
-        from moe_engine.layer import MoELayer
+def _build_ours(shape: Shape) -> tuple[Callable[[], Any], list[torch.Tensor]]:
+    """(forward, tensors alive anyway) of moe_engine's layer at `shape` (call under the fake mode)."""
+    from moe_engine.config import MoEConfig, RouterConfig
+    from moe_engine.layer import MoELayer
 
-        cfg = MoEConfig(num_experts=shape.E, ffn_hidden=shape.F, experts_impl="triton",
-                        router=RouterConfig(top_k=shape.K))
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(shape.torch_dtype)  # parameters made in the dtype (a fake module cannot be cast)
-        try:
-            layer = MoELayer.from_config(shape.D, cfg)
-        finally:
-            torch.set_default_dtype(previous)
-        x = torch.empty(shape.T, shape.D, dtype=shape.torch_dtype).requires_grad_()
-        return (lambda: layer(x).y), [x, *layer.parameters()]
-
-    return build
+    cfg = MoEConfig(num_experts=shape.E, ffn_hidden=shape.F, experts_impl="triton", router=RouterConfig(top_k=shape.K))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(shape.torch_dtype)  # parameters made in the dtype (a fake module cannot be cast)
+    try:
+        layer = MoELayer.from_config(shape.D, cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    x = torch.empty(shape.T, shape.D, dtype=shape.torch_dtype).requires_grad_()
+    return (lambda: layer(x).y), [x, *layer.parameters()]
 
 
-def _grouped_mm(shape: Shape) -> Callable[[], tuple[Callable[[], Any], list[torch.Tensor]]]:
-    def build():
-        from moe_engine.bench.peers import grouped_mm_moe_forward
+def _build_grouped_mm(shape: Shape) -> tuple[Callable[[], Any], list[torch.Tensor]]:
+    """(forward, tensors alive anyway) of the benchmark's torch._grouped_mm peer at `shape`."""
+    from moe_engine.bench.peers import grouped_mm_moe_forward
 
-        def leaf(*size: int) -> torch.Tensor:
-            return torch.empty(*size, dtype=shape.torch_dtype).requires_grad_()
+    def leaf(*size: int) -> torch.Tensor:
+        return torch.empty(*size, dtype=shape.torch_dtype).requires_grad_()
 
-        x, router = leaf(shape.T, shape.D), leaf(shape.E, shape.D)
-        w_in, w_out = leaf(shape.E, 2 * shape.F, shape.D), leaf(shape.E, shape.D, shape.F)
-        return (lambda: grouped_mm_moe_forward(x, router, w_in, w_out, shape.K)), [x, router, w_in, w_out]
-
-    return build
+    x, router = leaf(shape.T, shape.D), leaf(shape.E, shape.D)
+    w_in, w_out = leaf(shape.E, 2 * shape.F, shape.D), leaf(shape.E, shape.D, shape.F)
+    return (lambda: grouped_mm_moe_forward(x, router, w_in, w_out, shape.K)), [x, router, w_in, w_out]
 
 
 def measure(shape: Shape, path: str) -> dict[str, Any]:
@@ -108,12 +102,12 @@ def measure(shape: Shape, path: str) -> dict[str, Any]:
     if path == "ours" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("tracing the Triton path on CPU needs TRITON_INTERPRET=1 set before triton is imported "
                            "(benchmarks/saved_activations.py sets it)")
-    build = {"ours": _ours, "grouped_mm": _grouped_mm}[path](shape)
+    build = {"ours": _build_ours, "grouped_mm": _build_grouped_mm}[path]
     previous = os.environ.get("MOE_ENGINE_KERNELS")
     os.environ["MOE_ENGINE_KERNELS"] = "triton" if path == "ours" else "torch"
     try:
         with FakeTensorMode(shape_env=ShapeEnv()):
-            forward, alive = build()
+            forward, alive = build(shape)
             nbytes, symbolic = saved_bytes(forward, alive)
     finally:
         if previous is None:

@@ -32,8 +32,8 @@ except ImportError:  # pragma: no cover - triton is a dependency; this guards br
     TRITON_AVAILABLE = False
 
 _LAUNCH_KEYS = ("num_warps", "num_stages", "num_ctas")
-# The modules that define Triton kernels (compile_check compiles them, autotune_choices reads them).
-# The modules that define Triton kernels or register custom ops on them (mlp_combine: ops only).
+# The modules that define Triton kernels or register custom ops on them (mlp_combine: ops only);
+# compile_check imports and compiles them, autotune_choices reads their tuners.
 KERNEL_MODULES = tuple(
     f"moe_engine.kernels.{name}" for name in ("aux_losses", "grouped_gemm", "mlp_combine", "permute", "router")
 )

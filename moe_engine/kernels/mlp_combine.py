@@ -39,6 +39,7 @@ from moe_engine.kernels.backend import select_backend
 from moe_engine.kernels.grouped_gemm import (
     _check_score_block,
     _launch_gemm,
+    _num_rows,
     check_mlp,
     grouped_mlp_reference,
     mlp_forward,
@@ -85,26 +86,21 @@ def _scored_act_backward_op(
     row when token_N is None); dh = act'(h) * (score_N[n] * acc); the partial dots sum over their
     columns to <acc_n, act_n>, the gradient of the routing weight of row n.
     """
-    grad_y_TD = grad_y
-    num_rows, hidden = _rows(grad_y, token_N), w_out.shape[2]
-    dh = grad_y_TD.new_empty(num_rows, h_NH.shape[1])
-    act = grad_y_TD.new_empty(num_rows, hidden)
+    num_rows, hidden = _num_rows(grad_y, token_N), w_out.shape[2]
+    dh = grad_y.new_empty(num_rows, h_NH.shape[1])
+    act = grad_y.new_empty(num_rows, hidden)
     dscore = torch.empty(num_rows if need_score_grad else 0, score_slots(hidden), dtype=torch.float32,
-                         device=grad_y_TD.device)
-    _launch_gemm(grad_y_TD, w_out, tokens_per_expert_E, token_N, dh, hidden, activation + "_bwd", h=h_NH, act=act,
+                         device=grad_y.device)
+    _launch_gemm(grad_y, w_out, tokens_per_expert_E, token_N, dh, hidden, activation + "_bwd", h=h_NH, act=act,
                  score=score_N, dscore=dscore if need_score_grad else None)
     return dh, act, dscore
 
 
 @_scored_act_backward_op.register_fake
 def _(grad_y, token_N, w_out, h_NH, tokens_per_expert_E, score_N, activation, need_score_grad):
-    num_rows, hidden = _rows(grad_y, token_N), w_out.shape[2]
+    num_rows, hidden = _num_rows(grad_y, token_N), w_out.shape[2]
     return (grad_y.new_empty(num_rows, h_NH.shape[1]), grad_y.new_empty(num_rows, hidden),
             grad_y.new_empty(num_rows if need_score_grad else 0, score_slots(hidden), dtype=torch.float32))
-
-
-def _rows(x: torch.Tensor, index_N: torch.Tensor | None) -> int:
-    return x.shape[0] if index_N is None else index_N.shape[0]
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -163,7 +159,7 @@ def _grouped_mlp_scored_op(
 
 @_grouped_mlp_scored_op.register_fake
 def _(x, w_in, w_out, tokens_per_expert_E, gather_index_N, score_N, activation, save_h):
-    num_rows = _rows(x, gather_index_N)
+    num_rows = _num_rows(x, gather_index_N)
     return x.new_empty(num_rows, w_out.shape[1]), x.new_empty(num_rows if save_h else 0, w_in.shape[1])
 
 
@@ -222,7 +218,11 @@ def grouped_mlp_scored_reference(
     score_N: torch.Tensor, gather_index_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The torch loop: score_N[:, None] * grouped_mlp_reference(...), the product in at least fp32, in x's dtype."""
-    y_ND = grouped_mlp_reference(x, w_in, w_out, tokens_per_expert_E, activation, gather_index_N)
+    return scale_rows(grouped_mlp_reference(x, w_in, w_out, tokens_per_expert_E, activation, gather_index_N), score_N)
+
+
+def scale_rows(y_ND: torch.Tensor, score_N: torch.Tensor) -> torch.Tensor:
+    """score_N[:, None] * y_ND, the product in at least fp32 (as the kernel's epilogue), in y_ND's dtype."""
     acc = torch.promote_types(y_ND.dtype, torch.float32)
     return (y_ND.to(acc) * score_N.to(acc)[:, None]).to(y_ND.dtype)
 
@@ -240,7 +240,7 @@ def grouped_mlp_scored_triton(
     Differentiable in x, w_in, w_out and score_N.
     """
     check_mlp("grouped_mlp_scored", x, w_in, w_out, tokens_per_expert_E, activation, gather_index_N)
-    num_rows = _rows(x, gather_index_N)
+    num_rows = _num_rows(x, gather_index_N)
     if score_N.dim() != 1 or score_N.shape[0] != num_rows or not score_N.is_floating_point() or score_N.device != x.device:
         raise ValueError(f"grouped_mlp_scored: score_N is a {tuple(score_N.shape)} {score_N.dtype} tensor on "
                          f"{score_N.device}, expected ({num_rows},) floating on {x.device}: one weight per row")

@@ -43,6 +43,7 @@ from torch.profiler import record_function
 
 from moe_engine.kernels.permute import expert_order, permute, unpermute
 from moe_engine.parallel.collectives import all_to_all, all_to_all_counts, all_to_all_with_weights
+from moe_engine.parallel.dispatcher import experts_then_combine
 from moe_engine.parallel.telemetry import TrafficMeter
 from moe_engine.routing.types import Routing
 
@@ -169,10 +170,7 @@ class AllToAllDispatcher:
                 y_MD = scored(x_MD, tokens_per_local_expert_L, meta.score_M)
             with record_function("moe::combine"):
                 return self.combine(y_MD, meta, weighted=False)
-        with record_function("moe::experts"):
-            y_MD = experts(x_MD, tokens_per_local_expert_L)
-        with record_function("moe::combine"):
-            return self.combine(y_MD, meta)
+        return experts_then_combine(self, experts, x_MD, tokens_per_local_expert_L, meta)
 
     def combine(self, y_MD: torch.Tensor, meta: AllToAllDispatchMeta, weighted: bool = True) -> torch.Tensor:
         """y_MD: (M, D) local expert outputs in dispatch order -> y_TD: (T, D) for this rank's tokens.

@@ -41,7 +41,17 @@ class TokenDispatcher(Protocol):
     def combine(self, y_ND: torch.Tensor, meta: object) -> torch.Tensor: ...
 
     # Optional: experts_and_combine(experts, x_ND, tokens_per_expert_E, meta) -> y_TD, the experts and the
-    # combine in one step (MoELayer calls it where a dispatcher has it; see LocalDispatcher).
+    # combine in one step (MoELayer calls it where a dispatcher has it, else `experts_then_combine`).
+
+
+def experts_then_combine(
+    dispatcher: TokenDispatcher, experts: nn.Module, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, meta: object
+) -> torch.Tensor:
+    """y_TD: the experts, then the dispatcher's combine, each in its profiler range (the unfused path)."""
+    with record_function("moe::experts"):
+        y_ND = experts(x_ND, tokens_per_expert_E)
+    with record_function("moe::combine"):
+        return dispatcher.combine(y_ND, meta)
 
 
 class LocalDispatcher:
@@ -86,7 +96,4 @@ class LocalDispatcher:
         if isinstance(x_ND, GatheredRows) and fused is not None:
             with record_function("moe::experts"):
                 return fused(x_ND, tokens_per_expert_E, meta.weights_TK)
-        with record_function("moe::experts"):
-            y_ND = experts(x_ND, tokens_per_expert_E)
-        with record_function("moe::combine"):
-            return self.combine(y_ND, meta)
+        return experts_then_combine(self, experts, x_ND, tokens_per_expert_E, meta)
