@@ -2,7 +2,7 @@
 
 Both support SwiGLU (silu(x W_gate^T) * (x W_up^T)) W_down^T and GELU (gelu(x W_up^T) W_down^T).
 `GroupedExperts` runs one of three implementations: a loop of matmuls, torch._grouped_mm, or the
-Triton grouped GEMM with fused activation (moe_engine.kernels.grouped_gemm.grouped_mlp_triton).
+Triton grouped GEMM with fused activation (moe_engine.kernels.grouped_mlp.grouped_mlp_triton).
 """
 
 from __future__ import annotations
@@ -18,13 +18,9 @@ from moe_engine.kernels._triton import TRITON_AVAILABLE
 from moe_engine.kernels.backend import ENV_VAR, requested_backend, select_backend
 from moe_engine.kernels.mlp_combine import grouped_mlp_combine_triton, grouped_mlp_scored_triton, scale_rows
 from moe_engine.kernels.permute import GatheredRows, unpermute
-from moe_engine.kernels.grouped_gemm import (
-    grouped_linear_grouped_mm,
-    grouped_linear_loop,
-    grouped_mlp_triton,
-    grouped_mm_unsupported_reason,
-    triton_unsupported_reason,
-)
+from moe_engine.kernels.grouped_gemm import grouped_linear_loop, triton_unsupported_reason
+from moe_engine.kernels.grouped_mlp import grouped_mlp_triton
+from moe_engine.kernels.torch_grouped_mm import grouped_linear_grouped_mm, grouped_mm_unsupported_reason
 
 ACTIVATIONS = ("swiglu", "gelu")
 EXPERT_IMPLS = ("auto", "loop", "grouped_mm", "triton")

@@ -11,13 +11,15 @@ import math
 import pytest
 import torch
 
-from moe_engine.kernels.aux_losses import (
-    balance_loss_triton,
+from moe_engine.kernels.cv_squared import (
     cv_squared_reference,
     importance_cv_squared,
     importance_cv_squared_reference,
     load_cv_squared,
     load_cv_squared_reference,
+)
+from moe_engine.kernels.aux_losses import (
+    balance_loss_triton,
     router_z_loss,
     router_z_loss_reference,
     sequence_load_balancing_loss,

@@ -20,8 +20,9 @@ from moe_engine.kernels.mlp_combine import (
     grouped_mlp_scored_reference,
     grouped_mlp_scored_triton,
 )
-from moe_engine.kernels.permute import expert_order_reference, unpermute
-from moe_engine.kernels.grouped_gemm import grouped_mlp_triton
+from moe_engine.kernels.expert_order import expert_order_reference
+from moe_engine.kernels.permute import unpermute
+from moe_engine.kernels.grouped_mlp import grouped_mlp_triton
 
 from test_kernel_grouped_gemm import DTYPE_TOLERANCES, assert_close
 

@@ -16,15 +16,12 @@ from functorch.compile import make_boxed_func
 
 from moe_engine.config import MoEConfig, RouterConfig
 from moe_engine.kernels import ENV_VAR
+from moe_engine.kernels.expert_order import _expert_order_configs, expert_order, expert_order_reference, expert_order_triton
 from moe_engine.kernels.permute import (
     _combine_configs,
-    _expert_order_configs,
     _permute_configs,
     _gather_backward_configs,
     _unpermute_backward_configs,
-    expert_order,
-    expert_order_reference,
-    expert_order_triton,
     gather_backward_reference,
     gather_backward_triton,
     permute,

@@ -165,7 +165,7 @@ def grouped_mm_moe_forward(
 
 
 def build_grouped_mm(problem: Problem, env: PeerEnv) -> PeerRun:
-    from moe_engine.kernels.grouped_gemm import grouped_mm_unsupported_reason
+    from moe_engine.kernels.torch_grouped_mm import grouped_mm_unsupported_reason
 
     s = problem.shape
     reason = grouped_mm_unsupported_reason(problem.device, problem.dtype, (s.D, s.F, 2 * s.F))
@@ -353,7 +353,7 @@ def build_hf_experts(problem: Problem, env: PeerEnv, implementation: str) -> Pee
         raise PeerSkipped(f"transformers {transformers.__version__} has no experts interface: {err}") from None
     s = problem.shape
     if implementation == "grouped_mm":
-        from moe_engine.kernels.grouped_gemm import grouped_mm_unsupported_reason
+        from moe_engine.kernels.torch_grouped_mm import grouped_mm_unsupported_reason
 
         reason = grouped_mm_unsupported_reason(problem.device, problem.dtype, (s.D, s.F, 2 * s.F))
         if reason is not None:

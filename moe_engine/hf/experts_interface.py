@@ -46,13 +46,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_engine.experts import resolve_experts_impl
-from moe_engine.kernels.grouped_gemm import (
-    grouped_gemm_triton,
-    grouped_linear_grouped_mm,
-    grouped_linear_loop,
-)
+from moe_engine.kernels.grouped_gemm import grouped_gemm_triton, grouped_linear_loop
 from moe_engine.kernels.mlp_combine import grouped_mlp_combine_triton
-from moe_engine.kernels.permute import expert_order, permute, unpermute
+from moe_engine.kernels.expert_order import expert_order
+from moe_engine.kernels.permute import permute, unpermute
+from moe_engine.kernels.torch_grouped_mm import grouped_linear_grouped_mm
 
 DEFAULT_NAME = "moe_engine"
 # The names transformers dispatches itself ("eager" never reaches the registry in recent versions, but a

@@ -4,15 +4,11 @@
 come from one named function per kernel, `MOE_ENGINE_<OP>_CONFIG` pins one (see _triton.py).
 """
 
-from moe_engine.kernels.aux_losses import (
-    importance_cv_squared,
-    load_cv_squared,
-    router_z_loss,
-    sequence_load_balancing_loss,
-    switch_load_balancing_loss,
-)
+from moe_engine.kernels.aux_losses import router_z_loss, sequence_load_balancing_loss, switch_load_balancing_loss
+from moe_engine.kernels.cv_squared import importance_cv_squared, load_cv_squared
 from moe_engine.kernels.backend import ENV_VAR, KERNEL_BACKENDS, requested_backend, select_backend
-from moe_engine.kernels.permute import expert_order, permute, unpermute
+from moe_engine.kernels.expert_order import expert_order
+from moe_engine.kernels.permute import permute, unpermute
 from moe_engine.kernels.router import TopKGating, topk_gating
 
 __all__ = [

@@ -14,6 +14,8 @@
   imported.
 - `jit` and `autotune(op, candidates, key, ...)`: the decorators kernel modules use; without
   triton they leave the function undecorated (its op then only runs the torch reference).
+- `launch(kernel, grid, config, ...)`: an autotuned launch, or one forced config (tests, benchmarks).
+- `check_index(name, index, dims, device)`: the int32/int64 index check the launchers share.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ _LAUNCH_KEYS = ("num_warps", "num_stages", "num_ctas")
 # The modules that define Triton kernels or register custom ops on them (mlp_combine: ops only);
 # compile_check imports and compiles them, autotune_choices reads their tuners.
 KERNEL_MODULES = tuple(
-    f"moe_engine.kernels.{name}" for name in ("aux_losses", "grouped_gemm", "mlp_combine", "permute", "router")
+    f"moe_engine.kernels.{name}" for name in (
+        "aux_losses", "cv_squared", "expert_order", "grouped_gemm", "grouped_mlp", "mlp_combine", "permute", "router",
+    )
 )
 
 
@@ -133,6 +137,22 @@ def autotune(
         return tuner
 
     return decorate
+
+
+def launch(kernel: Any, grid: Any, config: dict[str, int] | None, *args: Any, **constexprs: Any) -> None:
+    """Autotuned launch of an `autotune`-decorated kernel, or one forced `config` on the kernel under the autotuner."""
+    if config is None:
+        kernel[grid](*args, **constexprs)
+    else:
+        kernel.fn[grid](*args, **constexprs, **config)
+
+
+def check_index(name: str, index: torch.Tensor, dims: int, device: torch.device) -> None:
+    """Refuse an index that is not a `dims`-D int32/int64 tensor on `device`, naming it."""
+    if index.dim() != dims or index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: expected a {dims}-D int32/int64 tensor, got {index.dim()}-D {index.dtype}")
+    if index.device != device:
+        raise ValueError(f"{name} is on {index.device}, expected {device} like the data")
 
 
 def _config_dict(config: Any) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""Grouped GEMM over rows grouped by expert: y_NO[n] = x_NI[n] @ w_EOI[e(n)]^T, and the expert MLP on it.
+"""Grouped GEMM over rows grouped by expert: y_NO[n] = x_NI[n] @ w_EOI[e(n)]^T.
 
 Rows arrive sorted by expert, `tokens_per_expert_E[e]` of them for expert e (0 allowed); expert e
 owns rows [offset_e, offset_e + tokens_e), offset = exclusive cumsum. Weights use nn.Linear's
@@ -7,23 +7,18 @@ owns rows [offset_e, offset_e + tokens_e), offset = exclusive cumsum. Weights us
 Torch implementations:
 - `grouped_linear_loop`: one matmul per expert; the readable reference every other path is
   tested against. Needs the group sizes on the host (one device-to-host sync).
-- `grouped_linear_grouped_mm`: `torch._grouped_mm` (CUTLASS on CUDA), one call, no host sync,
-  where this torch supports the device, dtype and alignment (`grouped_mm_unsupported_reason`).
-- `grouped_gemm_reference`, `grouped_mlp_reference`: the loop, with the optional gather.
+- `torch_grouped_mm.grouped_linear_grouped_mm`: `torch._grouped_mm` (CUTLASS on CUDA), one call,
+  no host sync, where this torch supports it.
+- `grouped_gemm_reference`: the loop, with the optional gather.
 
-Triton implementation (custom ops `moe_engine::*`, so torch.compile traces through):
+Triton implementation (custom op `moe_engine::grouped_gemm`, so torch.compile traces through):
 - `grouped_gemm(x, w, tokens_per_expert_E, gather_index_N=None)`: y[n] = x[g(n)] @ w[e(n)]^T,
   g(n) = gather_index_N[n] (or n): the A operand is read through the index, so the permuted
   copy of x never exists (the layer's up-projection reads x_TD rows through choice_N // K).
-- `grouped_mlp(x, w_in, w_out, tokens_per_expert_E, activation, gather_index_N=None)`: the
-  expert MLP with the activation fused into the up-projection's epilogue (SwiGLU computes gate
-  and up in the same program from two weight tiles) and the activation's backward fused into
-  the epilogue of the backward GEMM d_act = grad_y @ w_out[e].
-  Memory: the forward saves the pre-activation h (N, H) and recomputes act (N, F) in the
-  backward's epilogue, instead of saving both (N * 3F) as an unfused layer does; recomputing h
-  from x (a second up-projection GEMM) would save N * H more at +1/3 backward FLOPs. Followed by
-  the weighted combine, the layer runs it as `mlp_combine.grouped_mlp_combine`, whose backward
-  epilogue (HAS_SCORE below) also takes the routing-weight gradient, so y_ND is not kept either.
+- The kernel's epilogues serve the expert MLP built on it (`grouped_mlp.py`: the activation in
+  the up-projection, its backward in the backward GEMM) and the MLP fused with the weighted
+  combine (`mlp_combine.py`: the routing score in the down-projection, its gradient, HAS_SCORE
+  below, in the backward GEMM); `_launch_gemm` is the launcher those files share.
 - Weight tiles: pointer loads (cp.async-pipelined on Hopper), or with MOE_ENGINE_GEMM_TMA=1 also
   candidates that read them through a host TMA descriptor of the 3-D weight (K-major for the
   forward's transposed view, N-major for dX), each box one expert's (E = 1) slice so the reduction
@@ -39,7 +34,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from moe_engine.kernels._triton import (
     TRITON_AVAILABLE, autotune, env_switch, interpreting, pinned_config, triton, upcast_dot_operands,
@@ -55,7 +49,6 @@ try:  # host-side TMA descriptors (triton >= 3.4)
 except ImportError:  # pragma: no cover - older triton or none: the pointer-load candidates only
     TensorDescriptor = None
 
-MLP_ACTIVATIONS = ("swiglu", "gelu")
 # Output columns per partial sum of the backward's score dot (the smallest BLOCK_N of any candidate).
 SCORE_SLOT = 64
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -70,30 +63,6 @@ def grouped_linear_loop(x_NI: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expe
     return torch.cat(outputs, dim=0)
 
 
-def grouped_mm_unsupported_reason(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...]) -> str | None:
-    """Why torch._grouped_mm cannot run this case, or None if it can.
-
-    dims: the inner widths of the operands (D, F, ...): each row stride must be a multiple
-    of 16 bytes, which torch._grouped_mm checks on every backend.
-    """
-    if not hasattr(torch, "_grouped_mm"):
-        return f"torch {torch.__version__} has no torch._grouped_mm"
-    if device.type == "cuda":
-        if dtype != torch.bfloat16:
-            return f"torch._grouped_mm on CUDA takes bfloat16, got {dtype}"
-        if torch.cuda.get_device_capability(device) < (9, 0):
-            return f"torch._grouped_mm needs compute capability >= 9.0, got {torch.cuda.get_device_capability(device)}"
-    elif device.type != "cpu":
-        return f"torch._grouped_mm is not available on {device.type}"
-    elif dtype not in (torch.float32, torch.bfloat16):
-        return f"torch._grouped_mm on CPU takes float32 or bfloat16, got {dtype}"
-    elem = torch.empty((), dtype=dtype).element_size()
-    misaligned = [d for d in dims if (d * elem) % 16]
-    if misaligned:
-        return f"widths {misaligned} times {elem} bytes are not multiples of 16 bytes"
-    return None
-
-
 def triton_unsupported_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the Triton grouped GEMM cannot run on `device` in `dtype`, or None if it can."""
     if not TRITON_AVAILABLE:
@@ -105,37 +74,7 @@ def triton_unsupported_reason(device: torch.device, dtype: torch.dtype) -> str |
     return None
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands on a contiguous gradient.
-
-    torch._grouped_mm's backward rejects gradients with zero strides, which is what `.sum()`
-    and other broadcasts produce; this costs a copy only when the gradient is not contiguous.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous()
-
-
-def grouped_linear_grouped_mm(x_NI: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-    """Same contract as `grouped_linear_loop`, as one torch._grouped_mm call."""
-    offsets_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
-    return _ContiguousGrad.apply(torch._grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs=offsets_E))
-
-
 # References
-
-def activate_reference(h_NH: torch.Tensor, activation: str) -> torch.Tensor:
-    """SwiGLU reads h as [gate | up] halves (gate first, as HF's fused gate_up_proj); GELU (exact erf) uses all of h."""
-    if activation == "swiglu":
-        gate, up = h_NH.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return F.gelu(h_NH)
-
 
 def grouped_gemm_reference(
     x: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: torch.Tensor, gather_index_N: torch.Tensor | None = None
@@ -143,15 +82,6 @@ def grouped_gemm_reference(
     """y_NO[n] = x[g(n)] @ w_EOI[e(n)]^T with g = gather_index_N, or the identity when None."""
     x_NI = x if gather_index_N is None else x.index_select(0, gather_index_N)
     return grouped_linear_loop(x_NI, w_EOI, tokens_per_expert_E)
-
-
-def grouped_mlp_reference(
-    x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor, activation: str,
-    gather_index_N: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """y_ND[n] = act(x[g(n)] @ w_in[e]^T) @ w_out[e]^T; w_in (E, H, D), w_out (E, D, F)."""
-    h_NH = grouped_gemm_reference(x, w_in, tokens_per_expert_E, gather_index_N)
-    return grouped_linear_loop(activate_reference(h_NH, activation), w_out, tokens_per_expert_E)
 
 
 # Kernels
@@ -570,21 +500,6 @@ def _num_rows(x: torch.Tensor, gather_N: torch.Tensor | None) -> int:
     return x.shape[0] if gather_N is None else gather_N.shape[0]
 
 
-def mlp_forward(x, w_in, w_out, tokens_E, gather_N, activation: str, save_h: bool,
-                score_N: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two launches of the expert MLP's forward: (y (N, D), h (N, H), or (0, H) when not save_h).
-
-    score_N: (N,) fp32, each output row scaled by it in the down-projection's epilogue.
-    """
-    num_rows, hidden = _num_rows(x, gather_N), w_out.shape[2]
-    act = x.new_empty(num_rows, hidden)
-    h = x.new_empty(num_rows if save_h else 0, w_in.shape[1])
-    _launch_gemm(x, w_in.transpose(1, 2), tokens_E, gather_N, act, hidden, activation, h=h, store_h=save_h)
-    y = x.new_empty(num_rows, w_out.shape[1])
-    _launch_gemm(act, w_out.transpose(1, 2), tokens_E, None, y, w_out.shape[1], score=score_N)
-    return y, h
-
-
 # Custom ops (Triton), their fakes and autograd
 
 @torch.library.custom_op("moe_engine::grouped_gemm", mutates_args=())
@@ -654,61 +569,7 @@ def _gemm_backward(ctx, grad_y):
 _grouped_gemm_op.register_autograd(_gemm_backward, setup_context=_gemm_setup_context)
 
 
-@torch.library.custom_op("moe_engine::grouped_mlp", mutates_args=())
-def _grouped_mlp_op(
-    x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor,
-    gather_index_N: Optional[torch.Tensor], activation: str, save_h: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y (N, D), h (N, H) pre-activation, or (0, H) when not save_h); h is for the backward only."""
-    return mlp_forward(x, w_in, w_out, tokens_per_expert_E, gather_index_N, activation, save_h)
-
-
-@_grouped_mlp_op.register_fake
-def _(x, w_in, w_out, tokens_per_expert_E, gather_index_N, activation, save_h):
-    num_rows = _num_rows(x, gather_index_N)
-    return x.new_empty(num_rows, w_out.shape[1]), x.new_empty(num_rows if save_h else 0, w_in.shape[1])
-
-
-@torch.library.custom_op("moe_engine::grouped_mlp_act_backward", mutates_args=())
-def _grouped_mlp_act_backward_op(
-    grad_y_ND: torch.Tensor, w_out: torch.Tensor, h_NH: torch.Tensor, tokens_per_expert_E: torch.Tensor, activation: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dh (N, H), act (N, F)): d_act = grad_y @ w_out[e] through the activation's derivative, and act recomputed."""
-    num_rows, hidden = grad_y_ND.shape[0], w_out.shape[2]
-    dh = grad_y_ND.new_empty(num_rows, h_NH.shape[1])
-    act = grad_y_ND.new_empty(num_rows, hidden)
-    _launch_gemm(grad_y_ND, w_out, tokens_per_expert_E, None, dh, hidden, activation + "_bwd", h=h_NH, act=act)
-    return dh, act
-
-
-@_grouped_mlp_act_backward_op.register_fake
-def _(grad_y_ND, w_out, h_NH, tokens_per_expert_E, activation):
-    return grad_y_ND.new_empty(grad_y_ND.shape[0], h_NH.shape[1]), grad_y_ND.new_empty(grad_y_ND.shape[0], w_out.shape[2])
-
-
-def _mlp_setup_context(ctx, inputs, output):
-    x, w_in, w_out, tokens_per_expert_E, gather_index_N, activation, _ = inputs
-    ctx.activation = activation
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, w_in, w_out, tokens_per_expert_E, gather_index_N, output[1])
-
-
-def _mlp_backward(ctx, grad_y, _grad_h):
-    x, w_in, w_out, tokens_E, gather_N, h = ctx.saved_tensors
-    need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
-    if h.shape[0] != grad_y.shape[0]:
-        raise RuntimeError("moe_engine::grouped_mlp ran with save_h=False; it cannot be differentiated")
-    dh, act = torch.ops.moe_engine.grouped_mlp_act_backward(grad_y, w_out, h, tokens_E, ctx.activation)
-    dx = torch.ops.moe_engine.grouped_gemm_dx(dh, w_in, tokens_E, gather_N, x.shape[0]) if need_x else None
-    dw_in = torch.ops.moe_engine.grouped_gemm_dw(dh, x, tokens_E, gather_N) if need_w_in else None
-    dw_out = torch.ops.moe_engine.grouped_gemm_dw(grad_y, act, tokens_E, None) if need_w_out else None
-    return dx, dw_in, dw_out, None, None, None, None
-
-
-_grouped_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
-
-
-# Launchers (validate, then call the custom op) and the public ops
+# Launchers (validate, then call the custom op) and the public op
 
 def _check_rows(op: str, x: torch.Tensor, w: torch.Tensor, tokens_E: torch.Tensor, gather_N: torch.Tensor | None) -> None:
     if x.dim() != 2:
@@ -730,21 +591,6 @@ def _check_rows(op: str, x: torch.Tensor, w: torch.Tensor, tokens_E: torch.Tenso
         raise RuntimeError(f"{op}: {reason}")
 
 
-def check_mlp(op: str, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_E: torch.Tensor, activation: str,
-              gather_N: torch.Tensor | None) -> None:
-    """Refuse, naming the bad value, what the Triton expert MLP cannot run (see `grouped_mlp_triton`)."""
-    if activation not in MLP_ACTIVATIONS:
-        raise ValueError(f"{op}: activation = {activation!r}, allowed: {', '.join(MLP_ACTIVATIONS)}")
-    _check_rows(op, x, w_in, tokens_E, gather_N)
-    hidden = w_in.shape[1] // 2 if activation == "swiglu" else w_in.shape[1]
-    expected = (w_in.shape[0], x.shape[1], hidden)
-    if tuple(w_out.shape) != expected or (activation == "swiglu" and w_in.shape[1] % 2):
-        raise ValueError(f"{op}: w_in {tuple(w_in.shape)} and w_out {tuple(w_out.shape)} do not fit: for {activation} "
-                         f"expected w_out of shape {expected}" + (" and an even w_in.shape[1]" if activation == "swiglu" else ""))
-    if w_out.dtype != x.dtype or w_out.device != x.device:
-        raise ValueError(f"{op}: w_out is {w_out.dtype} on {w_out.device}, expected {x.dtype} on {x.device}")
-
-
 def grouped_gemm_triton(
     x: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: torch.Tensor, gather_index_N: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -757,22 +603,6 @@ def grouped_gemm_triton(
     return torch.ops.moe_engine.grouped_gemm(x, w_EOI, tokens_per_expert_E, gather_index_N)
 
 
-def grouped_mlp_triton(
-    x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor, activation: str,
-    gather_index_N: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The Triton expert MLP: y_ND[n] = act(x[g(n)] @ w_in[e]^T) @ w_out[e]^T.
-
-    x: (M_x, D) (x_TD when gathering, x_ND otherwise); w_in: (E, H, D), H = 2F (SwiGLU: gate rows,
-    then up rows) or F (GELU); w_out: (E, D, F); tokens_per_expert_E: (E,) int; gather_index_N:
-    optional (N,) int64 rows of x. Returns y_ND (N, D) in x's dtype; differentiable in x, w_in, w_out.
-    """
-    check_mlp("grouped_mlp", x, w_in, w_out, tokens_per_expert_E, activation, gather_index_N)
-    save_h = torch.is_grad_enabled() and (x.requires_grad or w_in.requires_grad or w_out.requires_grad)
-    y, _ = torch.ops.moe_engine.grouped_mlp(x, w_in, w_out, tokens_per_expert_E, gather_index_N, activation, save_h)
-    return y
-
-
 def grouped_gemm(
     x: torch.Tensor, w_EOI: torch.Tensor, tokens_per_expert_E: torch.Tensor, gather_index_N: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -780,13 +610,3 @@ def grouped_gemm(
     if select_backend("grouped_gemm", x.device, has_triton=TRITON_AVAILABLE) == "triton":
         return grouped_gemm_triton(x, w_EOI, tokens_per_expert_E, gather_index_N)
     return grouped_gemm_reference(x, w_EOI, tokens_per_expert_E, gather_index_N)
-
-
-def grouped_mlp(
-    x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor, activation: str,
-    gather_index_N: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The expert MLP (see `grouped_mlp_triton`): the Triton kernels or the torch loop, per `select_backend`."""
-    if select_backend("grouped_mlp", x.device, has_triton=TRITON_AVAILABLE) == "triton":
-        return grouped_mlp_triton(x, w_in, w_out, tokens_per_expert_E, activation, gather_index_N)
-    return grouped_mlp_reference(x, w_in, w_out, tokens_per_expert_E, activation, gather_index_N)

@@ -36,15 +36,8 @@ from torch.profiler import record_function
 
 from moe_engine.kernels._triton import TRITON_AVAILABLE, pinned_config
 from moe_engine.kernels.backend import select_backend
-from moe_engine.kernels.grouped_gemm import (
-    _check_score_block,
-    _launch_gemm,
-    _num_rows,
-    check_mlp,
-    grouped_mlp_reference,
-    mlp_forward,
-    score_slots,
-)
+from moe_engine.kernels.grouped_gemm import _check_score_block, _launch_gemm, _num_rows, score_slots
+from moe_engine.kernels.grouped_mlp import check_mlp, grouped_mlp_reference, mlp_forward
 from moe_engine.kernels.permute import unpermute_reference, unpermute_triton
 
 

@@ -5,8 +5,8 @@ fewer when capacity dropped choices), C = T*K choices. A "choice" is the flat in
 `experts_TK`; `row_of_choice_C` is the inverse of `choice_N` (row_of_choice_C[choice_N[n]] = n,
 -1 for choices that got no row).
 
-- `expert_order`: the choices sorted by expert (stable, so token order holds inside an expert),
-  with dropped choices (-1) cut off, and `tokens_per_expert_E`.
+The choices sorted by expert come from `expert_order.py` (choice_N, tokens_per_expert_E).
+
 - `permute`:   x_ND[n] = x_TD[choice_N[n] // K]                          (a gather)
 - `unpermute`: y_TD[t] = sum over rows n of token t of weight[choice_N[n]] * y_ND[n]
                (a weighted sum, accumulated in fp32, fp64 for fp64 inputs)
@@ -18,9 +18,10 @@ function that picks one through `select_backend`. The Triton path runs as `moe_e
 custom ops with fake kernels and autograd formulas, so `torch.compile` traces through it.
 
 The combines are token-centric (one program gathers a token's K rows through `row_of_choice_C`,
-or a source row's rows through a stable sort of the index): deterministic, no atomics. They need `choice_N` to hold distinct choices, as `expert_order`
-makes it; the references also accept repeated choices. Autotuned tiles can be pinned with
-MOE_ENGINE_{PERMUTE,UNPERMUTE,UNPERMUTE_BACKWARD,EXPERT_ORDER}_CONFIG (UNPERMUTE's kernel also
+or a source row's rows through a stable sort of the index): deterministic, no atomics. They need
+`choice_N` to hold distinct choices, as `expert_order` makes it; the references also accept
+repeated choices. Autotuned tiles can be pinned with
+MOE_ENGINE_{PERMUTE,UNPERMUTE,UNPERMUTE_BACKWARD,GATHER_BACKWARD}_CONFIG (UNPERMUTE's kernel also
 runs permute's backward); the launchers take `config=` to force one tile (tests, benchmarks).
 """
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_engine.kernels._triton import TRITON_AVAILABLE, interpreting, kernel_configs, triton
+from moe_engine.kernels._triton import TRITON_AVAILABLE, check_index, interpreting, launch, triton
 from moe_engine.kernels._triton import autotune as _autotune
 from moe_engine.kernels._triton import jit as _jit
 from moe_engine.kernels.backend import select_backend
@@ -42,27 +43,6 @@ if TRITON_AVAILABLE:
 # ---------------------------------------------------------------------------------------------
 # References
 # ---------------------------------------------------------------------------------------------
-
-
-def expert_order_reference(
-    experts_TK: torch.Tensor, num_experts: int, num_rows: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort the choices by expert.
-
-    experts_TK: (T, K) int64, -1 for dropped choices. num_rows: N if the caller knows it
-    (T*K when no choice is dropped); None counts the kept choices, a device-to-host sync.
-    Returns choice_N: (N,) int64 flat choice indices grouped by expert, and
-    tokens_per_expert_E: (E,) int64.
-    """
-    flat_C = experts_TK.reshape(-1)
-    kept = flat_C >= 0
-    tokens_per_expert_E = torch.bincount(flat_C[kept], minlength=num_experts)
-    if num_rows is None:
-        num_rows = int(kept.sum())  # NOTE: device-to-host sync
-    # Dropped choices sort after every expert (key E) and fall off the end.
-    keys_C = torch.where(kept, flat_C, num_experts)
-    choice_N = torch.argsort(keys_C, stable=True)[:num_rows]
-    return choice_N, tokens_per_expert_E
 
 
 def permute_reference(x_TD: torch.Tensor, choice_N: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -111,56 +91,6 @@ def _round_to(x, dtype: tl.constexpr, EMULATE_RNE: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = tl.where(x32 != x32, x32, bits.to(tl.float32, bitcast=True))
     return x.to(dtype)
-
-
-def _expert_order_configs() -> list[dict[str, int]]:
-    # Not autotuned: both passes must share BLOCK_C (the offsets are per block of choices), so the
-    # first candidate runs unless MOE_ENGINE_EXPERT_ORDER_CONFIG pins another. BLOCK_C^2 booleans
-    # (pass 2) and BLOCK_C x BLOCK_G counters (pass 1) live in registers.
-    return [{"BLOCK_C": 128, "BLOCK_G": 64, "num_warps": 4}, {"BLOCK_C": 256, "BLOCK_G": 32, "num_warps": 8}]
-
-
-# Shapes: experts_C (C,) int (the flat experts_TK); counts_GB (G, B) int32 with G = E + 1 buckets
-# (bucket E collects dropped choices and ids outside [0, E)), B = cdiv(C, BLOCK_C) blocks.
-# Grid: (B, cdiv(G, BLOCK_G)).
-@_jit
-def _expert_count_kernel(experts_C_ptr, counts_GB_ptr, C, E, num_blocks, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr):
-    # counts[g, b] = #{c in block b : bucket(c) = g}, as column sums of a one-hot tile (no atomics,
-    # and any E: the buckets are tiled over the second grid axis).
-    pid_b = tl.program_id(0)
-    offs_c = pid_b.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    e_c = tl.load(experts_C_ptr + offs_c, mask=mask_c, other=-1)
-    bucket_c = tl.where((e_c >= 0) & (e_c < E), e_c, E).to(tl.int32)
-    offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    onehot_CG = (bucket_c[:, None] == offs_g[None, :]) & mask_c[:, None]
-    counts_g = tl.sum(onehot_CG.to(tl.int32), axis=0)
-    tl.store(counts_GB_ptr + offs_g.to(tl.int64) * num_blocks + pid_b, counts_g, mask=offs_g <= E)
-
-
-# Shapes: experts_C (C,) int; offsets_GB (G, B) int32, the exclusive prefix sum of counts_GB in
-# bucket-major order, i.e. offsets[g, b] = sum_{g' < g} count(g') + sum_{b' < b} counts[g, b'];
-# choice_N (N,) int64; row_of_choice_C (C,) int32. Grid: (B,).
-@_jit
-def _expert_scatter_kernel(
-    experts_C_ptr, offsets_GB_ptr, choice_N_ptr, row_of_choice_C_ptr, C, E, num_blocks, num_rows, BLOCK_C: tl.constexpr
-):
-    # The stable sort of the buckets: row(c) = offsets[bucket(c), block(c)] + rank(c), with
-    # rank(c) = #{c' < c in the same block with bucket(c') = bucket(c)}; rows >= num_rows are cut
-    # off (dropped choices sit in the last bucket, so they go first). Each choice is written once.
-    pid_b = tl.program_id(0)
-    offs_i = tl.arange(0, BLOCK_C)
-    offs_c = pid_b.to(tl.int64) * BLOCK_C + offs_i
-    mask_c = offs_c < C
-    e_c = tl.load(experts_C_ptr + offs_c, mask=mask_c, other=-1)
-    bucket_c = tl.where((e_c >= 0) & (e_c < E), e_c, E).to(tl.int32)
-    earlier_CC = (bucket_c[:, None] == bucket_c[None, :]) & (offs_i[None, :] < offs_i[:, None]) & mask_c[None, :]
-    rank_c = tl.sum(earlier_CC.to(tl.int32), axis=1)
-    base_c = tl.load(offsets_GB_ptr + bucket_c.to(tl.int64) * num_blocks + pid_b, mask=mask_c, other=0)
-    row_c = base_c + rank_c
-    has_row = mask_c & (row_c < num_rows)
-    tl.store(choice_N_ptr + row_c, offs_c, mask=has_row)
-    tl.store(row_of_choice_C_ptr + offs_c, tl.where(has_row, row_c, -1), mask=mask_c)
 
 
 # Shapes: choice_N (N,) int; row_of_choice_C (C,) int32, filled with -1 beforehand. Grid: cdiv(N, BLOCK_N).
@@ -347,13 +277,6 @@ def _gather_backward_kernel(src_ND_ptr, order_N_ptr, starts_M1_ptr, out_MD_ptr, 
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_index(name: str, index: torch.Tensor, dims: int, device: torch.device) -> None:
-    if index.dim() != dims or index.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name}: expected a {dims}-D int32/int64 tensor, got {index.dim()}-D {index.dtype}")
-    if index.device != device:
-        raise ValueError(f"{name} is on {index.device}, expected {device} like the data")
-
-
 def _check_rows(name: str, x: torch.Tensor) -> torch.Tensor:
     """A 2-D floating tensor with unit column stride (what the kernels index)."""
     if x.dim() != 2 or not x.is_floating_point():
@@ -361,24 +284,9 @@ def _check_rows(name: str, x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _launch_config(op: str, candidates: list[dict[str, int]], config: dict[str, int] | None) -> dict[str, int]:
-    if config is not None:
-        return config
-    chosen = kernel_configs(op, candidates)[0]
-    return {**chosen.kwargs, "num_warps": chosen.num_warps}
-
-
-def _launch(kernel, grid, config: dict[str, int] | None, *args, **constexprs) -> None:
-    """Autotuned launch, or one forced `config` (tests, benchmarks) on the kernel under the autotuner."""
-    if config is None:
-        kernel[grid](*args, **constexprs)
-    else:
-        kernel.fn[grid](*args, **constexprs, **config)
-
-
 def invert_choice_triton(choice_N: torch.Tensor, num_choices: int) -> torch.Tensor:
     """The inverse map of choice_N: (C,) int32 with row_of_choice_C[choice_N[n]] = n, -1 elsewhere."""
-    _check_index("choice_N", choice_N, 1, choice_N.device)
+    check_index("choice_N", choice_N, 1, choice_N.device)
     choice_N = choice_N.contiguous()
     row_of_choice_C = torch.full((num_choices,), -1, dtype=torch.int32, device=choice_N.device)
     if choice_N.numel():
@@ -389,63 +297,20 @@ def invert_choice_triton(choice_N: torch.Tensor, num_choices: int) -> torch.Tens
     return row_of_choice_C
 
 
-def expert_order_triton(
-    experts_TK: torch.Tensor, num_experts: int, num_rows: int | None = None, config: dict[str, int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton `expert_order`: (choice_N (N,) int64, tokens_per_expert_E (E,) int64, row_of_choice_C (C,) int32).
-
-    Two launches around one device-side cumsum; a device-to-host sync only when num_rows is None.
-    """
-    _check_index("experts_TK", experts_TK, 2, experts_TK.device)
-    if num_experts < 1:
-        raise ValueError(f"num_experts = {num_experts}: expected >= 1")
-    if num_rows is not None and num_rows < 0:
-        raise ValueError(f"num_rows = {num_rows}: expected >= 0 or None")
-    experts_C = experts_TK.reshape(-1).contiguous()
-    num_choices = experts_C.numel()
-    if num_choices >= 2**31:
-        raise ValueError(f"{num_choices} choices: the row indices are int32, expected fewer than 2**31")
-    device = experts_C.device
-    if num_choices == 0:
-        empty = torch.empty(0, dtype=torch.int64, device=device)
-        return empty, torch.zeros(num_experts, dtype=torch.int64, device=device), empty.to(torch.int32)
-    cfg = _launch_config("expert_order", _expert_order_configs(), config)
-    block_c, block_g, num_warps = cfg["BLOCK_C"], cfg["BLOCK_G"], cfg.get("num_warps", 4)
-    num_blocks, num_buckets = triton.cdiv(num_choices, block_c), num_experts + 1
-    counts_GB = torch.empty(num_buckets, num_blocks, dtype=torch.int32, device=device)
-    _expert_count_kernel[(num_blocks, triton.cdiv(num_buckets, block_g))](
-        experts_C, counts_GB, num_choices, num_experts, num_blocks, BLOCK_C=block_c, BLOCK_G=block_g,
-        num_warps=num_warps,
-    )
-    counts_G = counts_GB.sum(dim=1)  # int64
-    tokens_per_expert_E = counts_G[:num_experts]
-    if num_rows is None:
-        num_rows = num_choices - int(counts_G[num_experts])  # NOTE: device-to-host sync (sizes choice_N)
-    num_rows = min(num_rows, num_choices)
-    offsets_GB = (torch.cumsum(counts_GB.view(-1), dim=0, dtype=torch.int32) - counts_GB.view(-1)).view_as(counts_GB)
-    choice_N = torch.empty(num_rows, dtype=torch.int64, device=device)
-    row_of_choice_C = torch.empty(num_choices, dtype=torch.int32, device=device)
-    _expert_scatter_kernel[(num_blocks,)](
-        experts_C, offsets_GB, choice_N, row_of_choice_C, num_choices, num_experts, num_blocks, num_rows,
-        BLOCK_C=block_c, num_warps=num_warps,
-    )
-    return choice_N, tokens_per_expert_E, row_of_choice_C
-
-
 def permute_triton(
     x_TD: torch.Tensor, choice_N: torch.Tensor, top_k: int, config: dict[str, int] | None = None
 ) -> torch.Tensor:
     """Triton `permute`: x_TD (T, D) -> x_ND (N, D), no autograd (the custom op adds it)."""
     x_TD = _check_rows("x_TD", x_TD)
-    _check_index("choice_N", choice_N, 1, x_TD.device)
+    check_index("choice_N", choice_N, 1, x_TD.device)
     if top_k < 1:
         raise ValueError(f"top_k = {top_k}: expected >= 1")
     (num_tokens, width), num_rows = x_TD.shape, choice_N.numel()
     x_ND = torch.empty(num_rows, width, dtype=x_TD.dtype, device=x_TD.device)
     if num_rows and width:
         grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_R"]), triton.cdiv(width, meta["BLOCK_D"]))  # noqa: E731
-        _launch(_permute_kernel, grid, config, x_TD, choice_N.contiguous(), x_ND, num_rows, num_tokens, width, top_k,
-                x_TD.stride(0), x_ND.stride(0))
+        launch(_permute_kernel, grid, config, x_TD, choice_N.contiguous(), x_ND, num_rows, num_tokens, width, top_k,
+               x_TD.stride(0), x_ND.stride(0))
     return x_ND
 
 
@@ -457,9 +322,9 @@ def _combine(src_ND, row_of_choice_C, weights_C, num_tokens, top_k, out_dtype, c
             return triton.cdiv(num_tokens, meta["BLOCK_T"]), triton.cdiv(width, meta["BLOCK_D"])
 
         weights_or_unused = row_of_choice_C if weights_C is None else weights_C
-        _launch(_combine_kernel, grid, config, src_ND, row_of_choice_C, weights_or_unused,
-                out_TD, num_tokens, width, src_ND.stride(0), out_TD.stride(0), TOP_K=top_k,
-                HAS_WEIGHTS=weights_C is not None, ACC_FP64=src_ND.dtype == torch.float64, EMULATE_RNE=interpreting())
+        launch(_combine_kernel, grid, config, src_ND, row_of_choice_C, weights_or_unused,
+               out_TD, num_tokens, width, src_ND.stride(0), out_TD.stride(0), TOP_K=top_k,
+               HAS_WEIGHTS=weights_C is not None, ACC_FP64=src_ND.dtype == torch.float64, EMULATE_RNE=interpreting())
     return out_TD
 
 
@@ -468,7 +333,7 @@ def permute_backward_triton(
 ) -> torch.Tensor:
     """grad_x_TD[t] = sum over the rows n of token t of grad_x_ND[n], summed in fp32: (T, D) in grad_x_ND's dtype."""
     grad_x_ND = _check_rows("grad_x_ND", grad_x_ND)
-    _check_index("choice_N", choice_N, 1, grad_x_ND.device)
+    check_index("choice_N", choice_N, 1, grad_x_ND.device)
     if choice_N.numel() != grad_x_ND.shape[0]:
         raise ValueError(f"choice_N has {choice_N.numel()} rows, grad_x_ND {grad_x_ND.shape[0]}: expected equal")
     row_of_choice_C = invert_choice_triton(choice_N, num_tokens * top_k)
@@ -481,7 +346,7 @@ def gather_backward_triton(
     """Triton `gather_backward`: grad_x (num_rows, D) in grad_ND's dtype, each row the fp32 sum of the
     rows that gathered it, in row order (deterministic). No autograd; no device-to-host sync."""
     grad_ND = _check_rows("grad_ND", grad_ND)
-    _check_index("index_N", index_N, 1, grad_ND.device)
+    check_index("index_N", index_N, 1, grad_ND.device)
     if index_N.numel() != grad_ND.shape[0]:
         raise ValueError(f"index_N has {index_N.numel()} rows, grad_ND {grad_ND.shape[0]}: expected equal")
     if num_rows < 0:
@@ -497,14 +362,14 @@ def gather_backward_triton(
     def grid(meta):
         return triton.cdiv(num_rows, meta["BLOCK_M"]), triton.cdiv(width, meta["BLOCK_D"])
 
-    _launch(_gather_backward_kernel, grid, config, grad_ND, order_N, starts_M1, out_MD, num_rows, width,
-            grad_ND.stride(0), out_MD.stride(0), ACC_FP64=grad_ND.dtype == torch.float64, EMULATE_RNE=interpreting())
+    launch(_gather_backward_kernel, grid, config, grad_ND, order_N, starts_M1, out_MD, num_rows, width,
+           grad_ND.stride(0), out_MD.stride(0), ACC_FP64=grad_ND.dtype == torch.float64, EMULATE_RNE=interpreting())
     return out_MD
 
 
 def _check_choices_and_weights(choice_N: torch.Tensor, num_rows: int, weights_TK: torch.Tensor, num_tokens: int,
                                device: torch.device) -> None:
-    _check_index("choice_N", choice_N, 1, device)
+    check_index("choice_N", choice_N, 1, device)
     if choice_N.numel() != num_rows:
         raise ValueError(f"choice_N has {choice_N.numel()} rows, the data {num_rows}: expected equal")
     if weights_TK.dim() != 2 or not weights_TK.is_floating_point() or weights_TK.device != device:
@@ -550,32 +415,17 @@ def unpermute_backward_triton(
     if num_tokens and width and (need_grad_y or need_grad_weights):
         row_of_choice_C = invert_choice_triton(choice_N, num_tokens * top_k)
         grid = lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]),)  # noqa: E731
-        _launch(_unpermute_backward_kernel, grid, config, grad_y_TD, y_ND, row_of_choice_C, weights_TK.contiguous(),
-                grad_y_ND, grad_weights_TK, num_tokens, width, top_k, grad_y_TD.stride(0), y_ND.stride(0), width,
-                NEED_GRAD_Y=need_grad_y, NEED_GRAD_W=need_grad_weights,
-                ACC_FP64=grad_y_TD.dtype == torch.float64, EMULATE_RNE=interpreting(),
-                BLOCK_K=triton.next_power_of_2(top_k))
+        launch(_unpermute_backward_kernel, grid, config, grad_y_TD, y_ND, row_of_choice_C, weights_TK.contiguous(),
+               grad_y_ND, grad_weights_TK, num_tokens, width, top_k, grad_y_TD.stride(0), y_ND.stride(0), width,
+               NEED_GRAD_Y=need_grad_y, NEED_GRAD_W=need_grad_weights,
+               ACC_FP64=grad_y_TD.dtype == torch.float64, EMULATE_RNE=interpreting(),
+               BLOCK_K=triton.next_power_of_2(top_k))
     return grad_y_ND, grad_weights_TK
 
 
 # ---------------------------------------------------------------------------------------------
 # Custom ops (what the Triton path runs, so torch.compile traces through it)
 # ---------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("moe_engine::expert_order", mutates_args=())
-def _expert_order_op(
-    experts_TK: torch.Tensor, num_experts: int, num_rows: int | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return expert_order_triton(experts_TK, num_experts, num_rows)
-
-
-@_expert_order_op.register_fake
-def _(experts_TK, num_experts, num_rows):
-    num_choices = experts_TK.numel()
-    rows = torch.library.get_ctx().new_dynamic_size() if num_rows is None else torch.sym_min(num_rows, num_choices)
-    return (experts_TK.new_empty(rows, dtype=torch.int64), experts_TK.new_empty(num_experts, dtype=torch.int64),
-            experts_TK.new_empty(num_choices, dtype=torch.int32))
 
 
 @torch.library.custom_op("moe_engine::permute", mutates_args=())
@@ -666,16 +516,6 @@ _unpermute_op.register_autograd(_unpermute_autograd, setup_context=_unpermute_se
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
-
-
-def expert_order(
-    experts_TK: torch.Tensor, num_experts: int, num_rows: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(choice_N (N,) int64, tokens_per_expert_E (E,) int64); see `expert_order_reference`."""
-    if select_backend("expert_order", experts_TK.device, has_triton=TRITON_AVAILABLE) == "triton":
-        choice_N, tokens_per_expert_E, _ = torch.ops.moe_engine.expert_order(experts_TK, num_experts, num_rows)
-        return choice_N, tokens_per_expert_E
-    return expert_order_reference(experts_TK, num_experts, num_rows)
 
 
 def permute(x_TD: torch.Tensor, choice_N: torch.Tensor, top_k: int) -> torch.Tensor:

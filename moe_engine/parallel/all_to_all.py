@@ -41,7 +41,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.profiler import record_function
 
-from moe_engine.kernels.permute import expert_order, permute, unpermute
+from moe_engine.kernels.expert_order import expert_order
+from moe_engine.kernels.permute import permute, unpermute
 from moe_engine.parallel.collectives import all_to_all, all_to_all_counts, all_to_all_with_weights
 from moe_engine.parallel.dispatcher import experts_then_combine
 from moe_engine.parallel.telemetry import TrafficMeter

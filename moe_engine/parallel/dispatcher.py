@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from moe_engine.kernels.permute import GatheredRows, expert_order, unpermute
+from moe_engine.kernels.expert_order import expert_order
+from moe_engine.kernels.permute import GatheredRows, unpermute
 from moe_engine.routing.types import Routing
 
 

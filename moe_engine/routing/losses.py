@@ -1,6 +1,6 @@
 """Load-balancing and stability losses of routers.
 
-The losses live in moe_engine.kernels.aux_losses, each with its Triton kernel and its torch
+The losses live in moe_engine.kernels.aux_losses and .cv_squared, each with its Triton kernel and its torch
 reference; the public functions re-exported here pick one through MOE_ENGINE_KERNELS (Triton on
 CUDA, torch on CPU by default). Definitions (see ../shared/REFERENCES.md):
 - Switch/GShard:  L = E * sum_i f_i * P_i, f_i = fraction of the T*K routed choices that chose
@@ -15,13 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_engine.kernels.aux_losses import (
-    importance_cv_squared,
-    load_cv_squared,
-    router_z_loss,
-    sequence_load_balancing_loss,
-    switch_load_balancing_loss,
-)
+from moe_engine.kernels.aux_losses import router_z_loss, sequence_load_balancing_loss, switch_load_balancing_loss
+from moe_engine.kernels.cv_squared import importance_cv_squared, load_cv_squared
 
 
 def switch_loss_from_stats(
