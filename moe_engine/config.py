@@ -275,7 +275,7 @@ class ParallelConfig:
     a2a_chunks: int = 1
     # Send each row's routing weight (fp32) with it, so the experts scale their own outputs and take the
     # weight's gradient in their backward: no rank keeps the returned expert rows (T*K, D) for it.
-    # false: the rows are weighted on return, in the combine. (The chunked overlap always does that.)
+    # false: the rows are weighted on return, in the combine. Holds with a2a_chunks > 1 too (per chunk).
     weights_to_experts: bool = True
     # Collective backend: "auto" takes nccl on CUDA, gloo on CPU.
     backend: Literal["auto", "gloo", "nccl"] = "auto"

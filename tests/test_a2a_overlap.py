@@ -6,7 +6,9 @@ rtol 1e-12: chunking changes only the order in which expert weight gradients are
 count of the exchanges must be the same, in 4 * n exchanges instead of 4. Edge cases: T smaller
 than n (empty chunks), T = 0 on one rank, every token on one expert (the other experts get no rows
 anywhere), capacity with uneven and with fixed splits, two chunked layers in a row (the backward
-exchanges of both must pair up across ranks), and a forward without autograd.
+exchanges of both must pair up across ranks), and a forward without autograd. By default the routing
+weights travel with each chunk's rows and the experts apply them (`weights_to_experts`); the cases
+with weights_to_experts=False weight the returned rows in the combine instead.
 """
 
 from __future__ import annotations
@@ -54,19 +56,34 @@ def _forward_backward(layers: list[MoELayer], dispatcher: AllToAllDispatcher, x:
     return h.detach(), tokens_L, grads
 
 
+def _counted(fn, calls: list):
+    def counted(*args):
+        calls.append(1)
+        return fn(*args)
+    return counted
+
+
 def _check_case(rank: int, groups, num_chunks: int, case: dict) -> None:
     capacity_factor, fixed, skew = case.get("capacity"), case.get("fixed", False), case.get("skew", "none")
     num_tokens = case.get("tokens", {}).get(rank, T_PER_RANK)
-    one = AllToAllDispatcher(E, groups.ep_group, fixed_splits=fixed)
+    to_experts = case.get("weights_to_experts", True)
+    one = AllToAllDispatcher(E, groups.ep_group, fixed_splits=fixed, weights_to_experts=to_experts)
     if num_tokens == 0:
         one.traffic = None  # collectives._exchange sizes a row as x[0], which a rank sending no rows lacks
-    chunked = AllToAllDispatcher(E, groups.ep_group, fixed_splits=fixed, num_chunks=num_chunks)
+    chunked = AllToAllDispatcher(E, groups.ep_group, fixed_splits=fixed, num_chunks=num_chunks,
+                                 weights_to_experts=to_experts)
     layers = [_layer(capacity_factor, skew, one) for _ in range(case.get("layers", 1))]
     x, grad_y = _tokens(rank, num_tokens, skew)
 
     y_one, tokens_one, grads_one = _forward_backward(layers, one, x, grad_y)
+    scored_calls = []
+    for layer in layers:  # count the chunks whose experts applied the routing weights themselves
+        layer.experts.forward_scored = _counted(layer.experts.forward_scored, scored_calls)
     y, tokens_L, grads = _forward_backward(layers, chunked, x, grad_y)
+    for layer in layers:
+        del layer.experts.forward_scored
     where = f"rank {rank}, EP {groups.ep_size}, num_chunks {num_chunks}, {case}"
+    assert len(scored_calls) == (num_chunks * len(layers) if to_experts else 0), where
     torch.testing.assert_close(y, y_one, **TIGHT, msg=lambda m: f"{where}: y\n{m}")
     assert torch.equal(tokens_L, tokens_one), where
     names = ["x", *(f"layer {i} {n}" for i in range(len(layers)) for n in ("router", "w_in", "w_out"))]
@@ -90,6 +107,8 @@ CASES = [
     {"capacity": 1.0},  # capacity drops choices; uneven splits
     {"capacity": 0.5, "fixed": True},  # fixed splits: chunks of capacity slots
     {"layers": 2},  # two chunked layers: their backward exchanges pair up in order on every rank
+    {"weights_to_experts": False},  # the rows come back unweighted and the combine weights them
+    {"capacity": 0.5, "fixed": True, "weights_to_experts": False},
 ]
 
 

@@ -14,7 +14,8 @@ Routing weights to the experts (`weights_to_experts=True`, the default): each ro
 outputs, so the combine on return is an unweighted sum. The weight gradient <dY_t, y_n> is then
 taken on the expert rank, inside the experts' backward (the Triton grouped MLP takes it from its
 backward GEMM's epilogue), and no rank keeps the returned expert rows (N, D) for it. The weights
-cost one exchange of N floats per direction, issued with the rows by one autograd node.
+cost one exchange of N floats per direction, issued with the rows by one autograd node (in the
+chunked overlap below, with each chunk's rows).
 
 Capacity mode (`fixed_splits=True` with a capacity router): every rank sends exactly C rows per
 expert, zero rows padding the empty slots. Splits are then static: no count exchange, no
@@ -77,7 +78,7 @@ class AllToAllDispatcher:
     capacity mode, pad each expert's rows to the capacity so splits are static. num_chunks: how
     many pieces `dispatch_compute_combine` cuts the exchanges into to overlap them with the experts.
     weights_to_experts: send each row's routing weight with it, for experts that apply it themselves
-    (see the module docstring; the chunked overlap weights the rows on return instead).
+    (`forward_scored`, see the module docstring); other experts' rows are weighted on return.
     """
 
     def __init__(
@@ -190,8 +191,7 @@ class AllToAllDispatcher:
             y_RD = permute(y_MD, _inverse(meta.regroup_M), 1)
             with record_function("moe::all_to_all"):
                 y_ND = all_to_all(y_RD, meta.send_splits, meta.recv_splits, self.group, self.traffic)
-        # Unweighted: weights of 1 without a gradient, so the combine keeps no y_ND for the backward.
-        weights_TK = meta.weights_TK if weighted else torch.ones_like(meta.weights_TK.detach())
+        weights_TK = _combine_weights(meta.weights_TK, weighted)
         return unpermute(y_ND, meta.choice_N, weights_TK, num_tokens)
 
     def dispatch_compute_combine(
@@ -207,18 +207,20 @@ class AllToAllDispatcher:
         """
         if self.num_chunks == 1:
             x_MD, tokens_per_local_expert_L, meta = self.dispatch(x_TD, routing)
-            return self.combine(experts(x_MD, tokens_per_local_expert_L), meta), tokens_per_local_expert_L
+            return self.experts_and_combine(experts, x_MD, tokens_per_local_expert_L, meta), tokens_per_local_expert_L
         params = experts.parameters() if isinstance(experts, nn.Module) else ()
         needs_grad = torch.is_grad_enabled() and (
             x_TD.requires_grad or routing.weights_TK.requires_grad or any(p.requires_grad for p in params)
         )
         # The head of the chain that orders the backward exchanges (see the module docstring).
         order = torch.zeros((), device=x_TD.device, requires_grad=needs_grad)
+        # The experts apply the routing weights they receive with the rows, or the combine does.
+        scored = getattr(experts, "forward_scored", None) if self.weights_to_experts else None
         if self.fixed_splits and routing.capacity is not None:
-            return self._overlap_fixed(x_TD, routing, experts, order)
-        return self._overlap(x_TD, routing, experts, order)
+            return self._overlap_fixed(x_TD, routing, experts, scored, order)
+        return self._overlap(x_TD, routing, experts, scored, order)
 
-    def _overlap(self, x_TD, routing, experts, order):
+    def _overlap(self, x_TD, routing, experts, scored, order):
         """Chunks of contiguous tokens, each dispatched and combined on its own uneven splits."""
         P, L, K, n = self.ep_size, self.num_local_experts, routing.top_k, self.num_chunks
         bounds = _chunk_bounds(x_TD.shape[0], n)
@@ -244,30 +246,35 @@ class AllToAllDispatcher:
             start, stop = bounds[c]
             with record_function("moe::permute"):
                 x_ND = permute(x_TD[start:stop], choices[c], K)
-            return _issue(x_ND, recv_CP[c], send_CP[c], self.group, self.traffic)
+            w_N = _row_weights(routing.weights_TK[start:stop], choices[c]) if scored is not None else None
+            return _issue(x_ND, recv_CP[c], send_CP[c], self.group, self.traffic, w_N)
 
         in_flight = [issue_dispatch(0)]
         returning = []
         for c in range(n):
             if c + 1 < n:
                 in_flight.append(issue_dispatch(c + 1))
-            x_RD, order = _await(in_flight[c], order, last=False)
+            (x_RD, score_R), order = _await(in_flight[c], order, last=False)
             with record_function("moe::permute"):
                 regroup_M = _regroup_index(received_PCL[:, c], x_RD.shape[0])
                 x_MD = permute(x_RD, regroup_M, 1)
             with record_function("moe::experts"):
-                y_MD = experts(x_MD, received_PCL[:, c].sum(0))
+                if scored is not None:
+                    y_MD = scored(x_MD, received_PCL[:, c].sum(0), score_R.index_select(0, regroup_M))
+                else:
+                    y_MD = experts(x_MD, received_PCL[:, c].sum(0))
             with record_function("moe::combine"):
                 y_RD = permute(y_MD, _inverse(regroup_M), 1)
             returning.append(_issue(y_RD, send_CP[c], recv_CP[c], self.group, self.traffic))
+        weights_TK = _combine_weights(routing.weights_TK, weighted=scored is None)
         y_chunks = []
         for c, (start, stop) in enumerate(bounds):
-            y_ND, order = _await(returning[c], order, last=c == n - 1)
+            (y_ND, _), order = _await(returning[c], order, last=c == n - 1)
             with record_function("moe::combine"):
-                y_chunks.append(unpermute(y_ND, choices[c], routing.weights_TK[start:stop], stop - start))
+                y_chunks.append(unpermute(y_ND, choices[c], weights_TK[start:stop], stop - start))
         return torch.cat(y_chunks), received_PCL.sum((0, 1))
 
-    def _overlap_fixed(self, x_TD, routing, experts, order):
+    def _overlap_fixed(self, x_TD, routing, experts, scored, order):
         """Fixed splits: chunks of capacity slots (every expert's slots [s0, s1) at once), static splits."""
         P, L, C, D = self.ep_size, self.num_local_experts, routing.capacity, x_TD.shape[1]
         with record_function("moe::permute"):
@@ -275,37 +282,51 @@ class AllToAllDispatcher:
             x_ND = permute(x_TD, choice_N, routing.top_k)
             x_padded, slot_N = _pad_to_capacity(x_ND, choice_N, tokens_per_expert_E, routing)
         x_ECD = x_padded.view(self.num_experts, C, D)
+        score_EC = None
+        if scored is not None:  # padding slots weigh 0 (their rows are zeros and never come back anyway)
+            score_EC = torch.zeros(self.num_experts * C, dtype=torch.float32, device=x_TD.device).index_copy(
+                0, slot_N, _row_weights(routing.weights_TK, choice_N)).view(self.num_experts, C)
         bounds = _chunk_bounds(C, self.num_chunks)
 
         def issue_dispatch(c):
             s0, s1 = bounds[c]
             splits = [L * (s1 - s0)] * P
-            return _issue(x_ECD[:, s0:s1].reshape(-1, D), splits, splits, self.group, self.traffic)
+            w_N = score_EC[:, s0:s1].reshape(-1) if score_EC is not None else None
+            return _issue(x_ECD[:, s0:s1].reshape(-1, D), splits, splits, self.group, self.traffic, w_N)
 
         in_flight = [issue_dispatch(0)]
         returning = []
         for c, (s0, s1) in enumerate(bounds):
             if c + 1 < len(bounds):
                 in_flight.append(issue_dispatch(c + 1))
-            x_RD, order = _await(in_flight[c], order, last=False)
+            (x_RD, score_R), order = _await(in_flight[c], order, last=False)
             width = s1 - s0
             # (source, local expert, slot) -> (local expert, source, slot), as in _dispatch_fixed.
             x_MD = x_RD.view(P, L, width, D).transpose(0, 1).reshape(L * P * width, D)
             tokens_L = torch.full((L,), P * width, dtype=torch.int64, device=x_TD.device)
             with record_function("moe::experts"):
-                y_MD = experts(x_MD, tokens_L)
+                if scored is not None:
+                    y_MD = scored(x_MD, tokens_L, score_R.view(P, L, width).transpose(0, 1).reshape(-1))
+                else:
+                    y_MD = experts(x_MD, tokens_L)
             y_RD = y_MD.view(L, P, width, D).transpose(0, 1).reshape(P * L * width, D)
             splits = [L * width] * P
             returning.append(_issue(y_RD, splits, splits, self.group, self.traffic))
         y_chunks = []
         for c, (s0, s1) in enumerate(bounds):
-            y_chunk, order = _await(returning[c], order, last=c == len(bounds) - 1)
+            (y_chunk, _), order = _await(returning[c], order, last=c == len(bounds) - 1)
             y_chunks.append(y_chunk.view(self.num_experts, s1 - s0, D))
         with record_function("moe::combine"):
             y_ND = torch.cat(y_chunks, 1).view(self.num_experts * C, D).index_select(0, slot_N)
-            y_TD = unpermute(y_ND, choice_N, routing.weights_TK, x_TD.shape[0])
+            y_TD = unpermute(y_ND, choice_N, _combine_weights(routing.weights_TK, weighted=scored is None), x_TD.shape[0])
         tokens_per_local_expert_L = torch.full((L,), P * C, dtype=torch.int64, device=x_TD.device)
         return y_TD, tokens_per_local_expert_L
+
+
+def _combine_weights(weights_TK: torch.Tensor, weighted: bool) -> torch.Tensor:
+    """The combine's weights: the routing weights, or (not weighted: the experts applied them) ones
+    without a gradient, so the combine keeps no returned rows for the backward."""
+    return weights_TK if weighted else torch.ones_like(weights_TK.detach())
 
 
 def _row_weights(weights_TK: torch.Tensor, choice_N: torch.Tensor) -> torch.Tensor:
@@ -348,90 +369,106 @@ def _inverse(index_M: torch.Tensor) -> torch.Tensor:
 
 
 class _Pending:
-    """One all-to-all in flight: issued now, waited for later. Keeps the tensors it reads and
-    writes alive until it has finished, and counts its off-rank bytes in `meter` (the time is the
-    wait: what the exchange cost the compute that could not overlap it)."""
+    """One all-to-all in flight: issued now, waited for later. Exchanges the rows and, where given,
+    one weight per row (two collectives, rows first, in both directions). Keeps the tensors it reads
+    and writes alive until it has finished, and counts the rows' off-rank bytes in `meter` (the time
+    is the wait: what the exchange cost the compute that could not overlap it)."""
 
     def __init__(self, group, meter: TrafficMeter | None) -> None:
         self.group, self.meter = group, meter
-        self.work = None
+        self.works: list = []
         self.tensors: tuple[torch.Tensor, ...] = ()
         self.bytes = (0, 0)
         self.splits: tuple[list[int], list[int]] = ([], [])
-        self.grad_input: torch.Tensor | None = None
+        self.grad_input: tuple[torch.Tensor, ...] | None = None
 
-    def issue(self, x: torch.Tensor, output_splits: list[int], input_splits: list[int]) -> torch.Tensor:
-        x = x.contiguous()
-        out = x.new_empty(sum(output_splits), *x.shape[1:])
-        self.work = dist.all_to_all_single(out, x, output_splits, input_splits, group=self.group, async_op=True)
-        self.tensors = (x, out)
+    def issue(self, xs: tuple[torch.Tensor, ...], output_splits: list[int], input_splits: list[int]) -> tuple[torch.Tensor, ...]:
+        """Start the exchange of every tensor of xs (rows, then weights) with the same splits; their outputs."""
+        xs = tuple(x.contiguous() for x in xs)
+        outs = tuple(x.new_empty(sum(output_splits), *x.shape[1:]) for x in xs)
+        self.works = [dist.all_to_all_single(out, x, output_splits, input_splits, group=self.group, async_op=True)
+                      for out, x in zip(outs, xs)]
+        self.tensors = (*xs, *outs)
         me = dist.get_rank(self.group)
-        row_bytes = math.prod(x.shape[1:]) * x.element_size()
+        row_bytes = math.prod(xs[0].shape[1:]) * xs[0].element_size()
         self.bytes = ((sum(input_splits) - input_splits[me]) * row_bytes, (sum(output_splits) - output_splits[me]) * row_bytes)
-        return out
+        return outs
 
     def wait(self) -> None:
         if self.meter is None:
-            self.work.wait()
+            for work in self.works:
+                work.wait()
         else:
-            with self.meter.measure(*self.bytes, self.tensors[1].is_cuda):
-                self.work.wait()
-        self.work, self.tensors = None, ()
+            with self.meter.measure(*self.bytes, self.tensors[-1].is_cuda):
+                for work in self.works:
+                    work.wait()
+        self.works, self.tensors = [], ()
 
 
 class _IssueAllToAll(torch.autograd.Function):
-    """Forward: start the exchange of x_ND, return its (not yet filled) output buffer.
-    Backward: wait for the reverse exchange that `_AwaitAllToAll.backward` started; its output is
-    x_ND's gradient (the gradient autograd hands in is only the dependency edge)."""
+    """Forward: start the exchange of x_ND (and w_N, when given), return the (not yet filled) output
+    buffers: (x_RD,) or (x_RD, w_R). Backward: wait for the reverse exchange that
+    `_AwaitAllToAll.backward` started; its outputs are the inputs' gradients (the gradients autograd
+    hands in are only the dependency edges)."""
 
     @staticmethod
-    def forward(ctx, x_ND, output_splits: list[int], input_splits: list[int], pending: _Pending) -> torch.Tensor:
+    def forward(ctx, x_ND, w_N, output_splits: list[int], input_splits: list[int], pending: _Pending):
         ctx.pending = pending
         pending.splits = (output_splits, input_splits)
-        return pending.issue(x_ND, output_splits, input_splits)
+        return pending.issue((x_ND,) if w_N is None else (x_ND, w_N), output_splits, input_splits)
 
     @staticmethod
-    def backward(ctx, _):
+    def backward(ctx, *_):
         ctx.pending.wait()
-        grad_x_ND, ctx.pending.grad_input = ctx.pending.grad_input, None
-        return grad_x_ND, None, None, None
+        grads, ctx.pending.grad_input = ctx.pending.grad_input, None
+        return grads[0], grads[1] if len(grads) > 1 else None, None, None, None
 
 
 class _AwaitAllToAll(torch.autograd.Function):
-    """Forward: wait for the exchange, return its output; pass the order chain on unless `last`.
-    Backward: start the reverse exchange of the gradient (the all-to-all with the splits swapped)."""
+    """Forward: wait for the exchange, return its outputs; pass the order chain on unless `last`.
+    Backward: start the reverse exchange of the gradients (the all-to-all with the splits swapped)."""
 
     @staticmethod
-    def forward(ctx, out_RD, order, pending: _Pending, last: bool):
+    def forward(ctx, order, pending: _Pending, last: bool, *outs):
         pending.wait()
-        ctx.pending = pending
-        ctx.set_materialize_grads(True)
-        return out_RD if last else (out_RD, torch.zeros_like(order))
+        ctx.pending, ctx.last = pending, last
+        ctx.set_materialize_grads(True)  # an unused output's gradient is exchanged as zeros
+        return outs if last else (*outs, torch.zeros_like(order))
 
     @staticmethod
-    def backward(ctx, grad_out, grad_order=None):
+    def backward(ctx, *grads):
+        grad_outs, grad_order = (grads, None) if ctx.last else (grads[:-1], grads[-1])
         output_splits, input_splits = ctx.pending.splits
-        ctx.pending.grad_input = ctx.pending.issue(grad_out, input_splits, output_splits)
-        if not ctx.needs_input_grad[0]:
-            ctx.pending.wait()  # nobody upstream waits for it: the input needed no gradient
+        needed = any(ctx.needs_input_grad[3:])
+        ctx.pending.grad_input = ctx.pending.issue(grad_outs, input_splits, output_splits)
+        if not needed:
+            ctx.pending.wait()  # nobody upstream waits for it: the inputs needed no gradient
             ctx.pending.grad_input = None
         if grad_order is None:
-            grad_order = torch.zeros((), device=grad_out.device)
-        # grad_out only carries the edge to `_IssueAllToAll.backward`, which returns the exchanged gradient.
-        return grad_out if ctx.needs_input_grad[0] else None, grad_order, None, None
+            grad_order = torch.zeros((), device=grad_outs[0].device)
+        # grad_outs only carry the edges to `_IssueAllToAll.backward`, which returns the exchanged gradients.
+        return (grad_order, None, None, *(g if need else None for g, need in zip(grad_outs, ctx.needs_input_grad[3:])))
 
 
-def _issue(x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], group, meter) -> tuple[torch.Tensor, _Pending]:
-    """Start an exchange: (its output buffer, filled once `_await` returns it; the exchange in flight)."""
+def _issue(x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], group, meter,
+           w_N: torch.Tensor | None = None) -> tuple[tuple[torch.Tensor, ...], _Pending]:
+    """Start an exchange of the rows x_ND and optionally one weight per row w_N (N,) float32:
+    (its output buffers, filled once `_await` returns them; the exchange in flight)."""
     pending = _Pending(group, meter)
     with record_function("moe::all_to_all"):
-        return _IssueAllToAll.apply(x_ND, list(output_splits), list(input_splits), pending), pending
+        return _IssueAllToAll.apply(x_ND, w_N, list(output_splits), list(input_splits), pending), pending
 
 
-def _await(in_flight: tuple[torch.Tensor, _Pending], order: torch.Tensor, last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the exchanged rows, the next link of the order chain); the last link closes the chain."""
-    out, pending = in_flight
+def _await(
+    in_flight: tuple[tuple[torch.Tensor, ...], _Pending], order: torch.Tensor, last: bool
+) -> tuple[tuple[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """((the exchanged rows, the exchanged weights or None), the next link of the order chain); the
+    last link closes the chain."""
+    outs, pending = in_flight
     with record_function("moe::all_to_all"):
         if last:
-            return _AwaitAllToAll.apply(out, order, pending, True), order
-        return _AwaitAllToAll.apply(out, order, pending, False)
+            got = _AwaitAllToAll.apply(order, pending, True, *outs)
+        else:
+            *got, order = _AwaitAllToAll.apply(order, pending, False, *outs)
+    got = tuple(got)
+    return (got[0], got[1] if len(got) > 1 else None), order
