@@ -464,3 +464,58 @@ def test_noise_argument_errors():
     router.eval()
     with pytest.raises(ValueError, match="noise_TE was given in eval mode"):
         router(torch.randn(3, 8), ctx, noise_TE=torch.randn(3, 4))
+
+
+def _holds_fp32_tokens(t: torch.Tensor, x_TD: torch.Tensor) -> bool:
+    """Whether t is an fp32 copy of x_TD's values, possibly reshaped, transposed or as columns of a wider tensor."""
+    if t.dtype != torch.float32 or t.dim() < 2:
+        return False
+    want_TD = x_TD.detach().float()
+    for cand in (t, t.transpose(-2, -1)):
+        rows = cand.reshape(-1, cand.shape[-1])
+        if rows.shape[0] == want_TD.shape[0] and any(
+            torch.equal(rows[:, i : i + want_TD.shape[1]], want_TD) for i in range(rows.shape[1] - want_TD.shape[1] + 1)
+        ):
+            return True
+    return False
+
+
+def _fp32_token_copies(module, x_TD: torch.Tensor, *args) -> list[torch.Size]:
+    """The shapes of the fp32 copies of x_TD that autograd saves when module(x_TD, *args) runs."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x_TD, *args)
+    return [t.shape for t in saved if _holds_fp32_tokens(t, x_TD)]
+
+
+@pytest.mark.parametrize("kind", ["task_per_task_learned_noise", "task_concat", "attribute", "dselect_k", "mmoe"])
+def test_task_conditional_gates_keep_no_fp32_copy_of_bf16_tokens(kind: str) -> None:
+    # Gates compute their logits in fp32; written as x.float() @ w.float().t(), autograd would keep an
+    # fp32 copy of the tokens (T*D*4 bytes per layer). Like the routers they use routing.gate.gate_logits.
+    from moe_engine.mtl.attribute_router import AttributeRouter
+    from moe_engine.mtl.dselect_k import DSelectKGate
+    from moe_engine.mtl.mmoe import MultiGateMoE
+
+    torch.manual_seed(0)
+    T, D, E, X = 10, 12, 4, 3
+    x_TD = torch.randn(T, D, dtype=torch.bfloat16, requires_grad=True)
+    task_ids_T = torch.randint(0, X, (T,))
+    if kind.startswith("task"):
+        mode, noise = ("per_task", "learned") if kind == "task_per_task_learned_noise" else ("concat", "none")
+        module = TaskGateRouter(D, E, 2, X, mode=mode, noise=noise).to(torch.bfloat16).train()
+        args = (RoutingContext(task_ids_T=task_ids_T),)
+    elif kind == "attribute":
+        module = AttributeRouter(D, E, 3, 2, attribute_dim=5, use_tokens=True).to(torch.bfloat16)
+        args = (RoutingContext(attributes_TA=torch.randint(0, 2, (T, 3))),)
+    elif kind == "dselect_k":
+        module = DSelectKGate(E, 2, gate="per_example", num_tasks=X, d_model=D).to(torch.bfloat16)
+        args = (task_ids_T,)
+    else:
+        module = MultiGateMoE(D, E, 8, X).to(torch.bfloat16)
+        args = ()
+    assert _fp32_token_copies(module, x_TD, *args) == []

@@ -26,6 +26,7 @@ from torch import nn
 
 from moe_engine.kernels.router import topk_gating
 from moe_engine.routing.capacity import apply_capacity, check_routing_args
+from moe_engine.routing.gate import gate_logits
 from moe_engine.routing.losses import switch_loss_from_stats
 from moe_engine.routing.types import Routing, RoutingContext
 
@@ -130,8 +131,10 @@ class AttributeRouter(nn.Module):
             proj, norm = self.attribute_proj, self.attribute_norm
             g_TA = F.linear(attributes_TA.float(), proj.weight.float(), proj.bias.float())
             g_TA = F.layer_norm(g_TA, (self.attribute_dim,), norm.weight.float(), norm.bias.float(), norm.eps)
-            gate_in = torch.cat([g_TA, x_TD.float()], dim=-1) if self.use_tokens else g_TA
-            logits_TE = gate_in @ self.weight.float().t()
+            # [g_TA | x_TD] @ weight^T, without concatenating (or keeping) an fp32 copy of the tokens.
+            logits_TE = g_TA @ self.weight[:, : self.attribute_dim].float().t()
+            if self.use_tokens:
+                logits_TE = logits_TE + gate_logits(x_TD, self.weight[:, self.attribute_dim :])
             if self.training and self.noise_std > 0:
                 logits_TE = logits_TE + self.noise_std * torch.randn_like(logits_TE)
             gating = topk_gating(logits_TE, self.top_k, renormalize=self.renormalize)

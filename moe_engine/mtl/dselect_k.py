@@ -35,10 +35,10 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moe_engine.mtl.statistics import check_task_ids
+from moe_engine.routing.gate import gate_logits
 from moe_engine.routing.types import Routing, RoutingContext
 
 GATE_KINDS = ("static", "per_example")
@@ -193,11 +193,13 @@ class DSelectKGate(nn.Module):
             else:
                 num_tokens = x_TD.shape[0]
                 rows_T = torch.arange(num_tokens, device=x_TD.device)
-                x_TD = x_TD.float()
-                z_TXKM = F.linear(x_TD, self.z_proj.weight.float(), self.z_proj.bias.float())
-                z_TXKM = z_TXKM.view(num_tokens, self.num_tasks, self.k, self.num_bits)
-                w_TXK = F.linear(x_TD, self.w_proj.weight.float(), self.w_proj.bias.float())
-                w_TXK = w_TXK.view(num_tokens, self.num_tasks, self.k)
+                # Both projections in one fp32 GEMM that keeps x_TD as it came for the backward (not an
+                # fp32 copy) and sums the tokens' gradient in fp32 before rounding it once.
+                weight = torch.cat([self.z_proj.weight, self.w_proj.weight])
+                bias = torch.cat([self.z_proj.bias, self.w_proj.bias]).float()
+                z_TO, w_TO = (gate_logits(x_TD, weight) + bias).split(self.z_proj.out_features, dim=1)
+                z_TXKM = z_TO.view(num_tokens, self.num_tasks, self.k, self.num_bits)
+                w_TXK = w_TO.view(num_tokens, self.num_tasks, self.k)
                 q_TE, r_XKC = self._mix(z_TXKM[rows_T, task_ids_T], w_TXK[rows_T, task_ids_T])
                 scale = 1.0 / max(num_tokens, 1)
             r_XKE = r_XKC[..., : self.num_experts]

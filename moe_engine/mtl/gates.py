@@ -46,6 +46,7 @@ from torch import nn
 from moe_engine.kernels.router import TopKGating, topk_gating
 from moe_engine.mtl.statistics import check_task_ids, mutual_information_loss
 from moe_engine.routing.capacity import apply_capacity, check_routing_args
+from moe_engine.routing.gate import gate_logits
 from moe_engine.routing.losses import switch_load_balancing_loss, switch_loss_from_stats
 from moe_engine.routing.noisy import (
     check_noise,
@@ -166,15 +167,18 @@ class TaskGateRouter(nn.Module):
         self.task_top_k_X[task] = k
 
     def task_logits(self, x_TD: torch.Tensor, task_ids_T: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """(T, E) float32 logits of fp32 tokens x_TD through `gate` (gate_weight's layout), each token
-        through its own task's gate. task_ids_T: (T,) int64 in [0, X), already checked."""
-        gate = gate.float()
+        """(T, O) float32 logits of the tokens x_TD (any float dtype) through `gate`, each token through its
+        own task's gate: gate_weight's layout with O outputs, (X, O, D) per task or (O, D + X) with task
+        columns; O = E, or 2E for the clean and noise gates stacked (one GEMM, so the tokens' gradient
+        is summed in fp32 and rounded once). One fp32 GEMM that keeps no fp32 copy of x_TD (`gate_logits`).
+        task_ids_T: (T,) int64 in [0, X), already checked."""
+        num_outputs = gate.shape[-2]
         if self.mode == "per_task":
             num_tokens = x_TD.shape[0]
-            all_TXE = (x_TD @ gate.reshape(-1, self.d_model).t()).view(num_tokens, self.num_tasks, self.num_experts)
-            index_T1E = task_ids_T.view(num_tokens, 1, 1).expand(num_tokens, 1, self.num_experts)
-            return all_TXE.gather(1, index_T1E).squeeze(1)
-        return x_TD @ gate[:, : self.d_model].t() + gate[:, self.d_model :].t()[task_ids_T]
+            all_TXO = gate_logits(x_TD, gate.reshape(-1, self.d_model)).view(num_tokens, self.num_tasks, num_outputs)
+            index_T1O = task_ids_T.view(num_tokens, 1, 1).expand(num_tokens, 1, num_outputs)
+            return all_TXO.gather(1, index_T1O).squeeze(1)
+        return gate_logits(x_TD, gate[:, : self.d_model]) + gate[:, self.d_model :].float().t()[task_ids_T]
 
     def forward(
         self, x_TD: torch.Tensor, ctx: RoutingContext | None = None, *, noise_TE: torch.Tensor | None = None
@@ -197,13 +201,14 @@ class TaskGateRouter(nn.Module):
         fold = masked or self.score_epsilon > 0
         # fp32 even under bf16 autocast: top-k near ties decide which experts run.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            x_TD = x_TD.float()
-            clean_TE = self.task_logits(x_TD, task_ids_T, self.gate_weight)
-            noisy_TE, noise_std_TE = clean_TE, None
+            noise_std_TE = None
             if self.training and self.noise == "learned":
-                raw_noise_TE = self.task_logits(x_TD, task_ids_T, self.noise_gate_weight)
+                both = torch.cat([self.gate_weight, self.noise_gate_weight], dim=-2)  # E more outputs
+                clean_TE, raw_noise_TE = self.task_logits(x_TD, task_ids_T, both).split(num_experts, dim=-1)
                 noisy_TE, noise_std_TE = noisy_logits(clean_TE, raw_noise_TE, self.noise_epsilon, noise_TE)
-            elif self.training and self.noise == "fixed":
+            else:
+                clean_TE = noisy_TE = self.task_logits(x_TD, task_ids_T, self.gate_weight)
+            if self.training and self.noise == "fixed":
                 noise_TE = torch.randn_like(clean_TE) if noise_TE is None else noise_TE.float()
                 noisy_TE = clean_TE + noise_TE / num_experts
             gating = topk_gating(

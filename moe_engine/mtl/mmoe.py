@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_engine.kernels.grouped_gemm import grouped_gemm
 from moe_engine.kernels.expert_order import expert_order
+from moe_engine.kernels.grouped_gemm import grouped_gemm
 from moe_engine.kernels.permute import unpermute
 from moe_engine.kernels.router import topk_gating
+from moe_engine.routing.gate import gate_logits as fp32_gate_logits
 
 ACTIVATIONS = ("relu", "gelu")
 MODEL_KINDS = ("mmoe", "omoe", "shared_bottom")
@@ -100,8 +101,10 @@ class MultiGateMoE(nn.Module):
 
     def gate_logits(self, x_BD: torch.Tensor) -> torch.Tensor:
         """(G, B, E) fp32 logits V_g x + c_g, computed in fp32 whatever x's dtype or autocast."""
+        G, E, D = self.gate_w_GED.shape
         with torch.autocast(x_BD.device.type, enabled=False):
-            return torch.einsum("bd,ged->gbe", x_BD.float(), self.gate_w_GED.float()) + self.gate_b_GE.float()[:, None, :]
+            logits_BGE = fp32_gate_logits(x_BD, self.gate_w_GED.reshape(G * E, D)).view(-1, G, E)
+            return logits_BGE.transpose(0, 1) + self.gate_b_GE.float()[:, None, :]
 
     def gate_probs(self, x_BD: torch.Tensor) -> torch.Tensor:
         """(G, B, E) fp32: each gate's softmax over the experts (the dense gates g_t(x))."""

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_engine.kernels.grouped_gemm import grouped_gemm
 from moe_engine.kernels.expert_order import expert_order
+from moe_engine.kernels.grouped_gemm import grouped_gemm
 from moe_engine.kernels.permute import unpermute
 from moe_engine.routing.types import Routing, RoutingContext
 
