@@ -190,6 +190,10 @@ class MoEConfig:
     # "auto": the Triton kernels where MOE_ENGINE_KERNELS selects them (CUDA by default), else
     # torch._grouped_mm where this torch supports the device and dtype, else the per-expert loop.
     experts_impl: Literal["auto", "loop", "grouped_mm", "triton"] = "auto"
+    # Keep fewer expert activations for the backward and recompute them: the Triton experts keep no
+    # up-projection output (T*K, H) (one more up-projection GEMM in the backward: +1/3 backward FLOPs
+    # for SwiGLU); the torch paths checkpoint their MLP. Memory per layer for compute.
+    recompute_experts: bool = False
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:

@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
+from torch.utils.checkpoint import checkpoint
 
 from moe_engine.kernels._triton import TRITON_AVAILABLE
 from moe_engine.kernels.backend import ENV_VAR, requested_backend, select_backend
-from moe_engine.kernels.mlp_combine import grouped_mlp_combine_triton, grouped_mlp_scored_triton, scale_rows
-from moe_engine.kernels.permute import GatheredRows, unpermute
 from moe_engine.kernels.grouped_gemm import grouped_linear_loop, triton_unsupported_reason
 from moe_engine.kernels.grouped_mlp import grouped_mlp_triton
+from moe_engine.kernels.mlp_combine import grouped_mlp_combine_triton, grouped_mlp_scored_triton, scale_rows
+from moe_engine.kernels.permute import GatheredRows, unpermute
 from moe_engine.kernels.torch_grouped_mm import grouped_linear_grouped_mm, grouped_mm_unsupported_reason
 
 ACTIVATIONS = ("swiglu", "gelu")
@@ -84,19 +85,28 @@ class GroupedExperts(nn.Module):
     impl: "loop", "grouped_mm", "triton", or "auto": Triton where `select_backend` picks it
     (CUDA by default, or MOE_ENGINE_KERNELS=triton) and it supports the dtype; otherwise
     torch._grouped_mm where it can run, else the loop.
+
+    recompute: keep fewer activations for the backward and recompute them. Triton keeps no
+    up-projection output h (N, H) (one more up-projection GEMM in the backward; the activation is
+    recomputed from h there anyway); the torch paths run their MLP under activation checkpointing
+    (the whole MLP forward again in the backward), keeping only their input rows.
     """
 
     def __init__(
-        self, num_experts: int, d_model: int, ffn_hidden: int, activation: str = "swiglu", impl: str = "auto"
+        self, num_experts: int, d_model: int, ffn_hidden: int, activation: str = "swiglu", impl: str = "auto",
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation = {activation!r}: allowed: {', '.join(ACTIVATIONS)}")
         if impl not in EXPERT_IMPLS:
             raise ValueError(f"impl = {impl!r}: allowed: {', '.join(EXPERT_IMPLS)}")
+        if not isinstance(recompute, bool):
+            raise ValueError(f"recompute = {recompute!r}: must be True or False")
         self.num_experts, self.d_model, self.ffn_hidden = num_experts, d_model, ffn_hidden
         self.activation = activation
         self.impl = impl
+        self.recompute = recompute
         width_in = 2 * ffn_hidden if activation == "swiglu" else ffn_hidden
         self.w_in = nn.Parameter(torch.empty(num_experts, width_in, d_model))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_model, ffn_hidden))
@@ -119,10 +129,18 @@ class GroupedExperts(nn.Module):
         impl = self.resolve_impl(x_ND.device, dtype)
         x_ND = x_ND.to(dtype)
         if impl == "triton":
-            return grouped_mlp_triton(x_ND, self.w_in.to(dtype), self.w_out.to(dtype), tokens_per_expert_E, self.activation)
+            return grouped_mlp_triton(x_ND, self.w_in.to(dtype), self.w_out.to(dtype), tokens_per_expert_E,
+                                      self.activation, recompute_h=self.recompute)
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._torch_mlp, impl, x_ND, self.w_in.to(dtype), self.w_out.to(dtype), tokens_per_expert_E,
+                              use_reentrant=False)
+        return self._torch_mlp(impl, x_ND, self.w_in.to(dtype), self.w_out.to(dtype), tokens_per_expert_E)
+
+    def _torch_mlp(self, impl: str, x_ND: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
+                   tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         linear = grouped_linear_grouped_mm if impl == "grouped_mm" else grouped_linear_loop
-        h_NH = linear(x_ND, self.w_in.to(dtype), tokens_per_expert_E)
-        return linear(_activate(h_NH, self.activation), self.w_out.to(dtype), tokens_per_expert_E)
+        h_NH = linear(x_ND, w_in, tokens_per_expert_E)
+        return linear(_activate(h_NH, self.activation), w_out, tokens_per_expert_E)
 
     def forward_gathered(
         self, x_TD: torch.Tensor, gather_index_N: torch.Tensor, tokens_per_expert_E: torch.Tensor
@@ -133,7 +151,8 @@ class GroupedExperts(nn.Module):
         if self.resolve_impl(x_TD.device, dtype) != "triton":
             return self.forward(x_TD.index_select(0, gather_index_N), tokens_per_expert_E)
         w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
-        return grouped_mlp_triton(x_TD.to(dtype), w_in, w_out, tokens_per_expert_E, self.activation, gather_index_N)
+        return grouped_mlp_triton(x_TD.to(dtype), w_in, w_out, tokens_per_expert_E, self.activation, gather_index_N,
+                                  recompute_h=self.recompute)
 
     def forward_scored(
         self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, score_N: torch.Tensor
@@ -147,7 +166,7 @@ class GroupedExperts(nn.Module):
         if self.resolve_impl(x_ND.device, dtype) == "triton":
             w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
             return grouped_mlp_scored_triton(
-                x_ND.to(dtype), w_in, w_out, tokens_per_expert_E, self.activation, score_N
+                x_ND.to(dtype), w_in, w_out, tokens_per_expert_E, self.activation, score_N, recompute_h=self.recompute
             )
         return scale_rows(self.forward(x_ND, tokens_per_expert_E), score_N)
 
@@ -166,7 +185,8 @@ class GroupedExperts(nn.Module):
         if self.resolve_impl(x_TD.device, dtype) == "triton":
             w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
             return grouped_mlp_combine_triton(
-                x_TD.to(dtype), w_in, w_out, tokens_per_expert_E, self.activation, rows.choice_N, weights_TK
+                x_TD.to(dtype), w_in, w_out, tokens_per_expert_E, self.activation, rows.choice_N, weights_TK,
+                recompute_h=self.recompute,
             )
         y_ND = self.forward(rows, tokens_per_expert_E)
         with record_function("moe::combine"):
@@ -175,7 +195,7 @@ class GroupedExperts(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, d_model={self.d_model}, ffn_hidden={self.ffn_hidden}, "
-            f"activation={self.activation}, impl={self.impl}"
+            f"activation={self.activation}, impl={self.impl}" + (", recompute=True" if self.recompute else "")
         )
 
 

@@ -78,7 +78,8 @@ class MoELayer(nn.Module):
         num_local = dispatcher.num_local_experts if dispatcher is not None else cfg.num_experts
         return cls(
             router=build_any_router(d_model, cfg.num_experts, cfg.router, num_tasks=num_tasks, num_attributes=num_attributes),
-            experts=GroupedExperts(num_local, d_model, cfg.ffn_hidden, cfg.activation, cfg.experts_impl),
+            experts=GroupedExperts(num_local, d_model, cfg.ffn_hidden, cfg.activation, cfg.experts_impl,
+                                   recompute=cfg.recompute_experts),
             dispatcher=dispatcher,
             shared_experts=shared,
             shared_expert_gate=gate,

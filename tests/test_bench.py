@@ -234,9 +234,11 @@ def test_saved_activations_of_ours_are_h_and_routing_metadata_only(tmp_path) -> 
     routing_bytes = shape.T * (shape.E * 4 + 4) + shape.T * shape.K * (8 + 4) + N * 8  # scores, lse, ids, weights, rows
     assert h_bytes <= ours["bytes"] <= h_bytes + routing_bytes + 1024
     assert peer["bytes"] >= ours["bytes"] + N * shape.D * 2
+    # moe.recompute_experts: the routing's tensors only (the backward recomputes h).
+    assert measure(shape, "ours_recompute")["bytes"] == ours["bytes"] - h_bytes
     out = tmp_path / "saved.json"
     assert main(["--shapes", "sonicmoe", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["shape"] == "sonicmoe" and row["ours_bytes"] < row["grouped_mm_bytes"]
+    assert row["shape"] == "sonicmoe" and row["ours_recompute_bytes"] < row["ours_bytes"] < row["grouped_mm_bytes"]
     with pytest.raises(ValueError, match="path = 'loop'"):
         measure(shape, "loop")

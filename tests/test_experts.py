@@ -204,3 +204,41 @@ def test_mlp_shape_and_values(activation):
     torch.testing.assert_close(y.reshape(-1, 13).double(), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="'tanh'"):
         MLP(4, 4, "tanh")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_recompute_checkpoints_the_torch_paths_with_the_same_gradients(impl):
+    # recompute=True: the torch paths run their MLP under activation checkpointing, keeping only the
+    # input rows (not h (N, H) or the activation (N, F)); values and gradients are unchanged.
+    torch.manual_seed(5)
+    tokens_E = torch.tensor([3, 0, 4, 2])
+    x = torch.randn(9, 16)
+    grad_y = torch.randn(9, 16)
+    experts = make_experts(4, 16, 24, "swiglu", impl, torch.float32)
+    results = []
+    for recompute in (False, True):
+        experts.recompute = recompute
+        x_leaf = x.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            y = experts(x_leaf, tokens_E)
+        grads = torch.autograd.grad((y * grad_y).sum(), (x_leaf, experts.w_in, experts.w_out))
+        results.append((saved, y.detach(), grads))
+    (saved, y, grads), (saved_rc, y_rc, grads_rc) = results
+    inputs = {(9, 16), (4, 48, 16), (4, 16, 24), (4,)}  # x, w_in, w_out, the counts
+    assert set(saved_rc) <= inputs and not set(saved) <= inputs, (saved, saved_rc)
+    torch.testing.assert_close(y_rc, y, rtol=0, atol=0)
+    for a, b in zip(grads_rc, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # no autograd: no checkpoint either
+        torch.testing.assert_close(experts(x, tokens_E), y, rtol=0, atol=0)
+
+
+def test_recompute_comes_from_the_config_and_must_be_a_bool():
+    from moe_engine.config import MoEConfig
+    from moe_engine.layer import MoELayer
+
+    layer = MoELayer.from_config(16, MoEConfig(num_experts=4, ffn_hidden=8, recompute_experts=True))
+    assert layer.experts.recompute and "recompute=True" in repr(layer.experts)
+    with pytest.raises(ValueError, match="recompute = 1: must be True or False"):
+        GroupedExperts(4, 16, 8, recompute=1)

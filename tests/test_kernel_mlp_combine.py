@@ -321,3 +321,51 @@ def test_fused_combine_on_cuda_bf16_matches_the_unfused_ops_and_is_deterministic
     for what, a, b in zip(("y", "dx", "dw_in", "dw_out", "dweights"), runs[0], runs[2]):
         scale = b.float().abs().max().item()
         assert (a.float() - b.float()).abs().max().item() <= 2e-2 * max(1.0, scale), what
+
+
+def _saved_and_grads(fn, leaves, grad_y):
+    """(the shapes autograd saved while fn() ran, fn()'s output, the gradients of every leaf)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = fn()
+    return saved, y, torch.autograd.grad((y * grad_y).sum(), leaves)
+
+
+@pytest.mark.parametrize("op", ["mlp", "mlp_gathered", "combine", "scored"])
+@pytest.mark.parametrize("T, D, F, E, K, kind", [(5, 13, 24, 5, 2, "random"), CASES[3], CASES[4]])
+def test_recompute_h_keeps_no_pre_activation_and_gives_the_same_gradients(op, T, D, F, E, K, kind):
+    # recompute_h=True: the forward saves no (N, H) pre-activation; the backward recomputes it with the
+    # up-projection alone. Same tiles, same arithmetic: the output and every gradient equal the saved-h run.
+    x, w_in, w_out, tokens_E, choice_N, weights_TK = make_inputs(T, D, F, E, K, kind, "swiglu", torch.float32)
+    N, H, token_N = choice_N.shape[0], w_in.shape[1], choice_N // K
+    score_N = weights_TK.reshape(-1)[choice_N]
+    x_rows = x.index_select(0, token_N)
+
+    def run(recompute: bool):
+        leaves = [t.clone().requires_grad_() for t in (x_rows if op in ("mlp", "scored") else x, w_in, w_out)]
+        if op == "combine":
+            leaves.append(weights_TK.clone().requires_grad_())
+            fn = lambda: grouped_mlp_combine_triton(*leaves[:3], tokens_E, "swiglu", choice_N, leaves[3],  # noqa: E731
+                                                    recompute_h=recompute)
+        elif op == "scored":
+            leaves.append(score_N.clone().requires_grad_())
+            fn = lambda: grouped_mlp_scored_triton(*leaves[:3], tokens_E, "swiglu", leaves[3],  # noqa: E731
+                                                   recompute_h=recompute)
+        else:
+            gather = token_N if op == "mlp_gathered" else None
+            fn = lambda: grouped_mlp_triton(*leaves, tokens_E, "swiglu", gather, recompute_h=recompute)  # noqa: E731
+        grad_y = torch.randn(T if op == "combine" else N, D, generator=torch.Generator().manual_seed(4))
+        return _saved_and_grads(fn, leaves, grad_y)
+
+    saved_h, y_h, grads_h = run(False)
+    saved, y, grads = run(True)
+    assert saved_h.count((N, H)) == saved.count((N, H)) + 1 and (0, H) in saved, (saved_h, saved)
+    torch.testing.assert_close(y, y_h, rtol=0, atol=0)
+    for a, b in zip(grads, grads_h, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_recompute_h_must_be_a_bool():
+    x, w_in, w_out, tokens_E, choice_N, weights_TK = make_inputs(4, 16, 8, 3, 2, "random", "swiglu", torch.float32)
+    with pytest.raises(ValueError, match="recompute_h = 'yes': must be True or False"):
+        grouped_mlp_combine_triton(x, w_in, w_out, tokens_E, "swiglu", choice_N, weights_TK, recompute_h="yes")

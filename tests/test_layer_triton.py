@@ -105,7 +105,7 @@ def test_triton_layer_reads_tokens_through_the_index_without_the_permuted_copy(m
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_triton_layer_keeps_no_expert_outputs_for_the_backward() -> None:
+def test_triton_layer_keeps_no_expert_outputs_for_the_backward_and_with_recompute_no_h() -> None:
     # The local layer runs its experts and combine as one op (moe_engine.kernels.mlp_combine): nothing
     # of shape (T*K, D) is saved for the backward, though the router still gets its gradient.
     torch.manual_seed(2)
@@ -124,3 +124,16 @@ def test_triton_layer_keeps_no_expert_outputs_for_the_backward() -> None:
     assert (T * K, D) not in saved
     out.y.sum().backward()
     assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+    # moe.recompute_experts: not h either (the backward recomputes it), and the same gradients.
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    layer.experts.recompute = True
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out_rc = layer(x)
+    assert (T * K, 2 * F) not in saved and (T * K, D) not in saved
+    torch.testing.assert_close(out_rc.y, out.y, rtol=0, atol=0)
+    out_rc.y.sum().backward()
+    for got, expected in zip((p.grad for p in layer.parameters()), grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

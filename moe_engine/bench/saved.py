@@ -8,6 +8,8 @@ activations: between its forward and its backward they are what each layer of a 
 the peak. The paths:
 
 - `ours`: moe_engine's MoELayer on its Triton kernels (router, fused-gather grouped MLP and combine);
+- `ours_recompute`: the same with `moe.recompute_experts` (no up-projection output h kept: the
+  backward recomputes it with one more GEMM);
 - `grouped_mm`: the benchmark's `torch._grouped_mm` peer (`moe_engine.bench.peers.grouped_mm_moe_forward`).
 
 Run: `python benchmarks/saved_activations.py [--shapes NAMES] [--out PATH]` (sets TRITON_INTERPRET=1
@@ -29,7 +31,7 @@ import torch
 
 from moe_engine.bench.problem import Shape, find_shapes
 
-PATHS = ("ours", "grouped_mm")
+PATHS = ("ours", "ours_recompute", "grouped_mm")
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -64,12 +66,13 @@ def _concrete(value: Any) -> int | None:
         return None
 
 
-def _build_ours(shape: Shape) -> tuple[Callable[[], Any], list[torch.Tensor]]:
+def _build_ours(shape: Shape, recompute: bool = False) -> tuple[Callable[[], Any], list[torch.Tensor]]:
     """(forward, tensors alive anyway) of moe_engine's layer at `shape` (call under the fake mode)."""
     from moe_engine.config import MoEConfig, RouterConfig
     from moe_engine.layer import MoELayer
 
-    cfg = MoEConfig(num_experts=shape.E, ffn_hidden=shape.F, experts_impl="triton", router=RouterConfig(top_k=shape.K))
+    cfg = MoEConfig(num_experts=shape.E, ffn_hidden=shape.F, experts_impl="triton", router=RouterConfig(top_k=shape.K),
+                    recompute_experts=recompute)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(shape.torch_dtype)  # parameters made in the dtype (a fake module cannot be cast)
     try:
@@ -99,12 +102,14 @@ def measure(shape: Shape, path: str) -> dict[str, Any]:
 
     if path not in PATHS:
         raise ValueError(f"path = {path!r}: allowed: {', '.join(PATHS)}")
-    if path == "ours" and os.environ.get("TRITON_INTERPRET") != "1":
+    ours = path.startswith("ours")
+    if ours and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("tracing the Triton path on CPU needs TRITON_INTERPRET=1 set before triton is imported "
                            "(benchmarks/saved_activations.py sets it)")
-    build = {"ours": _build_ours, "grouped_mm": _build_grouped_mm}[path]
+    build = {"ours": _build_ours, "ours_recompute": lambda s: _build_ours(s, recompute=True),
+             "grouped_mm": _build_grouped_mm}[path]
     previous = os.environ.get("MOE_ENGINE_KERNELS")
-    os.environ["MOE_ENGINE_KERNELS"] = "triton" if path == "ours" else "torch"
+    os.environ["MOE_ENGINE_KERNELS"] = "triton" if ours else "torch"
     try:
         with FakeTensorMode(shape_env=ShapeEnv()):
             forward, alive = build(shape)
@@ -124,14 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shapes = find_shapes(args.shapes, quick=False)
     rows = []
-    print(f"{'shape':<18} {'ours MiB':>10} {'grouped_mm MiB':>15} {'ours / grouped_mm':>18}")
+    print(f"{'shape':<18} {'ours MiB':>10} {'recompute MiB':>14} {'grouped_mm MiB':>15} {'ours / grouped_mm':>18}")
     for shape in shapes:
         result = {path: measure(shape, path) for path in PATHS}
         ratio = result["ours"]["bytes"] / max(1, result["grouped_mm"]["bytes"])
         rows.append({"shape": shape.name, "T": shape.T, "D": shape.D, "F": shape.F, "E": shape.E, "K": shape.K,
                      "dtype": shape.dtype, **{f"{p}_bytes": result[p]["bytes"] for p in PATHS},
                      "ours_over_grouped_mm": ratio})
-        print(f"{shape.name:<18} {result['ours']['bytes'] / 2**20:>10.0f} {result['grouped_mm']['bytes'] / 2**20:>15.0f} "
+        mib = {p: result[p]["bytes"] / 2**20 for p in PATHS}
+        print(f"{shape.name:<18} {mib['ours']:>10.0f} {mib['ours_recompute']:>14.0f} {mib['grouped_mm']:>15.0f} "
               f"{ratio:>18.2f}", flush=True)
     if args.out:
         report = {"what": "activation bytes saved for the backward per layer (FakeTensorMode trace, no GPU)",

@@ -5,8 +5,9 @@ up-projection's epilogue (SwiGLU computes gate and up in the same program from t
 and the activation's backward fused into the epilogue of the backward GEMM d_act = grad_y @ w_out[e].
 
 Memory: the forward saves the pre-activation h (N, H) and recomputes act (N, F) in the backward's
-epilogue, instead of saving both (N * 3F) as an unfused layer does; recomputing h from x (a second
-up-projection GEMM) would save N * H more at +1/3 backward FLOPs. Followed by the weighted
+epilogue, instead of saving both (N * 3F) as an unfused layer does. With recompute_h=True it saves
+no h either: the backward recomputes it from x with one more up-projection GEMM (2 * N * D * H
+FLOPs, a third more backward FLOPs for SwiGLU), so only x and the routing are kept. Followed by the weighted
 combine, the layer runs it as `mlp_combine.grouped_mlp_combine`, whose backward epilogue also takes
 the routing-weight gradient, so y_ND is not kept either.
 
@@ -71,7 +72,8 @@ def _grouped_mlp_op(
     x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor,
     gather_index_N: Optional[torch.Tensor], activation: str, save_h: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y (N, D), h (N, H) pre-activation, or (0, H) when not save_h); h is for the backward only."""
+    """(y (N, D), h (N, H) pre-activation, or (0, H) when not save_h); h is for the backward only, which
+    recomputes it when it was not saved."""
     return mlp_forward(x, w_in, w_out, tokens_per_expert_E, gather_index_N, activation, save_h)
 
 
@@ -105,11 +107,19 @@ def _mlp_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w_in, w_out, tokens_per_expert_E, gather_index_N, output[1])
 
 
+def saved_or_recomputed_h(h: torch.Tensor, x: torch.Tensor, w_in: torch.Tensor, tokens_E: torch.Tensor,
+                          gather_N: torch.Tensor | None) -> torch.Tensor:
+    """The pre-activation h (N, H) for a backward: as the forward saved it, or (save_h=False: the forward
+    kept none) recomputed from x by the up-projection alone."""
+    if h.shape[0] == _num_rows(x, gather_N):
+        return h
+    return torch.ops.moe_engine.grouped_gemm(x, w_in, tokens_E, gather_N)
+
+
 def _mlp_backward(ctx, grad_y, _grad_h):
     x, w_in, w_out, tokens_E, gather_N, h = ctx.saved_tensors
     need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
-    if h.shape[0] != grad_y.shape[0]:
-        raise RuntimeError("moe_engine::grouped_mlp ran with save_h=False; it cannot be differentiated")
+    h = saved_or_recomputed_h(h, x, w_in, tokens_E, gather_N)
     dh, act = torch.ops.moe_engine.grouped_mlp_act_backward(grad_y, w_out, h, tokens_E, ctx.activation)
     dx = torch.ops.moe_engine.grouped_gemm_dx(dh, w_in, tokens_E, gather_N, x.shape[0]) if need_x else None
     dw_in = torch.ops.moe_engine.grouped_gemm_dw(dh, x, tokens_E, gather_N) if need_w_in else None
@@ -137,18 +147,27 @@ def check_mlp(op: str, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
         raise ValueError(f"{op}: w_out is {w_out.dtype} on {w_out.device}, expected {x.dtype} on {x.device}")
 
 
+def keeps_h(recompute_h: bool, *inputs: torch.Tensor) -> bool:
+    """Whether a forward saves h for its backward: autograd will run, and h is not to be recomputed."""
+    if not isinstance(recompute_h, bool):
+        raise ValueError(f"recompute_h = {recompute_h!r}: must be True or False")
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs) and not recompute_h
+
+
 def grouped_mlp_triton(
     x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor, activation: str,
-    gather_index_N: torch.Tensor | None = None,
+    gather_index_N: torch.Tensor | None = None, recompute_h: bool = False,
 ) -> torch.Tensor:
     """The Triton expert MLP: y_ND[n] = act(x[g(n)] @ w_in[e]^T) @ w_out[e]^T.
 
     x: (M_x, D) (x_TD when gathering, x_ND otherwise); w_in: (E, H, D), H = 2F (SwiGLU: gate rows,
     then up rows) or F (GELU); w_out: (E, D, F); tokens_per_expert_E: (E,) int; gather_index_N:
-    optional (N,) int64 rows of x. Returns y_ND (N, D) in x's dtype; differentiable in x, w_in, w_out.
+    optional (N,) int64 rows of x. recompute_h: keep no (N, H) pre-activation for the backward, which
+    recomputes it (one more up-projection GEMM). Returns y_ND (N, D) in x's dtype; differentiable in
+    x, w_in, w_out.
     """
     check_mlp("grouped_mlp", x, w_in, w_out, tokens_per_expert_E, activation, gather_index_N)
-    save_h = torch.is_grad_enabled() and (x.requires_grad or w_in.requires_grad or w_out.requires_grad)
+    save_h = keeps_h(recompute_h, x, w_in, w_out)
     y, _ = torch.ops.moe_engine.grouped_mlp(x, w_in, w_out, tokens_per_expert_E, gather_index_N, activation, save_h)
     return y
 

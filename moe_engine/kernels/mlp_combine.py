@@ -16,7 +16,8 @@ act_n from the saved pre-activation h anyway. So here:
 - forward: the two grouped-MLP launches, then the combine; y_ND is freed at once. Saved: x_TD
   (the layer's input, alive anyway), h (N, H), the weights and the routing. N * D fewer saved
   elements than the composed ops (at SonicMoE's shape, T = 32768, K = 4, D = 4096, bf16: 1 GiB less
-  per layer, against h's 512 MiB).
+  per layer, against h's 512 MiB). With recompute_h=True h is not saved either; the backward
+  recomputes it from x_TD through the token index (one more up-projection GEMM).
 - backward: one GEMM reads g_n through the token index (no (N, D) weighted copy of dY is written),
   its epilogue takes the row dot <acc, act> per 64 columns (fp32 partial sums, summed in a fixed
   order: deterministic), then d_act = s_n * acc through the activation's derivative into dh, and
@@ -37,7 +38,7 @@ from torch.profiler import record_function
 from moe_engine.kernels._triton import TRITON_AVAILABLE, pinned_config
 from moe_engine.kernels.backend import select_backend
 from moe_engine.kernels.grouped_gemm import _check_score_block, _launch_gemm, _num_rows, score_slots
-from moe_engine.kernels.grouped_mlp import check_mlp, grouped_mlp_reference, mlp_forward
+from moe_engine.kernels.grouped_mlp import check_mlp, grouped_mlp_reference, keeps_h, mlp_forward, saved_or_recomputed_h
 from moe_engine.kernels.permute import unpermute_reference, unpermute_triton
 
 
@@ -106,8 +107,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _scored_mlp_backward(ctx, grad_y, dy_gather_N, x, w_in, w_out, tokens_E, gather_N, score_N, h, need_score):
     """(dx, dw_in, dw_out, partial score dots) of score_N[n] * mlp(x[g(n)]) for grad_y (read through dy_gather_N)."""
-    if h.shape[0] != score_N.shape[0]:
-        raise RuntimeError("a scored moe_engine MLP op ran with save_h=False; it cannot be differentiated")
+    h = saved_or_recomputed_h(h, x, w_in, tokens_E, gather_N)
     ops = torch.ops.moe_engine
     need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
     dh, act, dscore = ops.grouped_mlp_scored_act_backward(
@@ -185,20 +185,20 @@ def _check_routing(x_TD: torch.Tensor, choice_N: torch.Tensor, weights_TK: torch
 
 def grouped_mlp_combine_triton(
     x_TD: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor, activation: str,
-    choice_N: torch.Tensor, weights_TK: torch.Tensor,
+    choice_N: torch.Tensor, weights_TK: torch.Tensor, recompute_h: bool = False,
 ) -> torch.Tensor:
     """The Triton expert MLP and weighted combine: y_TD (T, D) in x_TD's dtype (see the module docstring).
 
     x_TD: (T, D) tokens; w_in: (E, H, D), H = 2F (SwiGLU, [gate; up] rows) or F (GELU); w_out:
     (E, D, F); tokens_per_expert_E: (E,) int, summing to N; choice_N: (N,) int64 distinct flat
     choices t * K + k grouped by expert (`expert_order`); weights_TK: (T, K) floating, any dtype.
+    recompute_h: keep no (N, H) pre-activation; the backward recomputes it (`grouped_mlp_triton`).
     Differentiable in x_TD, w_in, w_out and weights_TK.
     """
     check_mlp("grouped_mlp_combine", x_TD, w_in, w_out, tokens_per_expert_E, activation, choice_N)
     _check_routing(x_TD, choice_N, weights_TK)
-    needs_grad = [t.requires_grad for t in (x_TD, w_in, w_out, weights_TK)]
-    save_h = torch.is_grad_enabled() and any(needs_grad)
-    if save_h and needs_grad[3]:
+    save_h = keeps_h(recompute_h, x_TD, w_in, w_out, weights_TK)
+    if torch.is_grad_enabled() and weights_TK.requires_grad:
         _check_score_block(pinned_config("grouped_gemm"))  # now, not when the backward would fail
     y_TD, _ = torch.ops.moe_engine.grouped_mlp_combine(
         x_TD, w_in, w_out, tokens_per_expert_E, choice_N, weights_TK, activation, save_h
@@ -222,7 +222,7 @@ def scale_rows(y_ND: torch.Tensor, score_N: torch.Tensor) -> torch.Tensor:
 
 def grouped_mlp_scored_triton(
     x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tokens_per_expert_E: torch.Tensor, activation: str,
-    score_N: torch.Tensor, gather_index_N: torch.Tensor | None = None,
+    score_N: torch.Tensor, gather_index_N: torch.Tensor | None = None, recompute_h: bool = False,
 ) -> torch.Tensor:
     """The Triton expert MLP with each output row scaled by its routing weight: y_ND (N, D) in x's dtype.
 
@@ -230,6 +230,7 @@ def grouped_mlp_scored_triton(
     the gather); score_N: (N,) floating, any dtype. The score's gradient <dy_n, mlp(x_n)> comes from the
     backward GEMM's epilogue, so the unscaled outputs are not kept: what expert parallelism runs when the
     routing weights travel with the rows (the combine on return is then an unweighted sum).
+    recompute_h: keep no (N, H) pre-activation; the backward recomputes it (`grouped_mlp_triton`).
     Differentiable in x, w_in, w_out and score_N.
     """
     check_mlp("grouped_mlp_scored", x, w_in, w_out, tokens_per_expert_E, activation, gather_index_N)
@@ -237,9 +238,8 @@ def grouped_mlp_scored_triton(
     if score_N.dim() != 1 or score_N.shape[0] != num_rows or not score_N.is_floating_point() or score_N.device != x.device:
         raise ValueError(f"grouped_mlp_scored: score_N is a {tuple(score_N.shape)} {score_N.dtype} tensor on "
                          f"{score_N.device}, expected ({num_rows},) floating on {x.device}: one weight per row")
-    needs_grad = [t.requires_grad for t in (x, w_in, w_out, score_N)]
-    save_h = torch.is_grad_enabled() and any(needs_grad)
-    if save_h and needs_grad[3]:
+    save_h = keeps_h(recompute_h, x, w_in, w_out, score_N)
+    if torch.is_grad_enabled() and score_N.requires_grad:
         _check_score_block(pinned_config("grouped_gemm"))
     y, _ = torch.ops.moe_engine.grouped_mlp_scored(
         x, w_in, w_out, tokens_per_expert_E, gather_index_N, score_N, activation, save_h
