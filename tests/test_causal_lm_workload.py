@@ -27,6 +27,7 @@ from moe_engine.hf import MoECausalLM, export_hf, import_hf, save_native
 from moe_engine.parallel.runtime import DistributedRun
 from moe_engine.train import Trainer
 from moe_engine.workloads import build_workload
+from moe_engine.experts import GroupedExperts
 from moe_engine.workloads.causal_lm import CausalLMWorkload, load_pretrained_model
 from moe_engine.workloads.text_data import ByteTokenizer, build_tokenizer, load_text_data, pack_rows
 
@@ -124,6 +125,16 @@ def test_trainer_starts_from_the_pretrained_weights(pretrained, tmp_path, source
     ids = torch.randint(0, VOCAB, (2, SEQ))
     torch.testing.assert_close(_logits(trainer.model, ids), _logits(pretrained["hf"], ids), atol=1e-5, rtol=1e-5)
     assert trainer.workload.data.tokenizer.name == "bytes (UTF-8)"  # no tokenizer files anywhere
+
+
+def test_recompute_experts_reaches_the_pretrained_models_experts(pretrained, tmp_path):
+    # moe.recompute_experts is the run's choice, as moe.experts_impl: every MoE layer's experts take it.
+    trainer = _trainer(_cfg(tmp_path, pretrained["native"], pretrained["data"], "moe.recompute_experts=true"),
+                       overwrite=True)
+    experts = [m for m in trainer.model.modules() if isinstance(m, GroupedExperts)]
+    assert experts and all(e.recompute for e in experts)
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    torch.testing.assert_close(_logits(trainer.model, ids), _logits(pretrained["hf"], ids), atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -150,7 +150,8 @@ def build_moe_layer(cfg: MoECausalLMConfig, dispatcher: TokenDispatcher | None =
     shared = MLP(D, cfg.shared_expert_ffn_hidden, "swiglu") if cfg.shared_expert_ffn_hidden else None
     return MoELayer(
         router=TopKRouter.from_config(D, cfg.num_experts, moe_cfg.router),
-        experts=GroupedExperts(num_local, D, cfg.moe_ffn_hidden, "swiglu", cfg.experts_impl),
+        experts=GroupedExperts(num_local, D, cfg.moe_ffn_hidden, "swiglu", cfg.experts_impl,
+                               recompute=cfg.recompute_experts),
         dispatcher=dispatcher,
         shared_experts=shared,
         shared_expert_gate=nn.Linear(D, 1, bias=False) if cfg.shared_expert_gate else None,

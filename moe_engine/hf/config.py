@@ -71,6 +71,8 @@ class MoECausalLMConfig:
     router_jitter_noise: float = 0.0
     # moe_engine's choice of grouped-GEMM implementation (not part of any Hugging Face config).
     experts_impl: str = "auto"
+    # moe_engine's moe.recompute_experts: the experts keep no activations for the backward (not HF's).
+    recompute_experts: bool = False
     max_position_embeddings: int = 4096
     initializer_range: float = 0.02
     bos_token_id: int | None = None
@@ -106,6 +108,8 @@ class MoECausalLMConfig:
             _fail("sliding_window", self.sliding_window, "must be >= 1, or None")
         if self.experts_impl not in EXPERT_IMPLS:
             _fail("experts_impl", self.experts_impl, f"allowed: {', '.join(EXPERT_IMPLS)}")
+        if not isinstance(self.recompute_experts, bool):
+            _fail("recompute_experts", self.recompute_experts, "must be true or false")
         for name in ("rms_norm_eps", "rope_theta"):
             if getattr(self, name) <= 0:
                 _fail(name, getattr(self, name), "must be > 0")
@@ -141,7 +145,7 @@ class MoECausalLMConfig:
         )
         return MoEConfig(
             num_experts=self.num_experts, ffn_hidden=self.moe_ffn_hidden, activation="swiglu",
-            experts_impl=self.experts_impl, router=router,
+            experts_impl=self.experts_impl, recompute_experts=self.recompute_experts, router=router,
         )
 
     def to_dict(self) -> dict[str, Any]:
