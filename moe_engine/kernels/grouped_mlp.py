@@ -7,14 +7,15 @@ and the activation's backward fused into the epilogue of the backward GEMM d_act
 Memory: the forward saves the pre-activation h (N, H) and recomputes act (N, F) in the backward's
 epilogue, instead of saving both (N * 3F) as an unfused layer does. With recompute_h=True it saves
 no h either: the backward recomputes it from x with one more up-projection GEMM (2 * N * D * H
-FLOPs, a third more backward FLOPs for SwiGLU), so only x and the routing are kept. Followed by the weighted
-combine, the layer runs it as `mlp_combine.grouped_mlp_combine`, whose backward epilogue also takes
-the routing-weight gradient, so y_ND is not kept either.
+FLOPs, a third more backward FLOPs for SwiGLU), so only x and the routing are kept. Followed by
+the weighted combine, the layer runs it as `mlp_combine.grouped_mlp_combine`, whose backward
+epilogue also takes the routing-weight gradient, so y_ND is not kept either.
 
 - `grouped_mlp_reference`: the per-expert torch loop, the reference the kernels are tested against.
 - `grouped_mlp(x, w_in, w_out, tokens_per_expert_E, activation, gather_index_N=None)`: the custom
   op `moe_engine::grouped_mlp` (Triton) or the reference, per `select_backend`.
-- `mlp_forward`, `check_mlp`: the forward launches and the argument checks `mlp_combine` shares.
+- `mlp_forward`, `check_mlp`, `keeps_h`, `saved_or_recomputed_h`: the forward launches, the
+  argument checks and the save-or-recompute choice that `mlp_combine` shares.
 """
 
 from __future__ import annotations
