@@ -90,7 +90,7 @@ def test_expected_paths_run_on_cpu(quick) -> None:
     _, _, report = quick
     by_shape = {r["shape"]: r["paths"] for r in report["layer"]}
     for paths in by_shape.values():
-        for name in ("ours", "torch_loop", "deepspeed", "deepspeed_dropless"):
+        for name in ("ours", "ours_recompute", "torch_loop", "deepspeed", "deepspeed_dropless"):
             assert paths[name]["status"] == "ok", paths[name]
         assert paths["megatron"]["skip_reason"].startswith("needs CUDA")
         assert paths["deepspeed"]["notes"]["drops_tokens"] is True

@@ -5,7 +5,8 @@ Every builder takes (problem, env) and returns a `PeerRun` whose `forward()` giv
 every path computes the same function:
 
 - `ours`: moe_engine.layer.MoELayer from MoEConfig (softmax top-k, renormalised, dropless, SwiGLU);
-  Triton kernels switch in through MOE_ENGINE_KERNELS.
+  Triton kernels switch in through MOE_ENGINE_KERNELS. `ours_recompute`: the same with
+  moe.recompute_experts (no h kept; the backward recomputes it), timed to price that memory.
 - `torch_loop`: the classic loop over experts (index-select, two matmuls, SwiGLU, index_add).
 - `grouped_mm`: argsort permute, two torch._grouped_mm calls, weighted index_add.
 - `deepspeed`: deepspeed.moe.layer.MoE at capacity factor 1.0 (drops tokens); its agreement is
@@ -117,7 +118,8 @@ def _build_on(device: torch.device, dtype: torch.dtype, build: Callable[[], nn.M
     return module.to(dtype).train()
 
 
-def build_ours(problem: Problem, env: PeerEnv) -> PeerRun:
+def build_ours(problem: Problem, env: PeerEnv, recompute: bool = False) -> PeerRun:
+    """Our MoELayer; recompute: with `moe.recompute_experts` (its time / ours is the recompute's cost)."""
     from moe_engine.config import MoEConfig, RouterConfig
     from moe_engine.layer import MoELayer
 
@@ -126,13 +128,15 @@ def build_ours(problem: Problem, env: PeerEnv) -> PeerRun:
         type="softmax_topk", top_k=s.K, renormalize=True, aux_loss_type="none", aux_loss_coef=0.0, z_loss_coef=0.0,
         capacity_factor=None,
     )
-    cfg = MoEConfig(num_experts=s.E, ffn_hidden=s.F, activation="swiglu", experts_impl="auto", router=router)
+    cfg = MoEConfig(num_experts=s.E, ffn_hidden=s.F, activation="swiglu", experts_impl="auto", router=router,
+                    recompute_experts=recompute)
     layer = _build_on(problem.device, problem.dtype, lambda: MoELayer.from_config(s.D, cfg))
     with torch.no_grad():
         layer.router.weight.copy_(problem.router_weight_ED)
         layer.experts.w_in.copy_(problem.w_in_EHD)
         layer.experts.w_out.copy_(problem.w_out_EDF)
-    notes: dict[str, Any] = {"config": "MoEConfig(swiglu, softmax_topk renormalised, dropless, no aux loss)"}
+    notes: dict[str, Any] = {"config": "MoEConfig(swiglu, softmax_topk renormalised, dropless, no aux loss"
+                                       + (", recompute_experts)" if recompute else ")")}
     resolve = getattr(layer.experts, "resolve_impl", None)
     if resolve is not None:
         notes["experts_impl"] = resolve(problem.device, problem.dtype)
@@ -387,6 +391,7 @@ def build_hf_experts(problem: Problem, env: PeerEnv, implementation: str) -> Pee
 
 BUILDERS: types.MappingProxyType[str, Callable[[Problem, PeerEnv], PeerRun]] = types.MappingProxyType({
     "ours": build_ours,
+    "ours_recompute": functools.partial(build_ours, recompute=True),
     "torch_loop": build_torch_loop,
     "grouped_mm": build_grouped_mm,
     "deepspeed": build_deepspeed,
