@@ -106,11 +106,11 @@ def logits_and_grads(model, input_ids):
     return out.logits.detach(), grads
 
 
-def assert_matches_eager(model, input_ids, rtol=1e-5, atol=1e-5) -> None:
-    """Our logits and every parameter's gradient equal eager's on the same model."""
+def assert_matches_eager(model, input_ids, rtol=1e-5, atol=1e-5, name=NAME) -> None:
+    """Our logits and every parameter's gradient (implementation `name`) equal eager's on the same model."""
     model.set_experts_implementation("eager")
     logits_ref, grads_ref = logits_and_grads(model, input_ids)
-    model.set_experts_implementation(NAME)
+    model.set_experts_implementation(name)
     with mock.patch.object(hf_experts, "expert_order", wraps=hf_experts.expert_order) as ours:
         logits, grads = logits_and_grads(model, input_ids)
     assert ours.call_count == model.config.num_hidden_layers  # our forward ran, once per MoE layer
@@ -174,6 +174,28 @@ def test_triton_kernels_match_eager_under_the_interpreter(triton_kernels) -> Non
     with mock.patch.object(hf_experts, "grouped_mlp_combine_triton", wraps=hf_experts.grouped_mlp_combine_triton) as fused:
         assert_matches_eager(model, torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3)))
     assert fused.call_count == 2
+
+
+def test_recompute_registration_keeps_no_pre_activation(triton_kernels) -> None:
+    """register_experts_implementation(recompute=True): "moe_engine_recompute", the fused op without h kept."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+    try:
+        name = register_experts_implementation(recompute=True)
+        assert name == "moe_engine_recompute" == register_experts_implementation(name, recompute=True)
+        assert ALL_EXPERTS_FUNCTIONS[name] is hf_experts.moe_engine_experts_forward_recompute
+        with pytest.raises(ValueError, match="already registered"):
+            register_experts_implementation(name)  # the plain forward under the recompute name
+        with pytest.raises(ValueError, match="recompute = 'yes'"):
+            register_experts_implementation(recompute="yes")
+        model = build_model(make_config("mixtral", hidden_size=32, intermediate_size=16, num_local_experts=4))
+        with mock.patch.object(hf_experts, "grouped_mlp_combine_triton",
+                               wraps=hf_experts.grouped_mlp_combine_triton) as fused:
+            assert_matches_eager(model, torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3)),
+                                 name=name)
+        assert fused.call_count == 2 and all(call.kwargs["recompute_h"] for call in fused.call_args_list)
+    finally:
+        ExpertsInterface._global_mapping.pop("moe_engine_recompute", None)
 
 
 def test_bf16_autocast_forward_and_backward_run() -> None:

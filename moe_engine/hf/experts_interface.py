@@ -53,6 +53,8 @@ from moe_engine.kernels.permute import permute, unpermute
 from moe_engine.kernels.torch_grouped_mm import grouped_linear_grouped_mm
 
 DEFAULT_NAME = "moe_engine"
+# The same forward keeping no up-projection output for the backward (moe.recompute_experts).
+RECOMPUTE_NAME = "moe_engine_recompute"
 # The names transformers dispatches itself ("eager" never reaches the registry in recent versions, but a
 # registered "eager" would shadow the class's own forward in some): never ours to take.
 RESERVED_NAMES = ("eager",)
@@ -82,27 +84,34 @@ def _experts_registry():
     return ExpertsInterface, ALL_EXPERTS_FUNCTIONS
 
 
-def register_experts_implementation(name: str = DEFAULT_NAME) -> str:
-    """Register `moe_engine_experts_forward` under `name` in transformers' experts registry; returns `name`.
+def register_experts_implementation(name: str | None = None, *, recompute: bool = False) -> str:
+    """Register moe_engine's experts forward under `name` in transformers' experts registry; returns `name`.
 
     Then `from_pretrained(..., experts_implementation=name)`, `from_config(..., experts_implementation=name)`
-    and `model.set_experts_implementation(name)` run the model's experts on moe_engine. Idempotent:
-    registering the same name again is a no-op. Raises ValueError for an empty or reserved name ("eager")
-    or one already mapped to another function (transformers' own "grouped_mm", say), and ImportError where
-    the installed transformers has no experts interface.
+    and `model.set_experts_implementation(name)` run the model's experts on moe_engine. recompute: register
+    `moe_engine_experts_forward_recompute` instead (default name "moe_engine_recompute"), whose fused
+    Triton path keeps no up-projection output for the backward and recomputes it (moe.recompute_experts).
+    Idempotent: registering the same name again is a no-op. Raises ValueError for an empty or reserved
+    name ("eager") or one already mapped to another function (transformers' own "grouped_mm", say), and
+    ImportError where the installed transformers has no experts interface.
     """
+    if not isinstance(recompute, bool):
+        raise ValueError(f"recompute = {recompute!r}: must be True or False")
+    forward = moe_engine_experts_forward_recompute if recompute else moe_engine_experts_forward
+    if name is None:
+        name = RECOMPUTE_NAME if recompute else DEFAULT_NAME
     if not isinstance(name, str) or not name.strip() or name != name.strip():
         raise ValueError(f"name = {name!r}: expected a non-empty string without surrounding spaces")
     if name in RESERVED_NAMES:
         raise ValueError(f"name = {name!r} is transformers' own implementation; choose another (default {DEFAULT_NAME!r})")
     interface, registry = _experts_registry()
     if name in registry:
-        if registry[name] is moe_engine_experts_forward:
+        if registry[name] is forward:
             return name
         taken = getattr(registry[name], "__qualname__", repr(registry[name]))
         raise ValueError(f"name = {name!r} is already registered to {taken}; choose another "
                          f"(taken: {', '.join(sorted(registry))})")
-    interface.register(name, moe_engine_experts_forward)
+    interface.register(name, forward)
     return name
 
 
@@ -255,12 +264,15 @@ def _grouped_linear(impl: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Te
 
 
 def moe_engine_experts_forward(
-    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """The experts forward registered in transformers: `self` is the HF experts module.
 
     hidden_states: (T, D). top_k_index: (T, K) int64 expert ids. top_k_weights: (T, K) floating
     routing weights. Returns (T, D) in hidden_states' dtype: sum_k w[t, k] * expert_{i[t, k]}(x[t]).
+    recompute: the fused Triton path keeps no up-projection output h for the backward (it recomputes
+    it); the other paths are unchanged.
     """
     layout = experts_layout(self)
     num_experts, _, d_model = layout.w_in_EHD.shape
@@ -281,7 +293,8 @@ def moe_engine_experts_forward(
         if layout.fused_activation is not None:
             # The MLP and the weighted combine as one op: no (N, D) expert outputs kept for the backward.
             y_TD = grouped_mlp_combine_triton(
-                x_TD, w_in_EHD, w_out_EDF, tokens_per_expert_E, layout.fused_activation, choice_N, weights_TK
+                x_TD, w_in_EHD, w_out_EDF, tokens_per_expert_E, layout.fused_activation, choice_N, weights_TK,
+                recompute_h=recompute,
             )
             return y_TD.to(hidden_states.dtype)
         h_NH = grouped_gemm_triton(x_TD, w_in_EHD, tokens_per_expert_E, token_N)
@@ -301,3 +314,10 @@ def moe_engine_experts_forward(
     if layout.post_norm is not None:
         y_ND = layout.post_norm(y_ND)
     return unpermute(y_ND, choice_N, weights_TK, num_tokens).to(hidden_states.dtype)
+
+
+def moe_engine_experts_forward_recompute(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """`moe_engine_experts_forward` with recompute=True (registered as "moe_engine_recompute")."""
+    return moe_engine_experts_forward(self, hidden_states, top_k_index, top_k_weights, recompute=True)
