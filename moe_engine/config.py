@@ -225,6 +225,9 @@ class ModelConfig:
     # The FFN experts reuse the attention's routing of each token (Conditional MoE / Uni-Perceiver-MoE).
     share_routing: bool = False
     dropout: float = 0.1
+    # Keep only each transformer block's input for the backward and run the block again there
+    # (moe_engine.recompute): less activation memory for about one more forward. causal_lm too.
+    activation_checkpointing: bool = False
     # "multitask": patch tokens + task token, one head per task (the default job).
     # "generalist": a Uni-Perceiver-style shared encoder of images and texts that scores inputs against
     # their target texts (moe_engine.mtl.generalist); needs data.name = "generalist".

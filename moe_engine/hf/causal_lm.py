@@ -27,6 +27,7 @@ from moe_engine.experts import MLP, GroupedExperts
 from moe_engine.hf.config import MoECausalLMConfig
 from moe_engine.layer import MoELayer
 from moe_engine.parallel import TokenDispatcher
+from moe_engine.recompute import run_block
 from moe_engine.routing import Routing
 from moe_engine.routing.router import TopKRouter
 
@@ -266,7 +267,9 @@ class MoECausalLM(nn.Module):
         aux_loss = x_BSD.new_zeros((), dtype=torch.float32)
         routings = []
         for layer in self.layers:
-            x_BSD, routing, layer_aux = layer(x_BSD, cos, sin, masks)
+            x_BSD, routing, layer_aux = run_block(
+                layer, x_BSD, cos, sin, masks, checkpointed=self.config.activation_checkpointing
+            )
             if routing is not None:
                 routings.append(routing)
                 aux_loss = aux_loss + layer_aux

@@ -73,6 +73,8 @@ class MoECausalLMConfig:
     experts_impl: str = "auto"
     # moe_engine's moe.recompute_experts: the experts keep no activations for the backward (not HF's).
     recompute_experts: bool = False
+    # moe_engine's model.activation_checkpointing: each decoder layer recomputed in the backward.
+    activation_checkpointing: bool = False
     max_position_embeddings: int = 4096
     initializer_range: float = 0.02
     bos_token_id: int | None = None
@@ -108,8 +110,9 @@ class MoECausalLMConfig:
             _fail("sliding_window", self.sliding_window, "must be >= 1, or None")
         if self.experts_impl not in EXPERT_IMPLS:
             _fail("experts_impl", self.experts_impl, f"allowed: {', '.join(EXPERT_IMPLS)}")
-        if not isinstance(self.recompute_experts, bool):
-            _fail("recompute_experts", self.recompute_experts, "must be true or false")
+        for name in ("recompute_experts", "activation_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be true or false")
         for name in ("rms_norm_eps", "rope_theta"):
             if getattr(self, name) <= 0:
                 _fail(name, getattr(self, name), "must be > 0")

@@ -24,6 +24,7 @@ from moe_engine.mtl.blocks import TaskMoEBlock, block_routers
 from moe_engine.mtl.moe_attention import MoEAttention, attention_mask
 from moe_engine.mtl.tasks import TaskSpec
 from moe_engine.parallel import TokenDispatcher
+from moe_engine.recompute import run_block
 from moe_engine.routers import build_any_router
 from moe_engine.routing import Routing, RoutingContext
 
@@ -82,6 +83,7 @@ class MultiTaskTransformer(nn.Module):
         if height % p or width % p:
             raise ValueError(f"model.patch_size = {p}: must divide the image shape {image_shape}")
         self.patch_size = p
+        self.activation_checkpointing = cfg.activation_checkpointing
         self.tasks = tuple(tasks)
         num_patches = (height // p) * (width // p)
         self.patch_embed = nn.Linear(p * p, cfg.d_model)
@@ -163,7 +165,7 @@ class MultiTaskTransformer(nn.Module):
         aux_loss = x_BSD.new_zeros((), dtype=torch.float32)
         routings = []
         for block in self.blocks:
-            out = block(x_BSD, ctx)
+            out = run_block(block, x_BSD, ctx, checkpointed=self.activation_checkpointing)
             x_BSD = out.x
             aux_loss = aux_loss + out.aux_loss
             routings.extend(out.routings)

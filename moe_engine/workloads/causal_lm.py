@@ -19,7 +19,7 @@ task's loss and perplexity (exp of the token-mean loss; lower is better).
 Config: finetune.init_from (the source), data.path / data.tasks / data.tokenizer / data.packing
 (moe_engine.workloads.text_data), model.max_text_len (tokens per row), data.batch_size and
 data.eval_batch_size (rows), moe.num_experts (must be the model's), moe.experts_impl (the expert
-GEMM) and moe.recompute_experts. Everything else about the model (widths, router, top-k, balance-loss coefficient, dropout)
+GEMM), moe.recompute_experts and model.activation_checkpointing. Everything else about the model (widths, router, top-k, balance-loss coefficient, dropout)
 is the pre-trained model's own.
 """
 
@@ -188,7 +188,8 @@ class CausalLMWorkload(Workload):
         self.source = resolve_pretrained(cfg.finetune.init_from)
         # The run's expert GEMM and recompute choices, not the file's.
         self.model_config = dataclasses.replace(
-            self.source.config, experts_impl=cfg.moe.experts_impl, recompute_experts=cfg.moe.recompute_experts
+            self.source.config, experts_impl=cfg.moe.experts_impl, recompute_experts=cfg.moe.recompute_experts,
+            activation_checkpointing=cfg.model.activation_checkpointing,
         )
         experts = self.model_config.num_experts
         if cfg.moe.num_experts != experts:

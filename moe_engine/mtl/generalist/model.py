@@ -48,6 +48,7 @@ from moe_engine.mtl.generalist.tokenizers import ImagePatchTokenizer, ModalityTo
 from moe_engine.mtl.model import SelfAttention
 from moe_engine.mtl.moe_attention import MoEAttention
 from moe_engine.parallel import TokenDispatcher
+from moe_engine.recompute import run_block
 from moe_engine.routers import build_any_router
 from moe_engine.routing import PLAIN_ROUTER_TYPES, Routing, RoutingContext
 
@@ -205,6 +206,7 @@ class GeneralistModel(nn.Module):
             | {m: t for m, t in given.items() if m not in defaults}
         )
         self.router_type = moe_cfg.router.type
+        self.activation_checkpointing = cfg.activation_checkpointing
         self.task_prompts = task_prompts
         self.tasks: tuple[GeneralistTask, ...] = ()
         self._check_new_tasks(tasks)
@@ -410,7 +412,7 @@ class GeneralistModel(nn.Module):
         aux_loss = x_BSD.new_zeros((), dtype=torch.float32)
         routings: list[Routing] = []
         for block in self.blocks:
-            out = block(x_BSD, ctx, key_padding_mask_BS=mask_BS)
+            out = run_block(block, x_BSD, ctx, key_padding_mask_BS=mask_BS, checkpointed=self.activation_checkpointing)
             x_BSD = out.x
             aux_loss = aux_loss + out.aux_loss
             routings.extend(out.routings)
