@@ -72,9 +72,11 @@ def test_triton_layer_matches_reference(T, D, F, E, K, dtype, atol, rtol, capaci
         torch.testing.assert_close(got.double(), want, atol=atol * g_scale, rtol=rtol, msg=name)
 
 
-def test_compiled_triton_layer_matches_eager() -> None:
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved_h", "recompute_experts"])
+def test_compiled_triton_layer_matches_eager(recompute: bool) -> None:
     torch.manual_seed(0)
     layer = _layer(16, 16, 4, 2, torch.float32)
+    layer.experts.recompute = recompute  # the backward's extra up-projection GEMM traces too
     x = torch.randn(2, 5, 16, requires_grad=True)
     eager = layer(x)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
