@@ -270,6 +270,11 @@ def _gemm_cases(dtype: torch.dtype, quick: bool, w: Shape) -> dict[str, Callable
         "grouped_gemm_dx (gather)": lambda: ops.grouped_gemm_dx(h_NH, w_swiglu, tokens_E, gather_N, T),
         "grouped_gemm_dw (gather)": lambda: ops.grouped_gemm_dw(h_NH, x_TD, tokens_E, gather_N),
         "grouped_gemm_dw (dy gather)": lambda: ops.grouped_gemm_dw(x_TD, h_NF, tokens_E, None, gather_N),
+        # moe.recompute_experts (the benchmark's ours_recompute): the forward stores no h, the backward
+        # recomputes it with the up-projection alone, reading x through the token index.
+        "grouped_mlp_combine swiglu (recompute h)": lambda: ops.grouped_mlp_combine(
+            x_TD, w_swiglu, w_out, tokens_E, choice_N, weights_TK, "swiglu", False),
+        "grouped_gemm (gather: h recomputed)": lambda: ops.grouped_gemm(x_TD, w_swiglu, tokens_E, gather_N),
     }
     if w is DEFAULT_WIDTHS:  # the paths the benchmark's SwiGLU layers do not take
         w_gelu = torch.empty(E, F, D, dtype=dtype)
