@@ -22,7 +22,8 @@ act_n from the saved pre-activation h anyway. So here:
   its epilogue takes the row dot <acc, act> per 64 columns (fp32 partial sums, summed in a fixed
   order: deterministic), then d_act = s_n * acc through the activation's derivative into dh, and
   stores s_n * act for dW_out = g^T (s * act), whose kernel reads g through the token index too.
-  dX and dW_in are the grouped MLP's own.
+  dW_in is the grouped MLP's own; dX is the per-row dX GEMM, then each token sums its K rows in
+  fp32 through the inverse of choice_N (permute's backward: no sort of the row index).
 
 `grouped_mlp_combine_reference` is the composition of the two torch references, which the tests
 hold the Triton op to (forward and the gradients of x, w_in, w_out and the routing weights).
@@ -105,15 +106,24 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs[:6], output[1])
 
 
-def _scored_mlp_backward(ctx, grad_y, dy_gather_N, x, w_in, w_out, tokens_E, gather_N, score_N, h, need_score):
-    """(dx, dw_in, dw_out, partial score dots) of score_N[n] * mlp(x[g(n)]) for grad_y (read through dy_gather_N)."""
+def _scored_mlp_backward(ctx, grad_y, dy_gather_N, x, w_in, w_out, tokens_E, gather_N, score_N, h, need_score,
+                         choice_N=None, top_k=1):
+    """(dx, dw_in, dw_out, partial score dots) of score_N[n] * mlp(x[g(n)]) for grad_y (read through dy_gather_N).
+
+    choice_N, top_k: the gather is the routing's, g(n) = choice_N[n] // top_k; dx then sums each token's
+    K rows through the inverse map (permute's backward) instead of sorting the index.
+    """
     h = saved_or_recomputed_h(h, x, w_in, tokens_E, gather_N)
     ops = torch.ops.moe_engine
     need_x, need_w_in, need_w_out = ctx.needs_input_grad[:3]
     dh, act, dscore = ops.grouped_mlp_scored_act_backward(
         grad_y, dy_gather_N, w_out, h, tokens_E, score_N, ctx.activation, need_score
     )
-    dx = ops.grouped_gemm_dx(dh, w_in, tokens_E, gather_N, x.shape[0]) if need_x else None
+    dx = None
+    if need_x and choice_N is not None:
+        dx = ops.permute_backward(ops.grouped_gemm_dx(dh, w_in, tokens_E, None, dh.shape[0]), choice_N, x.shape[0], top_k)
+    elif need_x:
+        dx = ops.grouped_gemm_dx(dh, w_in, tokens_E, gather_N, x.shape[0])
     dw_in = ops.grouped_gemm_dw(dh, x, tokens_E, gather_N) if need_w_in else None
     dw_out = ops.grouped_gemm_dw(grad_y, act, tokens_E, None, dy_gather_N) if need_w_out else None
     return dx, dw_in, dw_out, dscore
@@ -125,7 +135,8 @@ def _backward(ctx, grad_y_TD, _grad_h):
     token_N = choice_N // weights_TK.shape[1]
     score_N = weights_TK.reshape(-1).index_select(0, choice_N).float()
     dx, dw_in, dw_out, dscore = _scored_mlp_backward(
-        ctx, grad_y_TD, token_N, x_TD, w_in, w_out, tokens_E, token_N, score_N, h, need_weights
+        ctx, grad_y_TD, token_N, x_TD, w_in, w_out, tokens_E, token_N, score_N, h, need_weights,
+        choice_N=choice_N, top_k=weights_TK.shape[1],
     )
     dweights = None
     if need_weights:
