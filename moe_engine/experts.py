@@ -128,13 +128,12 @@ class GroupedExperts(nn.Module):
         dtype = _compute_dtype(x_ND)
         impl = self.resolve_impl(x_ND.device, dtype)
         x_ND = x_ND.to(dtype)
+        w_in, w_out = self.w_in.to(dtype), self.w_out.to(dtype)
         if impl == "triton":
-            return grouped_mlp_triton(x_ND, self.w_in.to(dtype), self.w_out.to(dtype), tokens_per_expert_E,
-                                      self.activation, recompute_h=self.recompute)
+            return grouped_mlp_triton(x_ND, w_in, w_out, tokens_per_expert_E, self.activation, recompute_h=self.recompute)
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(self._torch_mlp, impl, x_ND, self.w_in.to(dtype), self.w_out.to(dtype), tokens_per_expert_E,
-                              use_reentrant=False)
-        return self._torch_mlp(impl, x_ND, self.w_in.to(dtype), self.w_out.to(dtype), tokens_per_expert_E)
+            return checkpoint(self._torch_mlp, impl, x_ND, w_in, w_out, tokens_per_expert_E, use_reentrant=False)
+        return self._torch_mlp(impl, x_ND, w_in, w_out, tokens_per_expert_E)
 
     def _torch_mlp(self, impl: str, x_ND: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
                    tokens_per_expert_E: torch.Tensor) -> torch.Tensor:

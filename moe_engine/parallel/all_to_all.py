@@ -34,7 +34,6 @@ order (expert weight gradients sum chunk by chunk).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +43,7 @@ from torch.profiler import record_function
 
 from moe_engine.kernels.expert_order import expert_order
 from moe_engine.kernels.permute import permute, unpermute
-from moe_engine.parallel.collectives import all_to_all, all_to_all_counts, all_to_all_with_weights
+from moe_engine.parallel.collectives import all_to_all, all_to_all_counts, all_to_all_with_weights, offrank_bytes
 from moe_engine.parallel.dispatcher import experts_then_combine
 from moe_engine.parallel.telemetry import TrafficMeter
 from moe_engine.routing.types import Routing
@@ -146,15 +145,12 @@ class AllToAllDispatcher:
         score_M = None
         with record_function("moe::all_to_all"):
             if self.weights_to_experts:
-                # Padding slots get weight 0 (their rows are zeros and never come back anyway).
-                score_padded = torch.zeros(x_padded.shape[0], dtype=torch.float32, device=x_ND.device).index_copy(
-                    0, slot_N, _row_weights(routing.weights_TK, choice_N))
+                score_padded = _padded_scores(routing.weights_TK, choice_N, slot_N, x_padded.shape[0])
                 x_RD, score_R = all_to_all_with_weights(x_padded, score_padded, splits, splits, self.group, self.traffic)
-                score_M = score_R.view(P, L, C).transpose(0, 1).reshape(L * P * C)
+                score_M = _by_local_expert(score_R, P, L)
             else:
                 x_RD = all_to_all(x_padded, splits, splits, self.group, self.traffic)
-        # (source, local expert, slot) -> (local expert, source, slot): a fixed transpose, no index.
-        x_MD = x_RD.view(P, L, C, -1).transpose(0, 1).reshape(L * P * C, -1)
+        x_MD = _by_local_expert(x_RD, P, L)
         tokens_per_local_expert_L = torch.full((L,), P * C, dtype=torch.int64, device=x_ND.device)
         meta = AllToAllDispatchMeta(choice_N, routing.weights_TK, splits, splits, None, slot_N, score_M)
         return x_MD, tokens_per_local_expert_L, meta
@@ -183,7 +179,7 @@ class AllToAllDispatcher:
         num_tokens = meta.weights_TK.shape[0]
         if meta.slot_N is not None:
             P, L = self.ep_size, self.num_local_experts
-            y_RD = y_MD.view(L, P, -1, y_MD.shape[-1]).transpose(0, 1).reshape(y_MD.shape)
+            y_RD = _by_source_rank(y_MD, P, L)
             with record_function("moe::all_to_all"):
                 y_padded = all_to_all(y_RD, meta.send_splits, meta.recv_splits, self.group, self.traffic)
             y_ND = y_padded.index_select(0, meta.slot_N)
@@ -283,9 +279,8 @@ class AllToAllDispatcher:
             x_padded, slot_N = _pad_to_capacity(x_ND, choice_N, tokens_per_expert_E, routing)
         x_ECD = x_padded.view(self.num_experts, C, D)
         score_EC = None
-        if scored is not None:  # padding slots weigh 0 (their rows are zeros and never come back anyway)
-            score_EC = torch.zeros(self.num_experts * C, dtype=torch.float32, device=x_TD.device).index_copy(
-                0, slot_N, _row_weights(routing.weights_TK, choice_N)).view(self.num_experts, C)
+        if scored is not None:
+            score_EC = _padded_scores(routing.weights_TK, choice_N, slot_N, x_padded.shape[0]).view(self.num_experts, C)
         bounds = _chunk_bounds(C, self.num_chunks)
 
         def issue_dispatch(c):
@@ -301,15 +296,14 @@ class AllToAllDispatcher:
                 in_flight.append(issue_dispatch(c + 1))
             (x_RD, score_R), order = _await(in_flight[c], order, last=False)
             width = s1 - s0
-            # (source, local expert, slot) -> (local expert, source, slot), as in _dispatch_fixed.
-            x_MD = x_RD.view(P, L, width, D).transpose(0, 1).reshape(L * P * width, D)
+            x_MD = _by_local_expert(x_RD, P, L)
             tokens_L = torch.full((L,), P * width, dtype=torch.int64, device=x_TD.device)
             with record_function("moe::experts"):
                 if scored is not None:
-                    y_MD = scored(x_MD, tokens_L, score_R.view(P, L, width).transpose(0, 1).reshape(-1))
+                    y_MD = scored(x_MD, tokens_L, _by_local_expert(score_R, P, L))
                 else:
                     y_MD = experts(x_MD, tokens_L)
-            y_RD = y_MD.view(L, P, width, D).transpose(0, 1).reshape(P * L * width, D)
+            y_RD = _by_source_rank(y_MD, P, L)
             splits = [L * width] * P
             returning.append(_issue(y_RD, splits, splits, self.group, self.traffic))
         y_chunks = []
@@ -332,6 +326,24 @@ def _combine_weights(weights_TK: torch.Tensor, weighted: bool) -> torch.Tensor:
 def _row_weights(weights_TK: torch.Tensor, choice_N: torch.Tensor) -> torch.Tensor:
     """(N,) float32: the routing weight of each dispatched row, differentiable in weights_TK."""
     return weights_TK.reshape(-1).index_select(0, choice_N).float()
+
+
+def _padded_scores(weights_TK: torch.Tensor, choice_N: torch.Tensor, slot_N: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """(E*C,) float32: each row's routing weight in its capacity slot, 0 in the padding slots (their rows
+    are zeros and never come back anyway); differentiable in weights_TK."""
+    zeros = torch.zeros(num_slots, dtype=torch.float32, device=weights_TK.device)
+    return zeros.index_copy(0, slot_N, _row_weights(weights_TK, choice_N))
+
+
+def _by_local_expert(rows_R: torch.Tensor, P: int, L: int) -> torch.Tensor:
+    """Fixed-split rows received as (source rank, local expert, slot) -> (local expert, source rank, slot):
+    a fixed transpose, no index. rows_R: (P*L*W, ...)."""
+    return rows_R.view(P, L, rows_R.shape[0] // (P * L), *rows_R.shape[1:]).transpose(0, 1).reshape(rows_R.shape)
+
+
+def _by_source_rank(rows_M: torch.Tensor, P: int, L: int) -> torch.Tensor:
+    """The inverse of `_by_local_expert`: (local expert, source rank, slot) -> (source rank, local expert, slot)."""
+    return rows_M.view(L, P, rows_M.shape[0] // (P * L), *rows_M.shape[1:]).transpose(0, 1).reshape(rows_M.shape)
 
 
 def _pad_to_capacity(x_ND, choice_N, tokens_per_expert_E, routing) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,9 +401,7 @@ class _Pending:
         self.works = [dist.all_to_all_single(out, x, output_splits, input_splits, group=self.group, async_op=True)
                       for out, x in zip(outs, xs)]
         self.tensors = (*xs, *outs)
-        me = dist.get_rank(self.group)
-        row_bytes = math.prod(xs[0].shape[1:]) * xs[0].element_size()
-        self.bytes = ((sum(input_splits) - input_splits[me]) * row_bytes, (sum(output_splits) - output_splits[me]) * row_bytes)
+        self.bytes = offrank_bytes(xs[0], output_splits, input_splits, self.group)  # the rows; weights not counted
         return outs
 
     def wait(self) -> None:

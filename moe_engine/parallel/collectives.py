@@ -10,19 +10,22 @@ import torch.distributed as dist
 from moe_engine.parallel.telemetry import TrafficMeter
 
 
+def offrank_bytes(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> tuple[int, int]:
+    """(bytes sent, bytes received) by this rank's exchange of x's rows: only rows that cross to another
+    rank count as traffic; the own-rank block is a local copy. From the shape, not x[0]: a rank may send
+    no rows at all."""
+    me = dist.get_rank(group)
+    row_bytes = math.prod(x.shape[1:]) * x.element_size()
+    return (sum(input_splits) - input_splits[me]) * row_bytes, (sum(output_splits) - output_splits[me]) * row_bytes
+
+
 def _exchange(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group, meter: TrafficMeter | None):
     out = x.new_empty(sum(output_splits), *x.shape[1:])
     x = x.contiguous()
     if meter is None:
         dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
         return out
-    # Only rows that cross to another rank count as traffic; the own-rank block is a local copy.
-    me = dist.get_rank(group)
-    # From the shape, not x[0]: a rank may send no rows at all.
-    row_bytes = math.prod(x.shape[1:]) * x.element_size()
-    sent = (sum(input_splits) - input_splits[me]) * row_bytes
-    received = (sum(output_splits) - output_splits[me]) * row_bytes
-    with meter.measure(sent, received, x.is_cuda):
+    with meter.measure(*offrank_bytes(x, output_splits, input_splits, group), x.is_cuda):
         dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
     return out
 
