@@ -25,13 +25,11 @@ from moe_engine.checkpoint import (
     CheckpointMismatchError,
     config_mismatches,
     expert_shard_file,
-    expert_shard_size,
     load_checkpoint,
     read_expert_shard,
     resolve_checkpoint,
     rng_state,
     set_rng_state,
-    write_checkpoint_file,
 )
 from moe_engine.config import Config
 from moe_engine.finetune import FrozenGroups, freeze_groups, load_pretrained_weights
@@ -49,10 +47,10 @@ from moe_engine.parallel.runtime import (
     init_distributed,
     signal_any_rank,
 )
+from moe_engine.parallel.deepspeed_checkpoint import latest_tag, load_deepspeed_checkpoint, save_deepspeed_checkpoint
 from moe_engine.parallel.deepspeed_engine import (
     init_deepspeed_distributed,
     initialize_engine,
-    latest_tag,
     load_deepspeed_config,
     prepare_expert_parallel,
 )
@@ -353,6 +351,11 @@ class Trainer:
         except (RuntimeError, ValueError) as err:  # missing/unexpected keys or shapes torch names
             raise CheckpointMismatchError(f"the checkpoint's tensors do not fit this model: {err}") from err
         self.scheduler.load_state_dict(state["scheduler"])
+        self._load_run_state(state)
+
+    def _load_run_state(self, state: dict[str, Any]) -> None:
+        """What every checkpoint layout holds besides model, optimizer and schedule: data position,
+        RNG states, routing monitor, loss weighting and step."""
         try:
             self.batches.load_state_dict(state["data"])
         except ValueError as err:
@@ -371,67 +374,28 @@ class Trainer:
         }
 
     def _load_deepspeed_checkpoint(self, path: Path) -> dict[str, Any]:
-        """DeepSpeed's load, then (EP > 1) this rank's experts from the tag folder's expert shard files."""
-        saved_ep = expert_shard_size(path)
-        if saved_ep != self._ep_size:
-            raise CheckpointMismatchError(
-                f"DeepSpeed checkpoint {path} was written at parallel.expert_parallel_size = {saved_ep}, this run has "
-                f"{self._ep_size}: ZeRO's partitions of the expert optimizer state cannot be resharded to another "
-                f"expert-parallel size under DeepSpeed; resume with parallel.expert_parallel_size = {saved_ep}"
-            )
-        try:
-            _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise CheckpointMismatchError(f"DeepSpeed checkpoint {path} does not fit this model: {err}") from err
-        if client is None:
-            raise CheckpointMismatchError(f"DeepSpeed checkpoint {path}: DeepSpeed could not read it (see its log above)")
-        if self._ep_size > 1:
-            # DeepSpeed's module file held EP rank 0's experts; the fp32 master copies in ZeRO's
-            # partition files are this rank's own, so the parameters now agree with them again.
-            groups = self.run_info.groups
-            shard = read_expert_shard(path, groups.ep_rank, groups.ep_size, client["step"])
-            expected = {n for n, p in self.model.named_parameters() if getattr(p, "allreduce", True) is False}
-            if set(shard["model"]) != expected:
-                raise CheckpointMismatchError(
-                    f"{path}: its expert shard holds {sorted(shard['model'])}, this model's experts are {sorted(expected)}"
-                )
-            try:
-                self.model.load_state_dict({k: v.clone() for k, v in shard["model"].items()}, strict=False)
-            except RuntimeError as err:
-                raise CheckpointMismatchError(f"{path}: the expert shard does not fit this model: {err}") from err
+        """DeepSpeed's load (with this rank's expert shard), then the run state of its client state."""
+        client = load_deepspeed_checkpoint(self.engine, self.model, self.run_info.groups, path)
         problems = config_mismatches(client["config"], self.cfg.to_dict())
         if problems:
             raise CheckpointMismatchError(f"checkpoint {path} does not match the config:\n  " + "\n  ".join(problems))
-        self.batches.load_state_dict(client["data"])
-        set_rng_state(client["rng"])
-        self.monitor.load_state_dict(client.get("routing"))
-        self._load_weighting_state(client.get("weighting"))
-        self.step = client["step"]
+        self._load_run_state(client)
         return client
 
     def save_checkpoint(self) -> Path:
         """Every rank takes part. Expert-parallel runs (EP > 1) write a step_XXXXXXXX/ folder: each rank of
         the first expert-data-parallel replica its expert shard, rank 0 the rest. Other runs: rank 0
         writes step_XXXXXXXX.pt. Under DeepSpeed, DeepSpeed saves its partitions into step_XXXXXXXX/ and,
-        with EP > 1, each rank of the first expert-data-parallel replica adds its experts_ep{r}_of_{P}.pt."""
-        if self.engine is not None:
-            tag = f"step_{self.step:08d}"
-            client_state = self._client_state(self.monitor.state_dict())
-            groups = self.run_info.groups
-            if self._ep_size > 1 and groups.rank < groups.ep_size:
-                # DeepSpeed's module file holds EP rank 0's experts only: the first expert-data-parallel
-                # replica writes every EP rank's experts into the tag folder. Before DeepSpeed's save,
-                # whose barriers come before it names the tag in `latest`.
-                self._save_expert_shard(self.checkpoints.directory / tag)
-            self.engine.save_checkpoint(str(self.checkpoints.directory), tag=tag, client_state=client_state)
-            if self.run_info.is_main:
-                tags = sorted(p for p in self.checkpoints.directory.glob("step_*") if p.is_dir())
-                for old in tags[: -self.checkpoints.keep]:
-                    shutil.rmtree(old)
-            barrier(self.run_info)
-            self.last_checkpoint = self.checkpoints.directory / tag
-            return self.last_checkpoint
+        with EP > 1, each rank of the first expert-data-parallel replica adds its experts_ep{r}_of_{P}.pt
+        (moe_engine.parallel.deepspeed_checkpoint)."""
         groups = self.run_info.groups
+        if self.engine is not None:
+            self.last_checkpoint = save_deepspeed_checkpoint(
+                self.engine, self.model, groups, self.checkpoints.directory, self.step,
+                self._client_state(self.monitor.state_dict()), self.checkpoints.keep, self.run_info.is_main,
+                barrier=lambda: barrier(self.run_info),
+            )
+            return self.last_checkpoint
         if groups is not None and groups.ep_size > 1:  # one file per expert shard, nothing gathered
             files = self._sharded_checkpoint_files(self.monitor.state_dict())
             self.last_checkpoint = self.checkpoints.save_sharded(
@@ -445,12 +409,6 @@ class Trainer:
         barrier(self.run_info)  # the file exists for everyone once save_checkpoint returns
         self.last_checkpoint = self.checkpoints.path_for(self.step)
         return self.last_checkpoint
-
-    def _save_expert_shard(self, folder: Path) -> None:
-        """This EP rank's experts (no optimizer state: ZeRO's partition files hold it) as experts_ep{r}_of_{P}.pt."""
-        groups = self.run_info.groups
-        shard = expert_shard_state(self.model, None, groups.ep_rank, groups.ep_size)
-        write_checkpoint_file(folder / expert_shard_file(groups.ep_rank, groups.ep_size), self.step, shard)
 
     def _sharded_checkpoint_files(self, routing_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """The files of a per-shard checkpoint this rank writes: its expert shard if it belongs to the

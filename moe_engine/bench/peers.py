@@ -41,6 +41,7 @@ from torch import nn
 
 from moe_engine.bench.common import describe_error
 from moe_engine.bench.problem import Problem, expected_drop_fraction, swiglu
+from moe_engine.parallel.deepspeed_engine import init_deepspeed_distributed
 
 DISTRIBUTED_PEERS = ("deepspeed", "deepspeed_dropless", "megatron")
 # Skip DeepSpeed's dropless layer when its [E, C, *] buffers would take more than this share of free memory.
@@ -219,12 +220,10 @@ def _require(module: str) -> None:
 
 def _init_deepspeed(env: PeerEnv) -> None:
     _require("deepspeed")
-    import deepspeed
-
     if env.group is None:
         raise PeerSkipped("DeepSpeed's MoE needs torch.distributed; no process group was set up")
     # torch.distributed is already up (distributed_session): this only wraps it as DeepSpeed's comm backend.
-    deepspeed.init_distributed(dist_backend=env.backend, auto_mpi_discovery=False, verbose=False)
+    init_deepspeed_distributed(env.backend, verbose=False, mpi_discovery=False)
 
 
 def build_deepspeed(problem: Problem, env: PeerEnv, drop_tokens: bool = True) -> PeerRun:

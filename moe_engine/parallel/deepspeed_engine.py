@@ -14,10 +14,10 @@ class (`deepspeed.moe.layer.MoE`), which it recognises by isinstance only:
 - `initialize_engine(..., num_experts=...)` builds a DeepSpeedEngine that treats the model as
   having MoE layers (`has_moe_layers`), which its own detection would not.
 DeepSpeed's checkpoint then holds the ZeRO partitions of every rank (expert optimizer state
-included) but, in its module file, EP rank 0's experts only: the trainer writes each EP rank's
-experts next to it (experts_ep{r}_of_{P}.pt, moe_engine.checkpoint's shard format) and loads them
-after DeepSpeed's load. Such a checkpoint resumes at the same expert-parallel size only: ZeRO's
-partitions of the expert optimizer state cannot be resharded to another one. Stage 0 is refused
+included) but, in its module file, EP rank 0's experts only: moe_engine.parallel.deepspeed_checkpoint
+writes each EP rank's experts next to it (experts_ep{r}_of_{P}.pt, moe_engine.checkpoint's shard
+format) and loads them after DeepSpeed's load. Such a checkpoint resumes at the same expert-parallel
+size only: ZeRO's partitions of the expert optimizer state cannot be resharded to another one. Stage 0 is refused
 with P > 1: its clipping averages the ranks' local gradient norms, which is not the norm when ranks
 hold different experts.
 
@@ -31,6 +31,7 @@ single-process run, at every expert-parallel size.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,11 +94,39 @@ def load_deepspeed_config(path: str | Path, cfg: Config, world_size: int, bf16: 
     return ds
 
 
-def init_deepspeed_distributed(backend: str) -> None:
-    """Join the job the deepspeed launcher started (env:// rendezvous), through deepspeed.comm."""
+def init_deepspeed_distributed(backend: str, verbose: bool = True, mpi_discovery: bool = True) -> None:
+    """Join the job the deepspeed launcher started (env:// rendezvous, or a torch.distributed job
+    already up), through deepspeed.comm; then unlink DeepSpeed's shared-memory all-reduce buffers."""
     import deepspeed
+    import deepspeed.comm.comm as ds_comm
 
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi_discovery, verbose=verbose)
+    _unlink_shm_allreduce_buffer(getattr(ds_comm.cdb, "shm_comm_op", None) is not None)
+
+
+def shm_allreduce_buffer(rank: int) -> Path:
+    """The shared-memory file DeepSpeed's CPU all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp) creates
+    for `rank`: /dev/shm/deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_allreduce_buffer(has_shm_op: bool) -> None:
+    """Remove this rank's DeepSpeed shared-memory all-reduce buffer by name, keeping its mappings.
+
+    When every rank of the job is on one host (LOCAL_SIZE = world size, as the deepspeed launcher
+    sets it), DeepSpeed's CPU comm op maps a 66 MiB buffer per rank in /dev/shm and never unlinks it:
+    every run, finished or killed, would leave world-size such files behind (RAM, on tmpfs) until the
+    host reboots. Each rank maps every rank's buffer before init returns, so after a barrier the names
+    can go; the mappings live on until the processes exit, and nothing is left behind.
+    """
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size()
+    if not has_shm_op or os.environ.get("LOCAL_SIZE") != str(world_size):
+        return  # DeepSpeed made no buffer (the same decision on every rank: same env, same build)
+    dist.barrier()
+    shm_allreduce_buffer(dist.get_rank()).unlink(missing_ok=True)
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -187,8 +216,3 @@ def initialize_engine(
     engine._configure_python_gc()
     return engine
 
-
-def latest_tag(checkpoint_dir: Path) -> str | None:
-    """The tag DeepSpeed's `latest` file names in a checkpoint directory, or None."""
-    latest = checkpoint_dir / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
