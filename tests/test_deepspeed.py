@@ -18,10 +18,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from distributed import free_port
 from moe_engine.checkpoint import CheckpointMismatchError
 from moe_engine.config import load_config
+from moe_engine.parallel.deepspeed_checkpoint import load_deepspeed_checkpoint
 from moe_engine.parallel.deepspeed_engine import DeepSpeedConfigError, load_deepspeed_config
 from moe_engine.checkpoint import expert_shard_size
 from moe_engine.train import Trainer
@@ -131,3 +133,14 @@ def test_the_expert_parallel_size_of_a_deepspeed_checkpoint_comes_from_its_shard
     (tmp_path / "experts_ep0_of_2.pt").touch()
     with pytest.raises(CheckpointMismatchError, match=r"several expert-parallel sizes \[2, 4\]"):
         expert_shard_size(tmp_path)
+
+
+def test_a_deepspeed_checkpoint_resumes_at_its_own_expert_parallel_size_only(tmp_path: Path) -> None:
+    # Refused by name before DeepSpeed's load runs (no engine is needed to get there).
+    tag = tmp_path / "step_00000030"
+    tag.mkdir()
+    for r in range(2):
+        (tag / f"experts_ep{r}_of_2.pt").touch()
+    with pytest.raises(CheckpointMismatchError, match=r"written at parallel.expert_parallel_size = 2, this run has 1: "
+                                                      r".*resume with parallel.expert_parallel_size = 2"):
+        load_deepspeed_checkpoint(None, torch.nn.Linear(2, 2), None, tag)
