@@ -391,8 +391,8 @@ class Trainer:
         groups = self.run_info.groups
         if self.engine is not None:
             self.last_checkpoint = save_deepspeed_checkpoint(
-                self.engine, self.model, groups, self.checkpoints.directory, self.step,
-                self._client_state(self.monitor.state_dict()), self.checkpoints.keep, self.run_info.is_main,
+                self.engine, self.model, groups, self.checkpoints, self.step,
+                self._client_state(self.monitor.state_dict()), self.run_info.is_main,
                 barrier=lambda: barrier(self.run_info),
             )
             return self.last_checkpoint

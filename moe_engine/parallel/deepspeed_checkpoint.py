@@ -20,6 +20,7 @@ from typing import Any, Callable
 from torch import nn
 
 from moe_engine.checkpoint import (
+    CheckpointManager,
     CheckpointMismatchError,
     expert_shard_file,
     expert_shard_size,
@@ -36,37 +37,33 @@ def latest_tag(checkpoint_dir: Path) -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
-def step_tag(step: int) -> str:
-    """The tag (folder name) of the checkpoint at `step`: step_XXXXXXXX, as moe_engine.checkpoint names them."""
-    return f"step_{step:08d}"
-
-
 def _ep_size(groups: ParallelGroups | None) -> int:
     return groups.ep_size if groups is not None else 1
 
 
 def save_deepspeed_checkpoint(
-    engine: Any, model: nn.Module, groups: ParallelGroups | None, directory: Path, step: int,
-    client_state: dict[str, Any], keep: int, is_main: bool, barrier: Callable[[], None],
+    engine: Any, model: nn.Module, groups: ParallelGroups | None, checkpoints: CheckpointManager, step: int,
+    client_state: dict[str, Any], is_main: bool, barrier: Callable[[], None],
 ) -> Path:
-    """Every rank calls it. Writes `directory/step_XXXXXXXX/` and returns that path once it is complete.
+    """Every rank calls it. Writes the tag folder `checkpoints.sharded_path_for(step)` (step_XXXXXXXX/)
+    and returns it once it is complete.
 
     With P > 1 each rank of the first expert-data-parallel replica (ranks 0..P-1) writes its experts
     into the tag folder first: DeepSpeed's save names the tag in `latest` only after its barriers,
     so `latest` never points at a folder without its expert shards. Rank 0 then keeps the newest
-    `keep` tag folders.
+    `checkpoints.keep` tag folders.
     """
-    tag = step_tag(step)
+    folder = checkpoints.sharded_path_for(step)
     if _ep_size(groups) > 1 and groups.rank < groups.ep_size:
         shard = expert_shard_state(model, None, groups.ep_rank, groups.ep_size)
-        write_checkpoint_file(directory / tag / expert_shard_file(groups.ep_rank, groups.ep_size), step, shard)
-    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+        write_checkpoint_file(folder / expert_shard_file(groups.ep_rank, groups.ep_size), step, shard)
+    engine.save_checkpoint(str(checkpoints.directory), tag=folder.name, client_state=client_state)
     if is_main:
-        tags = sorted(p for p in directory.glob("step_*") if p.is_dir())
-        for old in tags[:-keep]:
+        tags = sorted(p for p in checkpoints.directory.glob("step_*") if p.is_dir())
+        for old in tags[:-checkpoints.keep]:
             shutil.rmtree(old)
     barrier()
-    return directory / tag
+    return folder
 
 
 def load_deepspeed_checkpoint(engine: Any, model: nn.Module, groups: ParallelGroups | None, path: Path) -> dict[str, Any]:
