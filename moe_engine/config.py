@@ -500,12 +500,6 @@ class Config:
                 "model.architecture", self.model.architecture,
                 f"data.name = {self.data.name!r}: multitask trains on 'digits', generalist on 'generalist', causal_lm on 'text'",
             )
-        if self.model.architecture == "generalist" and self.parallel.deepspeed_config is not None:
-            _fail(
-                "parallel.deepspeed_config", self.parallel.deepspeed_config,
-                "the generalist scores each rank's tasks in data-dependent branches, and ZeRO's gradient buckets need "
-                "the same graph on every rank; train it with torchrun (parallel.dispatcher: all_to_all for expert parallelism)",
-            )
         if self.model.architecture == "causal_lm" and self.finetune.init_from is None:
             _fail("finetune.init_from", None, "model.architecture = 'causal_lm' fine-tunes a model: give its file or folder "
                   "(moe-engine finetune --from MODEL, e.g. the output of moe-engine convert --from-hf)")

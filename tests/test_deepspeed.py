@@ -24,7 +24,7 @@ from distributed import free_port
 from moe_engine.checkpoint import CheckpointMismatchError
 from moe_engine.config import load_config
 from moe_engine.parallel.deepspeed_checkpoint import load_deepspeed_checkpoint
-from moe_engine.parallel.deepspeed_engine import DeepSpeedConfigError, load_deepspeed_config
+from moe_engine.parallel.deepspeed_engine import DeepSpeedConfigError, initialize_engine, load_deepspeed_config
 from moe_engine.checkpoint import expert_shard_size
 from moe_engine.train import Trainer
 
@@ -47,8 +47,8 @@ def _losses(out_dir: Path) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
-def _deepspeed(out_dir: Path, ds_config: str, *extra: str) -> None:
-    overrides = [a for s in [*TINY, f"train.out_dir={out_dir}"] for a in ("--set", s)]
+def _deepspeed(out_dir: Path, ds_config: str, *extra: str, run: tuple[str, ...] | list[str] = TINY) -> None:
+    overrides = [a for s in [*run, f"train.out_dir={out_dir}"] for a in ("--set", s)]
     command = ["bash", str(ROOT / "launch" / "deepspeed.sh"), "2",
                "--deepspeed_config", str(ROOT / "configs" / ds_config), *overrides, *extra]
     port = free_port()
@@ -84,6 +84,40 @@ def test_zero1_run_resumes_from_its_deepspeed_checkpoint(single_process: list[fl
     _deepspeed(tmp_path, "deepspeed_zero1.json", "--set", f"train.max_steps={STEPS // 2}")
     _deepspeed(tmp_path, "deepspeed_zero1.json", "--resume")
     assert _losses(tmp_path) == pytest.approx(single_process, rel=1e-5)
+
+
+# The generalist's batches hold each task's rows on some ranks only (4 examples of 4 tasks over 2
+# ranks), and often none of a task: every rank still scores every task, at zero rows, so ZeRO's
+# gradient buckets line up (without that, gloo aborts on the first mismatched bucket).
+GENERALIST = [
+    "model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption,sum,text_digit]",
+    "model.d_model=16", "model.num_layers=2", "model.num_heads=2", "model.ffn_hidden=16", "model.dropout=0.0",
+    "model.moe_attention=true", "model.share_routing=true", "model.max_text_len=16",
+    "moe.num_experts=4", "moe.ffn_hidden=16", "moe.router.type=attribute", "moe.router.aux_loss_coef=0.0",
+    "optim.warmup_steps=0", "data.batch_size=4", "data.pairs_per_task=40", "train.max_steps=10",
+    "train.eval_every=10", "train.checkpoint_every=5", "train.num_threads=1",
+    "logging.log_every=1", "logging.progress_bar=false", "logging.tensorboard=false",
+]
+
+
+def test_generalist_under_zero2_and_expert_parallelism_follows_the_single_process_run(tmp_path: Path) -> None:
+    single = tmp_path / "single"
+    Trainer(load_config(None, [*GENERALIST, f"train.out_dir={single}"])).run()
+    _deepspeed(tmp_path / "ds", "deepspeed_zero2.json", *EP2, run=GENERALIST)
+    losses = _losses(tmp_path / "ds")
+    assert losses == pytest.approx(_losses(single), rel=1e-5)
+    with (tmp_path / "ds" / "train.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    # Steps that lacked a task (its column empty) are what this test is about.
+    assert any(row["loss_text_digit"] == "" for row in rows) and any(row["loss_caption"] == "" for row in rows)
+    assert expert_shard_size(tmp_path / "ds" / "checkpoints" / f"step_{10:08d}") == 2
+
+
+def test_a_0_dim_parameter_is_refused_before_deepspeed_starts() -> None:
+    model = torch.nn.Module()
+    model.scale = torch.nn.Parameter(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"parameters \['scale'\] are 0-dim: .* make them shape \(1,\)"):
+        initialize_engine(model, torch.optim.SGD(model.parameters(), lr=0.1), None, {})
 
 
 def test_deepspeed_config_auto_values_come_from_the_run_config(tmp_path: Path) -> None:

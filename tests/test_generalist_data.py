@@ -477,6 +477,36 @@ def test_per_task_batching(data):
     assert abs(share - 0.7) < 4 * math.sqrt(0.21 / 400)
 
 
+@pytest.mark.parametrize("batching", ["mixed", "per_task"])
+def test_every_task_adds_zero_row_sub_batches_and_changes_no_draw(data, batching):
+    names = ("digit", "sum", "text_parity")
+    probs = {"digit": 0.2, "sum": 0.3, "text_parity": 0.5}
+    plain = MixedBatches(data.train, names, 3, probs, batching=batching, seed=4)
+    every = MixedBatches(data.train, names, 3, probs, batching=batching, seed=4, every_task=True)
+    empty_seen = 0
+    for _ in range(20):
+        drawn, full = next(plain), next(every)
+        assert list(full) == list(names)
+        for name in names:
+            if name in drawn:
+                assert full[name].keys() == drawn[name].keys()
+                for column in drawn[name]:
+                    assert full[name][column] == drawn[name][column] if isinstance(drawn[name][column], list) \
+                        else torch.equal(full[name][column], drawn[name][column])
+                continue
+            empty_seen += 1
+            sub = full[name]
+            if name == "text_parity":
+                assert sub["text"] == [] and sub["label"].shape == (0,) and sub["label"].dtype == torch.int64
+            else:
+                assert sub["image"].shape == (0, *IMAGE_SHAPE) and sub["image"].dtype == torch.float32
+                assert sub["value" if name == "sum" else "label"].shape == (0,)
+    assert empty_seen > 0
+    assert every.state_dict() == plain.state_dict()  # same draws, same positions: resumes alike
+    with pytest.raises(TypeError, match="every_task must be True or False, got 1"):
+        MixedBatches(data.train, names, 3, probs, every_task=1)
+
+
 def test_rows_without_replacement_and_reshuffled_per_epoch():
     task = make_task(name="rows")
     train = {"rows": numbered_text_split(task, 10)}

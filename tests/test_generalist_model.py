@@ -240,6 +240,31 @@ def test_zero_row_calls_and_single_task_batches(names) -> None:
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_a_task_with_zero_rows_scores_and_still_reaches_its_parameters() -> None:
+    # What a rank holding none of a task's rows runs (workloads keep such tasks; DeepSpeed needs it):
+    # empty scores, a zero loss, and a zero gradient (not None) for the task's head and the logit scale.
+    model = build(router="softmax_topk", share_routing=False)
+    batch = make_batch(names=("digit", "length"))
+    batch["length"] = {"text": [], "value": torch.zeros(0)}
+    batch["digit"] = {"image": torch.zeros(0, 8, 12), "label": torch.zeros(0, dtype=torch.int64)}
+    out = model(batch)
+    assert out.scores["digit"].shape == (0, len(model.tasks[0].targets)) and out.scores["length"].shape == (0,)
+    losses = task_loss_sums(model.tasks, out, batch)
+    assert {name: loss.item() for name, loss in losses.items()} == {"digit": 0.0, "length": 0.0}
+    (sum(losses.values()) + out.aux_loss).backward()
+    for p in (model.logit_scale, model.regression_weight, model.regression_bias):
+        assert p.grad is not None and not p.grad.any()
+
+
+def test_a_scalar_logit_scale_from_an_older_file_loads() -> None:
+    model = build()
+    state = model.state_dict()
+    assert state["logit_scale"].shape == (1,)  # DeepSpeed's engine cannot broadcast a 0-dim parameter
+    state["logit_scale"] = torch.tensor(2.5)
+    model.load_state_dict(state)
+    assert model.logit_scale.shape == (1,) and model.logit_scale.item() == 2.5
+
+
 class PaddingTextTokenizer(TextTokenizer):
     """The text tokenizer with `extra` more padding positions of garbage appended to every text."""
 

@@ -13,6 +13,7 @@ from moe_engine import cli
 from moe_engine.checkpoint import read_model_state
 from moe_engine.config import ConfigError, load_config
 from moe_engine.finetune import parameter_groups
+from moe_engine.parallel.runtime import DistributedRun
 from moe_engine.train import Trainer
 
 TINY = [
@@ -174,5 +175,34 @@ def test_weighting_options_are_checked_by_the_config(tmp_path: Path) -> None:
         _cfg(tmp_path, "mtl.weighting=cagrad", "mtl.weighting_options={alpha: 1.5}")
     with pytest.raises(ConfigError, match="did you mean 'pcgrad'"):
         _cfg(tmp_path, "mtl.weighting=pcgrd")
-    with pytest.raises(ConfigError, match="ZeRO's gradient buckets need the same graph on every rank"):
-        _cfg(tmp_path, "parallel.deepspeed_config=configs/deepspeed_zero2.json")
+
+
+def test_every_rank_builds_the_same_graph_whatever_tasks_its_rows_hold(tmp_path: Path) -> None:
+    """DeepSpeed's ZeRO reduces gradients in buckets filled in the order they become ready: every
+    rank's backward must produce a gradient for every parameter, in the same order, even when its
+    slice of the batch holds other tasks than another rank's, or none of a task the batch lacks."""
+    trainer = Trainer(_cfg(tmp_path, "data.batch_size=3"))
+    workload, model = trainer.workload, trainer.model
+    batch = next(iter(workload.train_batches(seed=0)))
+    assert list(batch) == workload.task_names  # every task, drawn or not
+    # Three rows of four tasks: at least one task is not drawn at all, and of two ranks (rows 0 and 2,
+    # row 1) one holds a task the other does not.
+    assert 0 in [len(next(iter(sub.values()))) for sub in batch.values()]
+    orders, drawn = [], []
+    for rank in range(2):
+        run = DistributedRun(rank=rank, world_size=2, local_rank=rank, groups=None)
+        model.zero_grad(set_to_none=True)
+        order: list[str] = []
+        names = {p: n for n, p in model.named_parameters()}
+        hooks = [p.register_post_accumulate_grad_hook(lambda p: order.append(names[p]))
+                 for p in model.parameters() if p.requires_grad]
+        step = workload.forward_step(model, batch, run, trainer.device)
+        (sum(step.loss_sums.values()) + step.aux_loss + step.anchor).backward()
+        for hook in hooks:
+            hook.remove()
+        assert set(step.loss_sums) == set(workload.task_names)
+        drawn.append(step.counts_T.tolist())
+        orders.append(order)
+    assert drawn[0] != drawn[1]  # the ranks hold different tasks' rows...
+    assert sorted(orders[0]) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert orders[0] == orders[1]  # ...and still produce every gradient, in the same order

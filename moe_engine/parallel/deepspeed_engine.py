@@ -189,6 +189,12 @@ def initialize_engine(
     """
     import deepspeed
 
+    scalars = [name for name, p in model.named_parameters() if p.dim() == 0]
+    if scalars:
+        # DeepSpeed's engine broadcasts each parameter as bytes (p.view(torch.uint8)), which fails on a
+        # 0-dim tensor deep inside deepspeed.initialize: say which, and what to do, first.
+        raise ValueError(f"parameters {scalars} are 0-dim: DeepSpeed's engine needs every parameter to have at least "
+                         "one dimension; make them shape (1,)")
     if not num_experts:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         return engine

@@ -31,8 +31,9 @@ from moe_engine.routing import Routing
 class StepForward:
     """One forward of a training batch on this rank.
 
-    loss_sums: task name -> () fp32 summed loss over this rank's examples of the task (with graph);
-        only tasks with examples on this rank appear.
+    loss_sums: task name -> () fp32 summed loss over this rank's examples of the task (with graph); a
+        task with no example here is left out or sums to 0. Under DeepSpeed every rank must build
+        the same graph (ZeRO's gradient buckets), so the workloads keep every task, at zero rows.
     counts_T: (num_tasks,) fp32 examples of each task (workload task order) on this rank.
     aux_loss: () fp32, the routers' weighted auxiliary losses.
     routings: one Routing per router (model.routers order).

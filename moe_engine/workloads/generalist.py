@@ -69,22 +69,31 @@ class GeneralistWorkload(Workload):
         d = self.cfg.data
         sizes = {name: len(self.data.train[name]) for name in self.task_names}
         probabilities = task_probabilities(sizes, d.mixing, d.mixing_weights, d.mixing_temperature)
-        return MixedBatches(self.data.train, self.task_names, d.batch_size, probabilities, batching=d.batching, seed=seed)
+        # Every task in every batch (zero rows where not drawn), kept at zero rows on the ranks its
+        # rows miss (forward_step): the model scores and the loss covers every task on every rank at
+        # every step, so each rank's backward produces the same gradients in the same order.
+        # DeepSpeed's ZeRO reduces them in buckets filled in that order, and would otherwise abort
+        # (or add misaligned gradients) as soon as one rank's batch lacked a task another's had.
+        return MixedBatches(
+            self.data.train, self.task_names, d.batch_size, probabilities, batching=d.batching, seed=seed, every_task=True,
+        )
 
-    def _local(self, batch: dict[str, dict[str, Any]], run: DistributedRun, device: torch.device) -> dict[str, dict[str, Any]]:
-        """This rank's rows of every task; tasks left with no rows on this rank drop out."""
+    def _local(
+        self, batch: dict[str, dict[str, Any]], run: DistributedRun, device: torch.device, keep_empty: bool = False,
+    ) -> dict[str, dict[str, Any]]:
+        """This rank's rows of every task; tasks left with no rows on this rank drop out unless keep_empty."""
         local = {}
         for name, sub in batch.items():
             if run.world_size > 1:
                 sub = slice_for_rank(sub, run.rank, run.world_size)
-            if _rows(sub):
+            if keep_empty or _rows(sub):
                 local[name] = _to_device(sub, device)
         return local
 
     # ---------------------------------------------------------------- training and evaluation
 
     def forward_step(self, model: nn.Module, batch: Any, run: DistributedRun, device: torch.device) -> StepForward:
-        local = self._local(batch, run, device)
+        local = self._local(batch, run, device, keep_empty=True)
         out = model(local)
         loss_sums = task_loss_sums(model.tasks, out, local)
         counts_T = torch.tensor([float(_rows(local[n])) if n in local else 0.0 for n in self.task_names], device=device)

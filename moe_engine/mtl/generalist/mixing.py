@@ -5,7 +5,7 @@ A training batch is ``dict[str, dict[str, Any]]``: task name -> sub-batch with
 * ``image``: ``(B_t, 8, 12)`` float32 tensor, or ``text``: ``list[str]`` of length ``B_t``;
 * ``label``: ``(B_t,)`` int64 tensor, or ``value``: ``(B_t,)`` float32 tensor.
 
-Only tasks with ``B_t > 0`` appear, in the order of ``task_names``.
+Only tasks with ``B_t > 0`` appear (every task, with ``every_task=True``), in the order of ``task_names``.
 
 Task probabilities (:func:`task_probabilities`): ``"fixed"`` weights, ``"size"``
 (proportional to the number of training examples) or ``"temperature"`` sampling,
@@ -123,6 +123,11 @@ class MixedBatches:
             its split may be empty).
         batching: ``"mixed"`` or ``"per_task"``.
         seed: non-negative integer.
+        every_task: list every task of ``task_names`` in every batch, with a zero-row sub-batch
+            for a task not drawn this step (the draws and the rows drawn do not change). A model
+            then builds the same graph every step and on every rank of a data-parallel split,
+            which DeepSpeed's ZeRO needs: it reduces gradients in buckets filled in the order
+            they become ready, and a parameter that one rank's graph misses shifts them.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class MixedBatches:
         *,
         batching: Literal["mixed", "per_task"] = "mixed",
         seed: int = 0,
+        every_task: bool = False,
     ) -> None:
         if isinstance(task_names, str):
             raise TypeError(f"task_names must be a sequence of names, not the string {task_names!r}")
@@ -159,6 +165,9 @@ class MixedBatches:
         self._batch_size = int(batch_size)
         self._batching = batching
         self._seed = int(seed)
+        if not isinstance(every_task, bool):
+            raise TypeError(f"every_task must be True or False, got {every_task!r}")
+        self._every_task = every_task
         self._rng = np.random.default_rng((self._seed, 0))
         self._epochs_T = np.zeros(len(names), dtype=np.int64)
         self._positions_T = np.zeros(len(names), dtype=np.int64)
@@ -176,8 +185,8 @@ class MixedBatches:
             counts_T = np.zeros(num_tasks, dtype=np.int64)
             counts_T[self._rng.choice(num_tasks, p=self._probs_T)] = self._batch_size
         batch = {}
-        for t in np.flatnonzero(counts_T):
-            rows = self._take(int(t), int(counts_T[t]))
+        for t in range(num_tasks) if self._every_task else np.flatnonzero(counts_T):
+            rows = self._take(int(t), int(counts_T[t])) if counts_T[t] else np.empty(0, dtype=np.int64)
             batch[self._names[t]] = _gather(self._columns[t], rows)
         return batch
 

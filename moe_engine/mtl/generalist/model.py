@@ -219,7 +219,9 @@ class GeneralistModel(nn.Module):
             nn.init.normal_(p, std=0.02)
         self.blocks = nn.ModuleList(self._build_block(cfg, moe_cfg, i, make_dispatcher) for i in range(cfg.num_layers))
         self.norm = nn.LayerNorm(D)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / INIT_TEMPERATURE)))
+        # (1,), not a 0-dim scalar: DeepSpeed's engine broadcasts parameters as bytes (`p.view(uint8)`),
+        # which a 0-dim tensor cannot do. Files saved with the scalar still load (_load_from_state_dict).
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / INIT_TEMPERATURE)))
         # Row t is task t's regression head (rows of other kinds stay unused at 0). Zero init:
         # every regression starts by predicting 0.
         self.regression_weight = nn.Parameter(torch.zeros(len(tasks), D))
@@ -279,6 +281,13 @@ class GeneralistModel(nn.Module):
                 params.append(module.weight)
             params.extend(p for name, p in module.named_parameters(recurse=False) if name == "pos_embed")
         return params
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # logit_scale was a 0-dim scalar in files saved before it became (1,): read those as (1,).
+        old = state_dict.get(prefix + "logit_scale")
+        if old is not None and old.dim() == 0:
+            state_dict[prefix + "logit_scale"] = old.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------- fine-tuning
 
