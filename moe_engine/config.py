@@ -413,6 +413,12 @@ class MTLConfig:
         if unknown:
             _fail("mtl.weighting_options", self.weighting_options, f"{unknown} unknown for {self.weighting!r}; its options: {', '.join(allowed) or 'none'}")
 
+    def needs_gram(self) -> bool:
+        """Whether the method weighs the tasks from the Gram matrix of their gradients."""
+        from moe_engine.mtl.weighting import build_weighting
+
+        return build_weighting(self.weighting, 1, **self.weighting_options).needs_gram
+
 
 FREEZABLE = ("experts", "routers", "backbone")
 
@@ -451,12 +457,17 @@ class TrainConfig:
     out_dir: str = "runs/default"
     # Intra-op CPU threads; null: torch's default.
     num_threads: int | None = None
+    # Micro-batches per optimizer step: each rank runs forward and backward on data.batch_size /
+    # (grad_accum_steps * ranks) examples at a time and the gradients add up before one update,
+    # the same update as the whole batch at once (the losses are normalised by the whole batch).
+    grad_accum_steps: int = 1
 
     def __post_init__(self) -> None:
         _check_choices(self, "train")
         _check_positive(
             "train", max_steps=self.max_steps, eval_every=self.eval_every,
             checkpoint_every=self.checkpoint_every, keep_checkpoints=self.keep_checkpoints,
+            grad_accum_steps=self.grad_accum_steps,
         )
         if self.num_threads is not None and self.num_threads < 1:
             _fail("train.num_threads", self.num_threads, "must be >= 1, or null for torch's default")
@@ -508,6 +519,14 @@ class Config:
             _fail("parallel.expert_parallel_size", ep, f"must divide moe.num_experts ({self.moe.num_experts})")
         # Under parallel.deepspeed_config, EP > 1 needs ZeRO stage 1 or 2: the DeepSpeed JSON is checked
         # when it is read (moe_engine.parallel.deepspeed_engine.load_deepspeed_config).
+        accum = self.train.grad_accum_steps
+        if self.data.batch_size % accum:
+            _fail("train.grad_accum_steps", accum, f"must divide data.batch_size ({self.data.batch_size})")
+        if accum > 1 and self.mtl.needs_gram():
+            # Its task weights come from the whole batch's task gradients, but each micro-batch's
+            # backward needs them first: that would take every micro-batch's graph kept at once.
+            _fail("train.grad_accum_steps", accum, f"mtl.weighting = {self.mtl.weighting!r} weighs the whole batch's task "
+                  "gradients before any backward: use 1, or a loss-based method (equal, uncertainty, dwa)")
         if self.parallel.fixed_splits and self.moe.router.capacity_factor is None:
             _fail("parallel.fixed_splits", True, "needs moe.router.capacity_factor (dropless routing has no fixed splits)")
 

@@ -60,11 +60,18 @@ def task_gradient_gram(
 
 def combine_task_losses(
     step: StepForward, task_names: Sequence[str], weighting: TaskWeighting, shared_params: Sequence[nn.Parameter],
-    run: DistributedRun,
+    run: DistributedRun, global_counts_T: torch.Tensor | None = None,
 ) -> TaskLoss:
-    """The weighted loss of one step (see the module docstring); every rank calls it (collective)."""
-    counts_T = step.counts_T
-    global_counts_T = all_reduce_sum(counts_T, run) if run.world_size > 1 else counts_T
+    """The weighted loss of one step (see the module docstring); every rank calls it (collective).
+
+    global_counts_T: (num_tasks,) what each task's loss sums are divided by, when it is more than
+    this forward's rows summed over ranks: with gradient accumulation, the whole step's batch, so
+    that the micro-batches' losses add up to the step's (global_losses_T is then this micro-batch's
+    share). None: the all-reduced step.counts_T.
+    """
+    whole_step = global_counts_T is None
+    if whole_step:
+        global_counts_T = all_reduce_sum(step.counts_T, run) if run.world_size > 1 else step.counts_T
     present_T = global_counts_T > 0
     zero = step.aux_loss.new_zeros((), dtype=torch.float32)
     # + anchor: every task's loss reaches every collective of the forward (see StepForward.anchor).
@@ -74,5 +81,6 @@ def combine_task_losses(
     ])
     global_T = all_reduce_sum(local_T.detach(), run) if run.world_size > 1 else local_T.detach()
     gram_TT = task_gradient_gram(local_T, present_T, shared_params, run) if weighting.wants_gram(present_T) else None
-    loss, weights_T = weighting.combine(local_T, present_T, gram_TT, global_losses_T=global_T)
+    # A micro-batch's share is not the step's losses, which the methods that read them would need.
+    loss, weights_T = weighting.combine(local_T, present_T, gram_TT, global_losses_T=global_T if whole_step else None)
     return TaskLoss(loss, weights_T.detach(), global_T, present_T)

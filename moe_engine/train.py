@@ -13,7 +13,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -169,8 +169,11 @@ class Trainer:
             load_pretrained_weights(self.model, self.workload, cfg.finetune.init_from, self.run_info.groups)
         if cfg.finetune.freeze:
             self.frozen = freeze_groups(self.model, self.workload, cfg.finetune.freeze)
+        # Micro-batches add up like ranks do: a term of the method that does not scale with the data is
+        # counted once per step when divided by ranks x micro-batches.
         self.weighting = build_weighting(
-            cfg.mtl.weighting, len(self.task_names), world_size=self.run_info.world_size, **cfg.mtl.weighting_options
+            cfg.mtl.weighting, len(self.task_names), world_size=self.run_info.world_size * cfg.train.grad_accum_steps,
+            **cfg.mtl.weighting_options,
         ).to(self.device)
         self.shared_params = self._shared_parameters()
         self.optimizer, self.scheduler = self._build_optimizer(self._param_groups())
@@ -432,37 +435,55 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def train_step(self, batch: Any) -> dict[str, float]:
-        """One optimizer step on one global batch (this rank takes its slice); returns the step's
-        metrics, equal on every rank. Raises NonFiniteLossError before the update."""
+        """One optimizer step on one global batch (this rank takes its slice, in train.grad_accum_steps
+        micro-batches); returns the step's metrics, equal on every rank. Raises NonFiniteLossError
+        before the update."""
         self.model.train()
         run = self.run_info
-        with self._autocast():
-            fwd = self.workload.forward_step(self.model, batch, run, self.device)
-        task = combine_task_losses(fwd, self.task_names, self.weighting, self.shared_params, run)
-        self.monitor.observe(fwd.routings, fwd.routing_task_ids_T)
-        # The balance loss is a statistic of each rank's micro-batch (as in DeepSpeed and Megatron-Core);
-        # dividing by the world size makes the SUM-reduced gradient that of the ranks' mean.
-        aux_loss = fwd.aux_loss / run.world_size
-        loss = task.loss + aux_loss
-        counts_LE = torch.stack([_expert_counts(r) for r in fwd.routings]) if fwd.routings else aux_loss.new_zeros(0, 0)
+        accum = self.cfg.train.grad_accum_steps
+        if accum == 1:
+            parts, counts_T = [batch], None  # the counts come with the forward, all-reduced
+        else:
+            # Every micro-batch's losses are divided by the whole batch's counts, so they add up to the
+            # step's loss: the same update as one pass over the batch.
+            parts, counts_T = self.workload.micro_batches(batch, accum), self.workload.task_counts(batch).to(self.device)
+        if self.engine is None:  # DeepSpeed's engine zeroes its own after each update
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.weighting_optimizer is not None:
+            self.weighting_optimizer.zero_grad(set_to_none=True)
+        logged, step_losses_T, present_T = None, 0.0, None
+        for i, part in enumerate(parts):
+            with self._autocast():
+                fwd = self.workload.forward_step(self.model, part, run, self.device)
+            task = combine_task_losses(fwd, self.task_names, self.weighting, self.shared_params, run, counts_T)
+            self.monitor.observe(fwd.routings, fwd.routing_task_ids_T)
+            # The balance loss is a statistic of each rank's micro-batch (as in DeepSpeed and Megatron-Core);
+            # dividing by ranks x micro-batches makes the SUM-reduced gradient that of their mean.
+            aux_loss = fwd.aux_loss / (run.world_size * accum)
+            loss = task.loss + aux_loss
+            counts_LE = torch.stack([_expert_counts(r) for r in fwd.routings]) if fwd.routings else aux_loss.new_zeros(0, 0)
+            part_logged = torch.cat([
+                torch.stack([task.loss.detach().float(), aux_loss.detach().float()]),
+                aux_loss.new_tensor([fwd.num_tokens], dtype=torch.float32), counts_LE.flatten().float(),
+            ])
+            logged = part_logged if logged is None else logged + part_logged
+            step_losses_T = step_losses_T + task.global_losses_T
+            present_T = task.present_T
+            if self.engine is not None:
+                self._deepspeed_backward(loss, last=i == accum - 1)
+            else:
+                loss.backward()
+        task = replace(task, global_losses_T=step_losses_T)
         # One all-reduce carries what the log needs from every rank: losses, tokens, expert counts.
         # (The per-task losses and weights are global already: combine_task_losses reduced them.)
-        logged = torch.cat([
-            torch.stack([task.loss.detach().float(), aux_loss.detach().float()]),
-            aux_loss.new_tensor([fwd.num_tokens], dtype=torch.float32), counts_LE.flatten().float(),
-        ])
         logged = all_reduce_sum(logged, run).tolist()  # NOTE: device-to-host sync, once a step, for the NaN guard and the log
         task_loss, aux_value = logged[0], logged[1]
         if not math.isfinite(task_loss + aux_value):
             self._non_finite("loss", task_loss + aux_value)
         lr = self.scheduler.get_last_lr()[0]
         if self.engine is not None:
-            grad_norm = self._deepspeed_step(loss)
+            grad_norm = self._deepspeed_update()
         else:
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.weighting_optimizer is not None:
-                self.weighting_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             if run.groups is not None:
                 all_reduce_gradients(self.model, run.groups)
             grad_norm = clip_gradients(self.model, run.groups, self.cfg.optim.grad_clip)
@@ -473,7 +494,7 @@ class Trainer:
         self._weighting_step(task, run)
         self.step += 1
         metrics = {"loss": task_loss + aux_value, "task_loss": task_loss, "aux_loss": aux_value, "grad_norm": grad_norm, "lr": lr}
-        losses, weights, present = task.global_losses_T.tolist(), task.weights_T.tolist(), task.present_T.tolist()
+        losses, weights, present = task.global_losses_T.tolist(), task.weights_T.tolist(), present_T.tolist()
         metrics.update({f"loss_{name}": losses[t] if present[t] else None for t, name in enumerate(self.task_names)})
         if self.cfg.mtl.weighting != "equal":
             metrics.update({f"weight_{name}": weights[t] for t, name in enumerate(self.task_names)})
@@ -502,22 +523,28 @@ class Trainer:
         self.weighting.after_optimizer_step()
         self.weighting.observe(task.global_losses_T, task.present_T)
 
-    def _deepspeed_step(self, loss: torch.Tensor) -> float:
-        """backward, ZeRO reduction, clipping, optimizer and scheduler step, all by the engine.
+    def _deepspeed_backward(self, loss: torch.Tensor, last: bool) -> None:
+        """The engine's backward of one micro-batch, and its step where it only accumulates.
 
         DeepSpeed divides reduced gradients by the world size (expert gradients too, which it sums
-        over the expert-data-parallel group); our losses are normalised for a sum over ranks, so
-        the loss is scaled by the world size first (see deepspeed_engine.py).
+        over the expert-data-parallel group) and the loss by its gradient_accumulation_steps; our
+        losses are normalised for a sum over ranks and micro-batches, so the loss is scaled by both
+        first (see deepspeed_engine.py). The engine wants step() after every backward; on the last
+        micro-batch that step is the update, which waits for the NaN guard (_deepspeed_update).
         """
-        world = self.run_info.world_size
-        if self.weighting_optimizer is not None:
-            self.weighting_optimizer.zero_grad(set_to_none=True)
-        self.engine.backward(loss * world)
+        world, accum = self.run_info.world_size, self.cfg.train.grad_accum_steps
+        self.engine.backward(loss * (world * accum))
+        if not last:
+            self.engine.step()  # not at the accumulation boundary: no update, no scheduler step
+
+    def _deepspeed_update(self) -> float:
+        """The engine's step at the accumulation boundary: ZeRO reduction, clipping, optimizer and
+        scheduler step. Returns the gradient norm DeepSpeed measured."""
         # The weighting method's own parameters are not DeepSpeed's: undo the world-size scale on
-        # their gradients (they are summed over ranks in _weighting_step).
+        # their gradients (engine.backward took the micro-batch scale off; _weighting_step sums them over ranks).
         for p in self.weighting.parameters():
             if p.grad is not None:
-                p.grad.div_(world)
+                p.grad.div_(self.run_info.world_size)
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")

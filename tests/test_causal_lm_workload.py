@@ -212,6 +212,19 @@ def test_expert_parallel_run_follows_the_single_process_run(pretrained, single_r
     torch.testing.assert_close(_logits(ep, ids), _logits(single, ids), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_gradient_accumulation_follows_the_whole_batch(pretrained, tmp_path, packing):
+    # Without packing the rows are padded, so the micro-batches hold different numbers of predicted
+    # tokens: each task's token mean must still be over the whole batch's tokens.
+    runs = {}
+    for accum in (1, 3):
+        out_dir = tmp_path / f"accum{accum}"
+        cfg = _cfg(out_dir, pretrained["native"], pretrained["data"], f"train.grad_accum_steps={accum}", packing=packing)
+        _trainer(cfg).run()
+        runs[accum] = out_dir
+    assert _losses(runs[3]) == pytest.approx(_losses(runs[1]), rel=1e-5)
+
+
 # ------------------------------------------------------------------------- losses
 
 

@@ -100,10 +100,12 @@ GENERALIST = [
 ]
 
 
-def test_generalist_under_zero2_and_expert_parallelism_follows_the_single_process_run(tmp_path: Path) -> None:
+def test_generalist_under_zero2_expert_parallelism_and_accumulation_follows_the_single_process_run(tmp_path: Path) -> None:
     single = tmp_path / "single"
     Trainer(load_config(None, [*GENERALIST, f"train.out_dir={single}"])).run()
-    _deepspeed(tmp_path / "ds", "deepspeed_zero2.json", *EP2, run=GENERALIST)
+    # Two micro-batches of one example per rank (DeepSpeed's gradient_accumulation_steps = 2) against
+    # the whole batch at once.
+    _deepspeed(tmp_path / "ds", "deepspeed_zero2.json", *EP2, run=[*GENERALIST, "train.grad_accum_steps=2"])
     losses = _losses(tmp_path / "ds")
     assert losses == pytest.approx(_losses(single), rel=1e-5)
     with (tmp_path / "ds" / "train.csv").open() as f:
@@ -125,6 +127,9 @@ def test_deepspeed_config_auto_values_come_from_the_run_config(tmp_path: Path) -
     ds = load_deepspeed_config(ROOT / "configs" / "deepspeed_zero2.json", cfg, world_size=4, bf16=False)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 8, 1)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is False
+    accum = load_config(None, ["data.batch_size=32", "train.grad_accum_steps=2"])
+    ds = load_deepspeed_config(ROOT / "configs" / "deepspeed_zero2.json", accum, world_size=4, bf16=False)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 2)
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_batch_size": 64, "zero_optimization": {"stage": 2}}))
     with pytest.raises(DeepSpeedConfigError, match=r"train_batch_size = 64, but the run config implies 32"):

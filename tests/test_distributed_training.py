@@ -64,9 +64,10 @@ def _final_model(out_dir: Path) -> dict[str, torch.Tensor]:
         # exchanges in two overlapped chunks carrying the routing weights.
         (2, ("parallel.dispatcher=all_to_all", "parallel.expert_parallel_size=2", "parallel.a2a_chunks=2",
              "model.activation_checkpointing=true")),
-        (4, ("parallel.dispatcher=all_to_all", "parallel.expert_parallel_size=2")),  # two EDP replicas
+        # Two EDP replicas, each rank's share in two micro-batches (gradient accumulation) of 2 examples.
+        (4, ("parallel.dispatcher=all_to_all", "parallel.expert_parallel_size=2", "train.grad_accum_steps=2")),
     ],
-    ids=["dp2", "ep2_chunked_checkpointed", "ep2x2"],
+    ids=["dp2", "ep2_chunked_checkpointed", "ep2x2_accum2"],
 )
 def test_parallel_run_follows_the_single_process_run(single_process: Path, tmp_path: Path, world_size, extra) -> None:
     run_ranks(world_size, _train_on_ranks, str(tmp_path), extra, None)

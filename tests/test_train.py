@@ -28,7 +28,7 @@ import moe_engine.train
 import moe_engine.train as train_module
 from moe_engine import cli
 from moe_engine.checkpoint import CheckpointMismatchError, load_checkpoint
-from moe_engine.config import Config, load_config
+from moe_engine.config import Config, ConfigError, load_config
 from moe_engine.train import (
     NonFiniteLossError,
     RunDirectoryError,
@@ -629,3 +629,33 @@ def test_trainer_ends_at_min_lr(make_cfg: MakeConfig) -> None:
     factor = lr_lambda(trainer.cfg)
     assert logged == pytest.approx([1e-2 * factor(s) for s in range(6)])
     assert logged[:3] == pytest.approx([5e-3, 1e-2, 1e-2])
+
+
+# ---------------------------------------------------------------------------------- gradient accumulation
+
+
+@pytest.mark.parametrize("weighting, accum", [("equal", 4), ("uncertainty", 2)])
+def test_gradient_accumulation_follows_the_whole_batch(make_cfg: MakeConfig, weighting: str, accum: int) -> None:
+    # The balance loss is a statistic of each micro-batch by design (as it is of each rank's): off here.
+    # Uncertainty weighting's log-variance term does not scale with the data: counted once per step.
+    base = ("moe.router.aux_loss_coef=0.0", f"mtl.weighting={weighting}", "train.max_steps=6")
+    whole = Trainer(make_cfg("whole", *base))
+    whole.run()
+    split = Trainer(make_cfg("split", *base, f"train.grad_accum_steps={accum}"))
+    split.run()
+    columns = [c for c in read_rows(whole.out_dir / "train.csv")[0] if c not in TIMING_COLUMNS and c != "step"]
+    for a, b in zip(read_rows(whole.out_dir / "train.csv"), read_rows(split.out_dir / "train.csv"), strict=True):
+        for c in columns:
+            assert (a[c] == b[c] == "") or float(b[c]) == pytest.approx(float(a[c]), rel=1e-5, abs=1e-7), c
+    for name, tensor in split.model.state_dict().items():
+        torch.testing.assert_close(tensor, whole.model.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name, tensor in split.weighting.state_dict().items():
+        torch.testing.assert_close(tensor, whole.weighting.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_gradient_accumulation_is_checked_by_the_config(make_cfg: MakeConfig) -> None:
+    with pytest.raises(ConfigError, match=r"train.grad_accum_steps = 3: must divide data.batch_size \(16\)"):
+        make_cfg("run", "train.grad_accum_steps=3")
+    with pytest.raises(ConfigError, match=r"train.grad_accum_steps = 2: mtl.weighting = 'pcgrad' weighs the whole batch's"):
+        make_cfg("run", "train.grad_accum_steps=2", "mtl.weighting=pcgrad")
+    make_cfg("run", "train.grad_accum_steps=2", "mtl.weighting=imtl", "mtl.weighting_options={mode: loss}")  # no Gram: fine

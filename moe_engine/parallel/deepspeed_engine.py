@@ -52,9 +52,10 @@ class DeepSpeedConfigError(ValueError):
 def load_deepspeed_config(path: str | Path, cfg: Config, world_size: int, bf16: bool) -> dict[str, Any]:
     """Read a DeepSpeed JSON config and fill its "auto" values from the run config.
 
-    train_batch_size = data.batch_size (the global batch), train_micro_batch_size_per_gpu =
-    data.batch_size / W, gradient_accumulation_steps = 1, gradient_clipping = optim.grad_clip,
-    bf16.enabled = whether the run trains in bf16. Explicit values must agree with the run config.
+    train_batch_size = data.batch_size (the global batch), gradient_accumulation_steps = A =
+    train.grad_accum_steps, train_micro_batch_size_per_gpu = data.batch_size / (W * A),
+    gradient_clipping = optim.grad_clip, bf16.enabled = whether the run trains in bf16. Explicit
+    values must agree with the run config.
     """
     path = Path(path)
     if not path.is_file():
@@ -63,13 +64,15 @@ def load_deepspeed_config(path: str | Path, cfg: Config, world_size: int, bf16: 
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise DeepSpeedConfigError(f"--deepspeed_config {str(path)!r}: not valid JSON: {err}") from err
-    batch = cfg.data.batch_size
-    if batch % world_size:
-        raise DeepSpeedConfigError(f"data.batch_size = {batch} does not divide over {world_size} ranks")
+    batch, accum = cfg.data.batch_size, cfg.train.grad_accum_steps
+    if batch % (world_size * accum):
+        raise DeepSpeedConfigError(
+            f"data.batch_size = {batch} does not divide over {world_size} ranks x train.grad_accum_steps = {accum} micro-batches"
+        )
     wanted = {
         "train_batch_size": batch,
-        "train_micro_batch_size_per_gpu": batch // world_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": batch // (world_size * accum),
+        "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.optim.grad_clip if cfg.optim.grad_clip is not None else 0.0,
     }
     for key, value in wanted.items():

@@ -72,6 +72,17 @@ class Workload(ABC):
         """Take this rank's share of a global batch and run the forward (the caller sets autocast)."""
 
     @abstractmethod
+    def task_counts(self, batch: Any) -> torch.Tensor:
+        """(num_tasks,) fp32 on the CPU: what each task's loss sum is divided by over a whole batch
+        (examples, or predicted tokens), the same quantity as forward_step's counts_T."""
+
+    def micro_batches(self, batch: Any, count: int) -> list[Any]:
+        """A global batch as `count` global micro-batches (train.grad_accum_steps): rows i::count form
+        the i-th, so each row lands in exactly one. This default is for a dict of tensors whose rows
+        are examples; workloads with other batch layouts override it."""
+        return [{key: value[i::count] for key, value in batch.items()} for i in range(count)]
+
+    @abstractmethod
     def evaluate(
         self, model: nn.Module, run: DistributedRun, device: torch.device, autocast: Callable[[], Any], num_experts: int,
     ) -> tuple[dict[str, float], torch.Tensor]:

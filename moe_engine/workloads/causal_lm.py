@@ -245,6 +245,10 @@ class CausalLMWorkload(Workload):
             )
         return ResumableBatches(self.data.train, batch, seed=seed)
 
+    def task_counts(self, batch: Any) -> torch.Tensor:
+        """Predicted tokens (length - 1 per row) of each task."""
+        return torch.bincount(batch["task"], weights=(batch["length"] - 1).double(), minlength=len(self.task_names)).float()
+
     def _rows(self, batch: dict[str, torch.Tensor], run: DistributedRun, device: torch.device) -> _Rows:
         """This rank's rows (every rank takes rows rank::world) with their targets and task counts."""
         batch = rank_slice(batch, run)
@@ -254,7 +258,7 @@ class CausalLMWorkload(Workload):
         real_BS = torch.arange(S)[None, :] < length_B[:, None]
         padded = bool((length_B < S).any())
         targets_BS1 = ids_BS[:, 1:].masked_fill(~real_BS[:, 1:], IGNORE_INDEX)
-        counts_T = torch.bincount(task_B, weights=(length_B - 1).double(), minlength=len(self.task_names)).float()
+        counts_T = self.task_counts(batch)
         present = [t for t, c in enumerate(counts_T.tolist()) if c > 0]
         return _Rows(
             ids_BS.to(device, non_blocking=True),

@@ -56,6 +56,9 @@ class ClassifierWorkload(Workload):
     def train_batches(self, seed: int) -> Iterator[Any]:
         return ResumableBatches(self.data.train, self.cfg.data.batch_size, seed=seed)
 
+    def task_counts(self, batch: Any) -> torch.Tensor:
+        return task_counts(batch["task"], len(self.task_names))
+
     def forward_step(self, model: nn.Module, batch: Any, run: DistributedRun, device: torch.device) -> StepForward:
         batch = rank_slice(batch, run)
         pixels, task, label = (batch[k].to(device, non_blocking=True) for k in ("pixels", "task", "label"))

@@ -92,11 +92,18 @@ class GeneralistWorkload(Workload):
 
     # ---------------------------------------------------------------- training and evaluation
 
+    def task_counts(self, batch: Any) -> torch.Tensor:
+        return torch.tensor([float(_rows(batch[n])) if n in batch else 0.0 for n in self.task_names])
+
+    def micro_batches(self, batch: Any, count: int) -> list[Any]:
+        # Every task stays in every micro-batch, at zero rows where it has none (see train_batches).
+        return [{name: slice_for_rank(sub, i, count) for name, sub in batch.items()} for i in range(count)]
+
     def forward_step(self, model: nn.Module, batch: Any, run: DistributedRun, device: torch.device) -> StepForward:
         local = self._local(batch, run, device, keep_empty=True)
         out = model(local)
         loss_sums = task_loss_sums(model.tasks, out, local)
-        counts_T = torch.tensor([float(_rows(local[n])) if n in local else 0.0 for n in self.task_names], device=device)
+        counts_T = self.task_counts(local).to(device)
         num_tokens = int(out.routings[0].experts_TK.shape[0]) if out.routings else 0
         # The model ties aux_loss to the features of every encoder call: a zero that reaches every all-to-all.
         return StepForward(
