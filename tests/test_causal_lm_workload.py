@@ -26,7 +26,6 @@ from moe_engine.finetune import freeze_groups
 from moe_engine.hf import MoECausalLM, export_hf, import_hf, save_native
 from moe_engine.parallel.runtime import DistributedRun
 from moe_engine.train import Trainer
-from moe_engine.workloads import build_workload
 from moe_engine.experts import GroupedExperts
 from moe_engine.workloads.causal_lm import CausalLMWorkload, load_pretrained_model
 from moe_engine.workloads.text_data import ByteTokenizer, build_tokenizer, load_text_data, pack_rows
