@@ -68,6 +68,9 @@ def single_process(tmp_path_factory) -> list[float]:
     return _losses(out_dir)
 
 
+# Slow (half a minute on 2 cores): in CI, the generalist test below runs ZeRO-2 without expert
+# parallelism, and the expert-parallel test trains this model to the same curve under ZeRO-2.
+@pytest.mark.slow
 def test_zero2_on_two_ranks_follows_the_single_process_run(single_process: list[float], tmp_path: Path) -> None:
     _deepspeed(tmp_path, "deepspeed_zero2.json")
     losses = _losses(tmp_path)
@@ -100,19 +103,20 @@ GENERALIST = [
 ]
 
 
-def test_generalist_under_zero2_expert_parallelism_and_accumulation_follows_the_single_process_run(tmp_path: Path) -> None:
-    single = tmp_path / "single"
+@pytest.mark.parametrize("parallel", [pytest.param((), id="dp2"), pytest.param(tuple(EP2), marks=pytest.mark.slow, id="ep2")])
+def test_generalist_under_zero2_with_accumulation_follows_the_single_process_run(tmp_path: Path, parallel) -> None:
+    single, ds = tmp_path / "single", tmp_path / "ds"
     Trainer(load_config(None, [*GENERALIST, f"train.out_dir={single}"])).run()
     # Two micro-batches of one example per rank (DeepSpeed's gradient_accumulation_steps = 2) against
     # the whole batch at once.
-    _deepspeed(tmp_path / "ds", "deepspeed_zero2.json", *EP2, run=[*GENERALIST, "train.grad_accum_steps=2"])
-    losses = _losses(tmp_path / "ds")
-    assert losses == pytest.approx(_losses(single), rel=1e-5)
-    with (tmp_path / "ds" / "train.csv").open() as f:
+    _deepspeed(ds, "deepspeed_zero2.json", *parallel, run=[*GENERALIST, "train.grad_accum_steps=2"])
+    assert _losses(ds) == pytest.approx(_losses(single), rel=1e-5)
+    with (ds / "train.csv").open() as f:
         rows = list(csv.DictReader(f))
     # Steps that lacked a task (its column empty) are what this test is about.
     assert any(row["loss_text_digit"] == "" for row in rows) and any(row["loss_caption"] == "" for row in rows)
-    assert expert_shard_size(tmp_path / "ds" / "checkpoints" / f"step_{10:08d}") == 2
+    assert (ds / "checkpoints" / "latest").read_text().strip() == f"step_{10:08d}"
+    assert sorted(p.name for p in (ds / "checkpoints").glob("step_*")) == [f"step_{5:08d}", f"step_{10:08d}"]
 
 
 def test_a_0_dim_parameter_is_refused_before_deepspeed_starts() -> None:
@@ -147,7 +151,10 @@ def test_expert_parallel_run_follows_the_single_process_run_and_resumes(single_p
     # (stages 1 and 2 write the same checkpoint format; the partitions are the same at this size).
     _deepspeed(tmp_path, "deepspeed_zero1.json", *EP2, "--set", f"train.max_steps={STEPS // 2}")
     _deepspeed(tmp_path, "deepspeed_zero2.json", *EP2, "--resume")
-    assert _losses(tmp_path) == pytest.approx(single_process, rel=1e-5)
+    losses = _losses(tmp_path)
+    assert losses == pytest.approx(single_process, rel=1e-5)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05  # it learns (about 1.99 -> 1.86 here)
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
     for step in (STEPS // 2, STEPS):
         tag = tmp_path / "checkpoints" / f"step_{step:08d}"
         assert {"experts_ep0_of_2.pt", "experts_ep1_of_2.pt", "mp_rank_00_model_states.pt"} <= {p.name for p in tag.iterdir()}
