@@ -451,7 +451,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         if self.weighting_optimizer is not None:
             self.weighting_optimizer.zero_grad(set_to_none=True)
-        logged, step_losses_T, present_T = None, 0.0, None
+        logged, step_losses_T = None, 0.0
         for i, part in enumerate(parts):
             with self._autocast():
                 fwd = self.workload.forward_step(self.model, part, run, self.device)
@@ -468,7 +468,6 @@ class Trainer:
             ])
             logged = part_logged if logged is None else logged + part_logged
             step_losses_T = step_losses_T + task.global_losses_T
-            present_T = task.present_T
             if self.engine is not None:
                 self._deepspeed_backward(loss, last=i == accum - 1)
             else:
@@ -494,7 +493,7 @@ class Trainer:
         self._weighting_step(task, run)
         self.step += 1
         metrics = {"loss": task_loss + aux_value, "task_loss": task_loss, "aux_loss": aux_value, "grad_norm": grad_norm, "lr": lr}
-        losses, weights, present = task.global_losses_T.tolist(), task.weights_T.tolist(), present_T.tolist()
+        losses, weights, present = task.global_losses_T.tolist(), task.weights_T.tolist(), task.present_T.tolist()
         metrics.update({f"loss_{name}": losses[t] if present[t] else None for t, name in enumerate(self.task_names)})
         if self.cfg.mtl.weighting != "equal":
             metrics.update({f"weight_{name}": weights[t] for t, name in enumerate(self.task_names)})
