@@ -51,11 +51,27 @@ def test_generalist_trains_and_reports_every_task_metric(pretrained) -> None:
     assert (out_dir / "checkpoints" / "step_00000004.pt").is_file()
 
 
-def test_generalist_resume_is_exact(tmp_path: Path) -> None:
+def _as_older_file(path: Path, trainer: Trainer) -> None:
+    """Rewrite a checkpoint as files saved before logit_scale became (1,) were: a 0-dim parameter
+    with 0-dim Adam moments."""
+    saved = torch.load(path, weights_only=False)
+    saved["model"]["logit_scale"] = saved["model"]["logit_scale"].reshape(())
+    params = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    index = next(i for i, p in enumerate(params) if p is trainer.model.logit_scale)
+    moments = saved["optimizer"]["state"][index]
+    assert moments["exp_avg"].shape == (1,)
+    saved["optimizer"]["state"][index] = {k: v if k == "step" else v.reshape(()) for k, v in moments.items()}
+    torch.save(saved, path)
+
+
+@pytest.mark.parametrize("older_file", [False, True], ids=["current", "scalar-logit-scale-file"])
+def test_generalist_resume_is_exact(older_file: bool, tmp_path: Path) -> None:
     whole = Trainer(_cfg(tmp_path / "whole"))
     whole.run()
     first = Trainer(_cfg(tmp_path / "split"))
     first.run(until_step=2)
+    if older_file:
+        _as_older_file(tmp_path / "split" / "checkpoints" / "step_00000002.pt", first)
     resumed = Trainer(_cfg(tmp_path / "split"), resume="auto")
     assert resumed.step == 2
     resumed.run()

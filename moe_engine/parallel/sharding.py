@@ -83,9 +83,8 @@ def load_canonical_state(
     )
     if optimizer is None or optim_sd is None:
         return
-    optimizer.load_state_dict(
-        _map_expert_states(model, optimizer, optim_sd, lambda v: local_expert_slice(v, ep_rank, ep_size))
-    )
+    optim_sd = _map_expert_states(model, optimizer, optim_sd, lambda v: local_expert_slice(v, ep_rank, ep_size))
+    optimizer.load_state_dict(_fit_scalar_states(optimizer, optim_sd))
 
 
 def expert_shard_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ep_rank: int, ep_size: int) -> dict[str, Any]:
@@ -166,7 +165,23 @@ def load_sharded_state(
     for index, name in _optimizer_names(model, optimizer).items():
         if name in names and optim_states[name] is not None:
             state[index] = optim_states[name]
-    optimizer.load_state_dict({**optim_sd, "state": state})
+    optimizer.load_state_dict(_fit_scalar_states(optimizer, {**optim_sd, "state": state}))
+
+
+def _fit_scalar_states(optimizer: torch.optim.Optimizer, optim_sd: dict[str, Any]) -> dict[str, Any]:
+    """optim_sd with the 0-dim per-element states (Adam's moments) of a parameter that is now (1,)
+    reshaped to (1,): files saved before a scalar parameter became (1,) (the generalist's
+    logit_scale, because DeepSpeed's engine cannot broadcast a 0-dim parameter) still resume;
+    torch's load_state_dict casts states but does not reshape them. "step" stays 0-dim."""
+    params = _optimizer_params(optimizer)
+    state = dict(optim_sd["state"])
+    for index, entries in optim_sd["state"].items():
+        if index < len(params) and params[index].shape == (1,):
+            state[index] = {
+                key: value.reshape(1) if key != "step" and torch.is_tensor(value) and value.dim() == 0 else value
+                for key, value in entries.items()
+            }
+    return {**optim_sd, "state": state}
 
 
 def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
