@@ -32,12 +32,16 @@ from moe_engine.workloads.base import StepForward
 @dataclass(frozen=True)
 class TaskLoss:
     """loss: () the weighted task loss to backpropagate (global value, this rank's gradient share).
-    weights_T: (num_tasks,) the method's task weights (0 for absent tasks). global_losses_T: (num_tasks,)
-    detached mean loss of each task over the global batch (0 if absent). present_T: (num_tasks,) bool."""
+    weights_T: (num_tasks,) the method's task weights (0 for absent tasks). local_losses_T:
+    (num_tasks,) detached, this rank's share of each task's mean loss (the shares add up over ranks).
+    global_losses_T: (num_tasks,) detached mean loss of each task over the global batch (0 if
+    absent), or None for a micro-batch of an accumulated step, whose caller sums the local shares of
+    its micro-batches and reduces them once. present_T: (num_tasks,) bool."""
 
     loss: torch.Tensor
     weights_T: torch.Tensor
-    global_losses_T: torch.Tensor
+    local_losses_T: torch.Tensor
+    global_losses_T: torch.Tensor | None
     present_T: torch.Tensor
 
 
@@ -66,8 +70,9 @@ def combine_task_losses(
 
     global_counts_T: (num_tasks,) what each task's loss sums are divided by, when it is more than
     this forward's rows summed over ranks: with gradient accumulation, the whole step's batch, so
-    that the micro-batches' losses add up to the step's (global_losses_T is then this micro-batch's
-    share). None: the all-reduced step.counts_T.
+    that the micro-batches' losses add up to the step's. The losses are then not all-reduced here
+    (global_losses_T is None; one reduction per step, not one per micro-batch). None: the
+    all-reduced step.counts_T.
     """
     whole_step = global_counts_T is None
     if whole_step:
@@ -79,8 +84,9 @@ def combine_task_losses(
         (step.loss_sums[name].float() / global_counts_T[t].clamp_min(1) if name in step.loss_sums else zero) + step.anchor
         for t, name in enumerate(task_names)
     ])
-    global_T = all_reduce_sum(local_T.detach(), run) if run.world_size > 1 else local_T.detach()
+    global_T = None
+    if whole_step:  # a micro-batch's share is not the step's losses, which the methods that read them want
+        global_T = all_reduce_sum(local_T.detach(), run) if run.world_size > 1 else local_T.detach()
     gram_TT = task_gradient_gram(local_T, present_T, shared_params, run) if weighting.wants_gram(present_T) else None
-    # A micro-batch's share is not the step's losses, which the methods that read them would need.
-    loss, weights_T = weighting.combine(local_T, present_T, gram_TT, global_losses_T=global_T if whole_step else None)
-    return TaskLoss(loss, weights_T.detach(), global_T, present_T)
+    loss, weights_T = weighting.combine(local_T, present_T, gram_TT, global_losses_T=global_T)
+    return TaskLoss(loss, weights_T.detach(), local_T.detach(), global_T, present_T)

@@ -467,15 +467,21 @@ class Trainer:
                 aux_loss.new_tensor([fwd.num_tokens], dtype=torch.float32), counts_LE.flatten().float(),
             ])
             logged = part_logged if logged is None else logged + part_logged
-            step_losses_T = step_losses_T + task.global_losses_T
+            step_losses_T = step_losses_T + task.local_losses_T
             if self.engine is not None:
                 self._deepspeed_backward(loss, last=i == accum - 1)
             else:
                 loss.backward()
-        task = replace(task, global_losses_T=step_losses_T)
-        # One all-reduce carries what the log needs from every rank: losses, tokens, expert counts.
-        # (The per-task losses and weights are global already: combine_task_losses reduced them.)
-        logged = all_reduce_sum(logged, run).tolist()  # NOTE: device-to-host sync, once a step, for the NaN guard and the log
+        # One all-reduce carries what the log needs from every rank: losses, tokens, expert counts, and,
+        # with accumulation, the per-task losses (one step's forward reduces them in combine_task_losses;
+        # the weights are global already).
+        if task.global_losses_T is None:
+            logged = torch.cat([logged, step_losses_T.to(logged.dtype)])
+        logged = all_reduce_sum(logged, run)
+        if task.global_losses_T is None:
+            logged, step_losses_T = logged[:-len(self.task_names)], logged[-len(self.task_names):]
+            task = replace(task, global_losses_T=step_losses_T)
+        logged = logged.tolist()  # NOTE: device-to-host sync, once a step, for the NaN guard and the log
         task_loss, aux_value = logged[0], logged[1]
         if not math.isfinite(task_loss + aux_value):
             self._non_finite("loss", task_loss + aux_value)

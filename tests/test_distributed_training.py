@@ -40,6 +40,12 @@ def _losses(out_dir: Path) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
+def _task_losses(out_dir: Path) -> list[dict[str, float]]:
+    """Each step's logged per-task losses (loss_<task>; a task absent from a step has none)."""
+    with (out_dir / "train.csv").open() as f:
+        return [{k: float(v) for k, v in row.items() if k.startswith("loss_") and v != ""} for row in csv.DictReader(f)]
+
+
 def _train_on_ranks(rank: int, world_size: int, out_dir: str, extra: tuple[str, ...], resume: str | None) -> None:
     Trainer(_cfg(Path(out_dir), *extra), resume=resume).run()
 
@@ -72,6 +78,10 @@ def _final_model(out_dir: Path) -> dict[str, torch.Tensor]:
 def test_parallel_run_follows_the_single_process_run(single_process: Path, tmp_path: Path, world_size, extra) -> None:
     run_ranks(world_size, _train_on_ranks, str(tmp_path), extra, None)
     assert _losses(tmp_path) == pytest.approx(_losses(single_process), rel=1e-5)
+    expected_losses = _task_losses(single_process)
+    assert expected_losses[0]  # the per-task losses are logged, reduced over ranks (and micro-batches)
+    for got, want in zip(_task_losses(tmp_path), expected_losses, strict=True):
+        assert got == pytest.approx(want, rel=1e-5)
     expected = _final_model(single_process)
     for name, tensor in _final_model(tmp_path).items():
         torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-6, msg=name)
