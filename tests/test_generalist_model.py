@@ -465,17 +465,29 @@ class BadTokenizer(nn.Module):
         concat_routings([])
 
 
-def test_concat_routings_sums_losses_and_capacities() -> None:
+def test_concat_routings_averages_losses_by_rows_and_sums_capacities() -> None:
     def routing(T: int, capacity: int | None, aux: float) -> Routing:
         return Routing(torch.rand(T, 2), torch.zeros(T, 2, dtype=torch.int64), torch.rand(T, 3), torch.tensor(aux),
                        {"balance_loss": torch.tensor(aux)}, capacity)
 
     both = concat_routings([routing(2, 4, 1.0), routing(0, 1, 0.5), routing(3, 2, 0.25)])
     assert both.experts_TK.shape == (5, 2) and both.capacity == 7
-    assert both.aux_loss.item() == 1.75 and both.aux_terms["balance_loss"].item() == 1.75
+    # (2 * 1.0 + 0 * 0.5 + 3 * 0.25) / 5: the part with no rows has no weight
+    assert both.aux_loss.item() == pytest.approx(0.55) and both.aux_terms["balance_loss"].item() == pytest.approx(0.55)
+    assert concat_routings([routing(0, 1, 0.5), routing(0, 1, 0.25)]).aux_loss.item() == pytest.approx(0.375)
     assert concat_routings([routing(1, None, 0.0)]).capacity is None
     with pytest.raises(ValueError, match="mix dropless"):
         concat_routings([routing(1, None, 0.0), routing(1, 3, 0.0)])
+
+
+def test_auxiliary_losses_average_over_encoder_calls() -> None:
+    """Three encoder calls (image, text, targets): a regulariser of the parameters alone (DSelect-k's
+    static gate) counts once, not once per call."""
+    model = build(router="dselect_k", moe_attention=False, share_routing=False).train()
+    out = model(make_batch())
+    once = sum(r.gate.weights(torch.zeros(1, 16), torch.zeros(1, dtype=torch.int64)).reg_loss for r in model.routers)
+    assert len(model.tokenizers) + 1 == 3 and once > 0
+    torch.testing.assert_close(out.aux_loss, once)
 
 
 def test_embedding_parameters_belong_to_the_model() -> None:

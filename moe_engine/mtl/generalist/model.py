@@ -67,8 +67,9 @@ ROLES = ("input", "target")
 class GeneralistOutput:
     """scores: task name -> (B_t, len(targets)) float32 logits (classification, retrieval) or (B_t,)
     float32 predictions (regression), for the tasks of the batch, in the model's task order.
-    aux_loss: () float32, summed over the routers and the encoder calls; its graph reaches every
-    encoder call (see the module docstring), so include it in every loss that is backpropagated.
+    aux_loss: () float32, summed over the routers, averaged over the encoder calls weighted by
+    their routed tokens (`call_weights`); its graph reaches every encoder call (see the module
+    docstring), so include it in every loss that is backpropagated.
     routings: one Routing per router (`GeneralistModel.routers` order) over the routed tokens of
     all encoder calls of the forward, concatenated in call order (padding is not routed).
     routing_task_ids_T: (T,) int64, the task index (into model.tasks) of each routed token,
@@ -112,11 +113,23 @@ class _Encoded:
     routed_task_ids_T: torch.Tensor
 
 
+def call_weights(rows: Sequence[int]) -> list[float]:
+    """Each encoder call's share of the routed rows, the weight of its auxiliary losses in the
+    forward's: the balance and mutual-information losses are statistics of each call's tokens
+    (as they are of each rank's), averaged over the calls, not summed, so that their coefficients
+    do not grow with the number of calls (one per modality, plus the targets). All-zero rows:
+    equal shares (every part's loss is then that of no tokens)."""
+    total = sum(rows)
+    return [n / total for n in rows] if total > 0 else [1.0 / len(rows)] * len(rows)
+
+
 def concat_routings(routings: Sequence[Routing]) -> Routing:
     """One Routing over the tokens of several routings of the same router, rows in the given order.
 
-    aux_loss and each aux_terms entry are summed; capacity is the sum of the capacities (rows an
-    expert may take over all the parts), or None when every part is dropless.
+    aux_loss and each aux_terms entry are the parts' means weighted by their rows (`call_weights`),
+    so a coefficient means what it means for one call and a term that depends on parameters alone
+    (DSelect-k's entropy) counts once; capacity is the sum of the capacities (rows an expert may
+    take over all the parts), or None when every part is dropless.
     """
     if not routings:
         raise ValueError("concat_routings: got no routings; expected at least one")
@@ -134,15 +147,16 @@ def concat_routings(routings: Sequence[Routing]) -> Routing:
         raise ValueError(f"concat_routings: capacities {capacities} mix dropless (None) and capacity routings")
     else:
         capacity = sum(capacities)
+    shares = call_weights([r.experts_TK.shape[0] for r in routings])
     terms: dict[str, torch.Tensor] = {}
-    for r in routings:
+    for r, share in zip(routings, shares):
         for name, value in r.aux_terms.items():
-            terms[name] = terms[name] + value if name in terms else value
+            terms[name] = terms[name] + share * value if name in terms else share * value
     return Routing(
         weights_TK=torch.cat([r.weights_TK for r in routings]),
         experts_TK=torch.cat([r.experts_TK for r in routings]),
         scores_TE=torch.cat([r.scores_TE for r in routings]),
-        aux_loss=torch.stack([r.aux_loss for r in routings]).sum(),
+        aux_loss=sum(share * r.aux_loss for r, share in zip(routings, shares)),
         aux_terms=terms,
         capacity=capacity,
     )
@@ -373,9 +387,10 @@ class GeneralistModel(nn.Module):
 
         scores = {self.tasks[i].name: self._score(i, features[i], target_features.get(i)) for i in present}
         routings = tuple(concat_routings([call.routings[r] for call in calls]) for r in range(len(self.routers)))
+        shares = call_weights([len(call.routed_task_ids_T) for call in calls])
         return GeneralistOutput(
             scores=scores,
-            aux_loss=torch.stack([call.aux_loss for call in calls]).sum(),
+            aux_loss=sum(share * call.aux_loss for call, share in zip(calls, shares)),
             routings=routings,
             routing_task_ids_T=torch.cat([call.routed_task_ids_T for call in calls]),
         )
