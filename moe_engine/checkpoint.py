@@ -59,10 +59,11 @@ class CheckpointMismatchError(ValueError):
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG this process draws from: Python's, torch's CPU generator and each CUDA device's."""
+    """Every RNG this process draws from: Python's, torch's CPU generator and, with CUDA, the
+    current device's (a launched rank's own GPU; see moe_engine.parallel.runtime.bind_local_device)."""
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -70,7 +71,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if isinstance(state["cuda"], torch.Tensor):
+            torch.cuda.set_rng_state(state["cuda"])
+        else:  # files written before one state per rank: every device's, in a list
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _lookup(config: dict[str, Any], dotted: str) -> Any:

@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -43,7 +44,9 @@ from moe_engine.parallel.runtime import (
     all_reduce_sum,
     barrier,
     clip_gradients,
+    bind_local_device,
     expert_parameters,
+    gather_objects,
     init_distributed,
     signal_any_rank,
 )
@@ -148,6 +151,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_checkpoints)
         device_type = "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
         use_deepspeed = cfg.parallel.deepspeed_config is not None
+        bind_local_device(device_type)  # before any process group, model or kernel
         if use_deepspeed:
             backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
             init_deepspeed_distributed(backend)
@@ -314,13 +318,15 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """The canonical (single-process layout) state; gathers expert shards, so every rank calls it."""
         model_sd, optim_sd = canonical_state(self.model, self.optimizer, self.run_info.groups)
+        rng_states = self._rng_states()
         return {
             "config": self.cfg.to_dict(),
             "model": model_sd,
             "optimizer": optim_sd,
             "scheduler": self.scheduler.state_dict(),
             "data": self.batches.state_dict(),
-            "rng": rng_state(),
+            "rng": rng_states[0],
+            "rng_ranks": rng_states,
             "routing": self.monitor.state_dict(),
             "weighting": self._weighting_state(),
             "tasks": self.workload.task_specs(),
@@ -363,16 +369,38 @@ class Trainer:
             self.batches.load_state_dict(state["data"])
         except ValueError as err:
             raise CheckpointMismatchError(f"the checkpoint's data position does not fit this config: {err}") from err
-        set_rng_state(state["rng"])
+        self._load_rng_state(state)
         self.monitor.load_state_dict(state.get("routing"))
         self._load_weighting_state(state.get("weighting"))
         self.step = state["step"]
 
-    def _client_state(self, routing_state: dict[str, Any] | None) -> dict[str, Any]:
+    def _rng_states(self) -> list[dict[str, Any]]:
+        """Every rank's RNG states, in rank order (collective): ranks draw different amounts (dropout and
+        router noise over slices of different sizes), so an exact resume restores each its own."""
+        return gather_objects(rng_state(), self.run_info)
+
+    def _load_rng_state(self, state: dict[str, Any]) -> None:
+        """This rank's RNG states from a checkpoint saved by as many ranks; otherwise (another world
+        size, or a file from before per-rank states) every rank continues from rank 0's."""
+        ranks, run = state.get("rng_ranks"), self.run_info
+        if ranks is not None and len(ranks) == run.world_size:
+            set_rng_state(ranks[run.rank])
+            return
+        set_rng_state(state["rng"])
+        if ranks is not None and run.world_size > 1 and run.is_main:
+            warnings.warn(
+                f"the checkpoint holds the RNG states of {len(ranks)} rank(s), this run has {run.world_size}: "
+                "every rank continues from rank 0's (dropout and router noise differ from an uninterrupted run)",
+                stacklevel=2,
+            )
+
+    def _client_state(self, routing_state: dict[str, Any] | None, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         """What DeepSpeed's checkpoint does not hold by itself: step, config, data position, RNG, and
-        the routing monitor's state (`self.monitor.state_dict()`, collected by every rank beforehand)."""
+        the routing monitor's state (`self.monitor.state_dict()`); the routing state and every rank's
+        RNG states (`_rng_states()`) are collected by every rank beforehand."""
         return {
-            "step": self.step, "config": self.cfg.to_dict(), "data": self.batches.state_dict(), "rng": rng_state(),
+            "step": self.step, "config": self.cfg.to_dict(), "data": self.batches.state_dict(),
+            "rng": rng_states[0], "rng_ranks": rng_states,
             "routing": routing_state, "weighting": self._weighting_state(), "tasks": self.workload.task_specs(),
         }
 
@@ -395,12 +423,12 @@ class Trainer:
         if self.engine is not None:
             self.last_checkpoint = save_deepspeed_checkpoint(
                 self.engine, self.model, groups, self.checkpoints, self.step,
-                self._client_state(self.monitor.state_dict()), self.run_info.is_main,
+                self._client_state(self.monitor.state_dict(), self._rng_states()), self.run_info.is_main,
                 barrier=lambda: barrier(self.run_info),
             )
             return self.last_checkpoint
         if groups is not None and groups.ep_size > 1:  # one file per expert shard, nothing gathered
-            files = self._sharded_checkpoint_files(self.monitor.state_dict())
+            files = self._sharded_checkpoint_files(self.monitor.state_dict(), self._rng_states())
             self.last_checkpoint = self.checkpoints.save_sharded(
                 self.step, files, is_main=self.run_info.is_main,
                 barrier=lambda: barrier(self.run_info),
@@ -413,7 +441,9 @@ class Trainer:
         self.last_checkpoint = self.checkpoints.path_for(self.step)
         return self.last_checkpoint
 
-    def _sharded_checkpoint_files(self, routing_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    def _sharded_checkpoint_files(
+        self, routing_state: dict[str, Any], rng_states: list[dict[str, Any]]
+    ) -> dict[str, dict[str, Any]]:
         """The files of a per-shard checkpoint this rank writes: its expert shard if it belongs to the
         first expert-data-parallel replica (ranks 0..P-1), and model.pt on rank 0."""
         groups = self.run_info.groups
@@ -424,7 +454,7 @@ class Trainer:
         if self.run_info.is_main:
             model_sd, optim_sd, num_experts = replicated_state(self.model, self.optimizer, groups.ep_size)
             files[MODEL_FILE] = {
-                **self._client_state(routing_state), "model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
+                **self._client_state(routing_state, rng_states), "model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
                 "expert_shards": {"ep_size": groups.ep_size, "num_experts": num_experts},
             }
         return files

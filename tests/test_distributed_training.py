@@ -87,6 +87,20 @@ def test_parallel_run_follows_the_single_process_run(single_process: Path, tmp_p
         torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_resume_gives_each_rank_its_own_rng_stream(tmp_path: Path) -> None:
+    """Dropout on, and 15 examples over 2 ranks: the ranks draw different amounts of randomness, so
+    a resumed run follows the uninterrupted one only if each rank gets its own RNG states back."""
+    uneven = ("model.dropout=0.2", "data.batch_size=15", "train.max_steps=4", "train.checkpoint_every=2",
+              "parallel.dispatcher=all_to_all", "parallel.expert_parallel_size=2")
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_ranks(2, _train_on_ranks, str(whole), uneven, None)
+    run_ranks(2, _train_on_ranks, str(resumed), uneven, str(whole / "checkpoints" / "step_00000002"))
+    assert _losses(resumed) == pytest.approx(_losses(whole)[2:], rel=1e-6, abs=0)
+    expected = _final_model(whole)
+    for name, tensor in _final_model(resumed).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 # Slow (about 50 s on 2 cores): tests/test_checkpoint_shards.py resumes the same kind of EP=2 checkpoint at
 # EP=4 and in one process in CI, comparing model outputs; this one follows the loss curve to the end.
 @pytest.mark.slow

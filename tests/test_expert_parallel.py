@@ -17,6 +17,7 @@ from distributed import run_ranks
 from moe_engine.config import MoEConfig, RouterConfig
 from moe_engine.layer import MoELayer
 from moe_engine.parallel import AllToAllDispatcher, build_parallel_groups, check_parallel_sizes
+from moe_engine.parallel.runtime import bind_local_device
 
 D, F, E, K, T_PER_RANK = 16, 16, 8, 2, 12
 
@@ -188,11 +189,24 @@ def test_triton_experts_under_expert_parallelism_take_the_weights_with_the_rows(
 @pytest.mark.parametrize(
     "world, ep, experts, message",
     [
-        (4, 3, 6, "does not divide the world size 4"),
-        (4, 4, 6, "does not divide num_experts 6"),
-        (2, 0, 8, "must be >= 1"),
+        (4, 3, 6, r"expert_parallel_size = 3 does not divide the world size 4; .*: \[1, 2\]"),
+        (4, 4, 6, r"expert_parallel_size = 4 does not divide num_experts 6; .*: \[1, 2\]"),
+        (2, 0, 8, "expert_parallel_size = 0: must be >= 1"),
     ],
 )
 def test_invalid_parallel_sizes_are_refused(world: int, ep: int, experts: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         check_parallel_sizes(world, ep, experts)
+
+
+def test_each_launched_rank_binds_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL, Triton's launches and CUDA events use the current device: rank k must make it GPU k."""
+    bound: list[int] = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert bind_local_device("cuda") == 3 and bound == [3]
+    assert bind_local_device("cpu") == 3 and bound == [3]  # CPU ranks bind nothing
+    monkeypatch.setenv("LOCAL_RANK", "4")
+    with pytest.raises(ValueError, match=r"LOCAL_RANK = 4: this node has 4 CUDA device\(s\), so local ranks 0..3"):
+        bind_local_device("cuda")

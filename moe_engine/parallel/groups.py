@@ -38,13 +38,20 @@ class ParallelGroups:
 
 
 def check_parallel_sizes(world_size: int, ep_size: int, num_experts: int) -> None:
-    """Refuse sizes that cannot be laid out, naming the values."""
+    """Refuse sizes that cannot be laid out, naming the values and the sizes that would work."""
     if ep_size < 1:
-        raise ValueError(f"expert-parallel size {ep_size}: must be >= 1")
+        raise ValueError(f"parallel.expert_parallel_size = {ep_size}: must be >= 1")
+    allowed = [d for d in range(1, world_size + 1) if world_size % d == 0 and num_experts % d == 0]
     if world_size % ep_size:
-        raise ValueError(f"expert-parallel size {ep_size} does not divide the world size {world_size}")
+        raise ValueError(
+            f"parallel.expert_parallel_size = {ep_size} does not divide the world size {world_size}; "
+            f"sizes that divide both it and moe.num_experts = {num_experts}: {allowed}"
+        )
     if num_experts % ep_size:
-        raise ValueError(f"expert-parallel size {ep_size} does not divide num_experts {num_experts}")
+        raise ValueError(
+            f"parallel.expert_parallel_size = {ep_size} does not divide num_experts {num_experts}; "
+            f"sizes that divide both it and the world size {world_size}: {allowed}"
+        )
 
 
 def build_parallel_groups(ep_size: int, num_experts: int) -> ParallelGroups:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -37,6 +38,34 @@ class DistributedRun:
 def launched_world_size() -> int:
     """WORLD_SIZE as torchrun and deepspeed export it (1 when not launched by one)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def bind_local_device(device_type: str) -> int:
+    """Make this rank's GPU (LOCAL_RANK) the current CUDA device; returns the local rank.
+
+    Call it before any process group, model or kernel: NCCL's communicators and object
+    collectives, Triton's launches (the current device and stream) and torch.cuda events all use
+    the current device, which is otherwise GPU 0 on every rank of a node.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        count = torch.cuda.device_count()
+        if not 0 <= local_rank < count:
+            raise ValueError(
+                f"LOCAL_RANK = {local_rank}: this node has {count} CUDA device(s), so local ranks 0..{count - 1}; "
+                f"launch at most {count} processes per node"
+            )
+        torch.cuda.set_device(local_rank)
+    return local_rank
+
+
+def gather_objects(obj: Any, run: DistributedRun) -> list[Any]:
+    """[obj of rank 0, ..., obj of rank W-1] on every rank (picklable objects; collective)."""
+    if run.world_size == 1:
+        return [obj]
+    gathered: list[Any] = [None] * run.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def init_distributed(backend: str, device_type: str, ep_size: int, num_experts: int, needs_groups: bool) -> DistributedRun:
