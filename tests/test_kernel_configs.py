@@ -46,6 +46,7 @@ def test_a_pinned_config_wins(monkeypatch):
         ("BLOCK_M", "expected KEY=INT pairs separated by commas"),
         ("BLOCK_M=big", "expected KEY=INT pairs separated by commas"),
         ("BLOCK_Q=16", r"names \['BLOCK_Q'\]; my_op takes \['BLOCK_M', 'BLOCK_N', 'num_ctas', 'num_stages', 'num_warps'\]"),
+        ("BLOCK_M=16,num_warps=4", r"MOE_ENGINE_MY_OP_CONFIG lacks \['BLOCK_N'\]; .* e.g. MOE_ENGINE_MY_OP_CONFIG=BLOCK_M=64,BLOCK_N=64,num_warps=4"),
     ],
 )
 def test_a_bad_pinned_config_is_refused_by_name(monkeypatch, value, message):

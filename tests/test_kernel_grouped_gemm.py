@@ -14,6 +14,7 @@ import torch
 from moe_engine.experts import GroupedExperts
 from moe_engine.kernels.grouped_gemm import grouped_gemm, grouped_gemm_reference, grouped_gemm_triton
 from moe_engine.kernels.grouped_mlp import grouped_mlp, grouped_mlp_reference, grouped_mlp_triton
+from moe_engine.kernels.mlp_combine import grouped_mlp_scored_reference, grouped_mlp_scored_triton
 
 # (dtype, reference dtype, atol, rtol): fp32 tight; bf16 as vLLM/SonicMoE test their bf16 kernels,
 # atol scaled by the reference's largest magnitude (see `assert_close`).
@@ -115,6 +116,42 @@ def test_grouped_mlp_skips_gradients_nobody_needs():
     w_ref = w_out.detach().clone().requires_grad_()
     expected = torch.autograd.grad(grouped_mlp_reference(x.detach(), w_in, w_ref, tokens_E, "swiglu").sum(), (w_ref,))[0]
     torch.testing.assert_close(dw_out, expected)
+
+
+def test_strided_counts_gather_and_scores_read_their_own_elements():
+    """1-D index, count and score tensors that are views with stride != 1 (a column of a table):
+    the launchers must not read them as flat arrays. Forward, dx and dW of the GEMM and the MLP,
+    and the scored MLP's gradients (its backward passes an fp32 score on as it came)."""
+    torch.manual_seed(4)
+    E, I, O = 3, 16, 24
+    tokens_E = torch.tensor([[3, 7], [0, 7], [5, 7]])[:, 0]
+    gather_N = torch.stack([torch.tensor([0, 4, 4, 1, 0, 3, 2, 2]), torch.arange(8)], dim=1)[:, 0]
+    x, w, w_in, w_out = torch.randn(5, I), torch.randn(E, O, I), torch.randn(E, 2 * O, I) * 0.3, torch.randn(E, I, O) * 0.3
+    score_table = torch.rand(8, 2)
+
+    def run(fn, kind):
+        leaves = [t.clone().requires_grad_() for t in (x, w, w_in, w_out, score_table)]
+        lx, lw, lw_in, lw_out, table = leaves
+        score_N = table[:, 0]
+        assert tokens_E.stride() == gather_N.stride() == score_N.stride() == (2,)
+        if kind == "gemm":
+            y = fn(lx, lw, tokens_E, gather_N)
+        elif kind == "mlp":
+            y = fn(lx, lw_in, lw_out, tokens_E, "swiglu", gather_N)
+        else:
+            y = fn(lx.index_select(0, gather_N), lw_in, lw_out, tokens_E, "swiglu", score_N)
+        y.mul(torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return [y.detach(), *(t.grad for t in leaves if t.grad is not None)]
+
+    for kind, ours, reference in [
+        ("gemm", grouped_gemm_triton, grouped_gemm_reference),
+        ("mlp", grouped_mlp_triton, grouped_mlp_reference),
+        ("scored", grouped_mlp_scored_triton, grouped_mlp_scored_reference),
+    ]:
+        got, expected = run(ours, kind), run(reference, kind)
+        assert len(got) == len(expected) == {"gemm": 3, "mlp": 4, "scored": 5}[kind]
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=kind)
 
 
 def test_public_ops_follow_the_backend_switch(monkeypatch):

@@ -95,6 +95,14 @@ def kernel_configs(op: str, candidates: list[dict[str, int]], pre_hook: Any = No
         unknown = set(pinned) - set(candidates[0]) - set(_LAUNCH_KEYS)
         if unknown:
             raise ValueError(f"{config_env_var(op)} names {sorted(unknown)}; {op} takes {sorted(set(candidates[0]) | set(_LAUNCH_KEYS))}")
+        # The block sizes every candidate sets are the kernel's constexprs: a pin must set them too.
+        missing = set.intersection(*(set(c) for c in candidates)) - set(pinned) - set(_LAUNCH_KEYS)
+        if missing:
+            raise ValueError(
+                f"{config_env_var(op)} lacks {sorted(missing)}; a pin of {op} sets every one of "
+                f"{sorted(set(candidates[0]) - set(_LAUNCH_KEYS))}, e.g. "
+                f"{config_env_var(op)}={','.join(f'{k}={v}' for k, v in candidates[0].items())}"
+            )
         chosen = [pinned]
     elif interpreting() or not autotune_enabled():
         chosen = candidates[:1]

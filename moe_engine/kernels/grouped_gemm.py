@@ -422,6 +422,8 @@ def _launch_gemm(x, b_EKO, tokens_E, gather_N, y, out_width, epilogue="none", h=
     num_rows, num_experts, k_dim = y.shape[0], b_EKO.shape[0], b_EKO.shape[1]
     if num_rows == 0 or out_width == 0:
         return
+    # The kernel reads these as flat arrays (E or N elements: the copy of a strided view is cheap).
+    tokens_E, gather_N, score = (t.contiguous() if t is not None else None for t in (tokens_E, gather_N, score))
     h_ = h if h is not None else y
     act_ = act if act is not None else y
     if dscore is not None and (score is None or tuple(dscore.shape) != (num_rows, score_slots(out_width))):
@@ -466,6 +468,8 @@ def _launch_dw(dy: torch.Tensor, x: torch.Tensor, tokens_E: torch.Tensor, gather
     """dw (E, O, I) in x's dtype: dw[e] = dy_e^T @ x_e, dy rows read through dy_gather_N if given."""
     num_experts, out_width, in_width = tokens_E.shape[0], dy.shape[1], x.shape[1]
     num_rows = dy.shape[0] if dy_gather_N is None else dy_gather_N.shape[0]
+    # The kernel reads these as flat arrays (E or N elements: the copy of a strided view is cheap).
+    tokens_E, gather_N, dy_gather_N = (t.contiguous() if t is not None else None for t in (tokens_E, gather_N, dy_gather_N))
     dw = torch.empty(num_experts, out_width, in_width, dtype=x.dtype, device=x.device)
     if num_rows == 0 or dw.numel() == 0:
         return dw.zero_()
