@@ -143,6 +143,18 @@ def test_deepspeed_config_auto_values_come_from_the_run_config(tmp_path: Path) -
         load_deepspeed_config(path, cfg, world_size=4, bf16=False)
     with pytest.raises(DeepSpeedConfigError, match="does not divide over 3 ranks"):
         load_deepspeed_config(ROOT / "configs" / "deepspeed_zero2.json", cfg, world_size=3, bf16=False)
+    # Precision: explicit values must be the run's, as booleans; fp16 is refused.
+    for section, bf16, message in [
+        ({"bf16": {"enabled": True}}, False, r"bf16.enabled = True, but the run trains in fp32 \(train.precision\); use \"auto\" or false"),
+        ({"bf16": {"enabled": "yes"}}, True, r"bf16.enabled = 'yes', but the run trains in bf16"),
+        ({"fp16": {"enabled": True}}, False, r"fp16.enabled = True: moe_engine trains in bf16 or fp32"),
+    ]:
+        path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **section}))
+        with pytest.raises(DeepSpeedConfigError, match=message):
+            load_deepspeed_config(path, cfg, world_size=4, bf16=bf16)
+    path.write_text(json.dumps({"bf16": {"enabled": True}, "fp16": {"enabled": "auto"}}))
+    ds = load_deepspeed_config(path, cfg, world_size=4, bf16=True)
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
 
 
 def test_expert_parallel_run_follows_the_single_process_run_and_resumes(single_process: list[float], tmp_path: Path) -> None:

@@ -81,9 +81,7 @@ def load_deepspeed_config(path: str | Path, cfg: Config, world_size: int, bf16: 
             ds[key] = value
         elif given != value:
             raise DeepSpeedConfigError(f"{path}: {key} = {given!r}, but the run config implies {value!r} (or use \"auto\")")
-    ds.setdefault("bf16", {})
-    if ds["bf16"].get("enabled", "auto") == "auto":
-        ds["bf16"]["enabled"] = bf16
+    _check_precision(path, ds, bf16)
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
         raise DeepSpeedConfigError(f"{path}: zero_optimization.stage = {stage!r}: moe_engine supports 0, 1 and 2")
@@ -95,6 +93,30 @@ def load_deepspeed_config(path: str | Path, cfg: Config, world_size: int, bf16: 
             "norms, not the norm of the sharded experts)"
         )
     return ds
+
+
+def _check_precision(path: Path, ds: dict[str, Any], bf16: bool) -> None:
+    """Fill bf16.enabled ("auto" or absent) with the run's precision; refuse an explicit value that
+    disagrees with it, a non-boolean one, and fp16 (the trainer autocasts to bf16 or not at all:
+    fp16's loss scaling would also scale the loss-weighting methods' gradients)."""
+    run = "bf16" if bf16 else "fp32"
+    ds.setdefault("bf16", {})
+    given = ds["bf16"].get("enabled", "auto")
+    if given == "auto":
+        ds["bf16"]["enabled"] = bf16
+    elif given is not bf16:
+        raise DeepSpeedConfigError(
+            f"{path}: bf16.enabled = {given!r}, but the run trains in {run} (train.precision); "
+            f"use \"auto\" or {'true' if bf16 else 'false'}"
+        )
+    fp16 = ds.get("fp16", {}).get("enabled", False)
+    if fp16 == "auto":
+        ds["fp16"]["enabled"] = False
+    elif fp16 is not False:
+        raise DeepSpeedConfigError(
+            f"{path}: fp16.enabled = {fp16!r}: moe_engine trains in bf16 or fp32 (train.precision = bf16 and "
+            "\"bf16\": {\"enabled\": \"auto\"}); fp16 is not supported"
+        )
 
 
 def init_deepspeed_distributed(backend: str, verbose: bool = True, mpi_discovery: bool = True) -> None:
