@@ -529,6 +529,9 @@ class Config:
                   "gradients before any backward: use 1, or a loss-based method (equal, uncertainty, dwa)")
         if self.parallel.fixed_splits and self.moe.router.capacity_factor is None:
             _fail("parallel.fixed_splits", True, "needs moe.router.capacity_factor (dropless routing has no fixed splits)")
+        if self.parallel.fixed_splits and self.model.architecture == "generalist":
+            _fail("parallel.fixed_splits", True, "needs the same token count on every rank, which the generalist's "
+                  "text (its rows' lengths differ by rank) does not give: use false")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

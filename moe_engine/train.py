@@ -159,6 +159,7 @@ class Trainer:
             cfg.parallel.backend, device_type, cfg.parallel.expert_parallel_size, cfg.moe.num_experts,
             needs_groups=cfg.parallel.dispatcher == "all_to_all",
         )
+        self._check_even_slices()
         resume_path = self._resume_path(resume, overwrite)
         if cfg.train.num_threads is not None:
             torch.set_num_threads(cfg.train.num_threads)
@@ -258,6 +259,18 @@ class Trainer:
             tag = latest_tag(self.checkpoints.directory)
             return self.checkpoints.directory / tag if tag else None
         return self.checkpoints.latest()
+
+    def _check_even_slices(self) -> None:
+        """Fixed all-to-all splits size each rank's exchange from its own token count: the ranks' slices
+        of a batch (in micro-batches) must be equal, or the exchange sizes disagree (a crash or a hang)."""
+        cfg, world = self.cfg, self.run_info.world_size
+        parts = world * cfg.train.grad_accum_steps
+        if cfg.parallel.fixed_splits and world > 1 and cfg.data.batch_size % parts:
+            raise ValueError(
+                f"parallel.fixed_splits = true: data.batch_size = {cfg.data.batch_size} does not split evenly over "
+                f"{world} ranks x train.grad_accum_steps = {cfg.train.grad_accum_steps}; use a multiple of {parts}, "
+                "or fixed_splits = false"
+            )
 
     def _resume_path(self, resume: str | None, overwrite: bool) -> Path | None:
         existing = self._latest_checkpoint()

@@ -152,6 +152,11 @@ ERROR_CASES = {
         ["moe.router.task.adaptive_k_min", "3", "<= moe.router.top_k (2)"],
     ),
     "negative a2a chunks": (["parallel.a2a_chunks=0"], ["parallel.a2a_chunks", "0", "must be >= 1"]),
+    "fixed splits on the generalist": (
+        ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]",
+         "moe.router.capacity_factor=1.0", "parallel.fixed_splits=true"],
+        ["parallel.fixed_splits", "True", "same token count on every rank", "use false"],
+    ),
 }
 
 

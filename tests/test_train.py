@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -29,6 +30,7 @@ import moe_engine.train as train_module
 from moe_engine import cli
 from moe_engine.checkpoint import CheckpointMismatchError, load_checkpoint
 from moe_engine.config import Config, ConfigError, load_config
+from moe_engine.parallel.runtime import DistributedRun
 from moe_engine.train import (
     NonFiniteLossError,
     RunDirectoryError,
@@ -651,6 +653,23 @@ def test_gradient_accumulation_follows_the_whole_batch(make_cfg: MakeConfig, wei
         torch.testing.assert_close(tensor, whole.model.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
     for name, tensor in split.weighting.state_dict().items():
         torch.testing.assert_close(tensor, whole.weighting.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fixed_splits_need_even_slices_of_every_batch(make_cfg: MakeConfig) -> None:
+    """Each rank sizes its fixed all-to-all splits from its own tokens: the trainer refuses a batch
+    that does not split evenly over ranks x micro-batches before any collective could disagree."""
+    fixed = ("moe.router.capacity_factor=1.0", "parallel.fixed_splits=true", "parallel.dispatcher=all_to_all")
+
+    def check(*extra: str, world: int) -> None:
+        trainer = SimpleNamespace(cfg=make_cfg("run", *fixed, *extra), run_info=DistributedRun(0, world, 0, None))
+        Trainer._check_even_slices(trainer)
+
+    check("data.batch_size=16", "train.grad_accum_steps=2", world=4)
+    check("data.batch_size=15", world=1)
+    with pytest.raises(ValueError, match=r"data.batch_size = 15 does not split evenly over 2 ranks x train.grad_accum_steps = 1; use a multiple of 2"):
+        check("data.batch_size=15", world=2)
+    with pytest.raises(ValueError, match=r"data.batch_size = 16 does not split evenly over 4 ranks x train.grad_accum_steps = 8; use a multiple of 32"):
+        check("data.batch_size=16", "train.grad_accum_steps=8", world=4)
 
 
 def test_gradient_accumulation_is_checked_by_the_config(make_cfg: MakeConfig) -> None:

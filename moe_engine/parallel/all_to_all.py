@@ -19,7 +19,11 @@ chunked overlap below, with each chunk's rows).
 
 Capacity mode (`fixed_splits=True` with a capacity router): every rank sends exactly C rows per
 expert, zero rows padding the empty slots. Splits are then static: no count exchange, no
-device-to-host sync, and static shapes, at the price of computing the padding rows.
+device-to-host sync, and static shapes, at the price of computing the padding rows. C is each
+rank's own (from its token count), so in training every rank of the group must route the same
+number of tokens, as in Megatron-Core's and DeepSpeed's capacity padding (the trainer refuses
+batches that do not split evenly). Without grad (evaluation, whose last batch is ragged) the
+dispatcher exchanges counts instead: the same result, with no assumption on shapes.
 
 Overlap (`num_chunks > 1`, through `dispatch_compute_combine`): the T tokens are cut into
 contiguous chunks (capacity slots in fixed-split mode) and each chunk's exchanges are issued
@@ -101,6 +105,10 @@ class AllToAllDispatcher:
         # Bytes and time of this dispatcher's exchanges (token rows only), read once a step by the trainer.
         self.traffic = TrafficMeter()
 
+    def _static_splits(self, routing: Routing) -> bool:
+        """Fixed splits: asked for, capacity routing, and grad enabled (see the module docstring)."""
+        return self.fixed_splits and routing.capacity is not None and torch.is_grad_enabled()
+
     @property
     def local_expert_ids(self) -> range:
         """The global ids of the experts this rank holds."""
@@ -117,7 +125,7 @@ class AllToAllDispatcher:
         num_rows = routing.experts_TK.numel() if dropless else None
         choice_N, tokens_per_expert_E = expert_order(routing.experts_TK, self.num_experts, num_rows)
         x_ND = permute(x_TD, choice_N, routing.top_k)
-        if self.fixed_splits and not dropless:
+        if self._static_splits(routing):
             return self._dispatch_fixed(x_ND, choice_N, tokens_per_expert_E, routing)
         counts_PL = tokens_per_expert_E.view(P, L)
         # record_function ranges: the exchanges for `moe-engine profile` (inert without a profiler).
@@ -212,7 +220,7 @@ class AllToAllDispatcher:
         order = torch.zeros((), device=x_TD.device, requires_grad=needs_grad)
         # The experts apply the routing weights they receive with the rows, or the combine does.
         scored = getattr(experts, "forward_scored", None) if self.weights_to_experts else None
-        if self.fixed_splits and routing.capacity is not None:
+        if self._static_splits(routing):
             return self._overlap_fixed(x_TD, routing, experts, scored, order)
         return self._overlap(x_TD, routing, experts, scored, order)
 
