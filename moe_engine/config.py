@@ -529,6 +529,12 @@ class Config:
                   "gradients before any backward: use 1, or a loss-based method (equal, uncertainty, dwa)")
         if self.parallel.fixed_splits and self.moe.router.capacity_factor is None:
             _fail("parallel.fixed_splits", True, "needs moe.router.capacity_factor (dropless routing has no fixed splits)")
+        if "experts" in self.finetune.freeze and self.parallel.deepspeed_config is not None and self.parallel.expert_parallel_size > 1:
+            # ZeRO builds its expert-data-parallel reduction from the optimizer's MoE param group,
+            # which frozen experts leave empty (DeepSpeed asserts deep inside its optimizer).
+            _fail("finetune.freeze", self.finetune.freeze, "freezing experts under DeepSpeed with "
+                  f"parallel.expert_parallel_size = {self.parallel.expert_parallel_size} is not supported: DeepSpeed's "
+                  "ZeRO needs trainable experts; launch with torchrun (no DeepSpeed config), or use expert_parallel_size = 1")
         if self.parallel.fixed_splits and self.model.architecture == "generalist":
             _fail("parallel.fixed_splits", True, "needs the same token count on every rank, which the generalist's "
                   "text (its rows' lengths differ by rank) does not give: use false")

@@ -152,6 +152,11 @@ ERROR_CASES = {
         ["moe.router.task.adaptive_k_min", "3", "<= moe.router.top_k (2)"],
     ),
     "negative a2a chunks": (["parallel.a2a_chunks=0"], ["parallel.a2a_chunks", "0", "must be >= 1"]),
+    "frozen experts under DeepSpeed with EP": (
+        ["finetune.init_from=runs/x", "finetune.freeze=[experts]", "parallel.deepspeed_config=configs/deepspeed_zero2.json",
+         "parallel.dispatcher=all_to_all", "parallel.expert_parallel_size=2"],
+        ["finetune.freeze", "['experts']", "expert_parallel_size = 2 is not supported", "launch with torchrun"],
+    ),
     "fixed splits on the generalist": (
         ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]",
          "moe.router.capacity_factor=1.0", "parallel.fixed_splits=true"],
