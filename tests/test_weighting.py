@@ -558,6 +558,17 @@ def test_dwa_absent_task_keeps_its_epoch_means():
     assert weights.tolist() == [1.0, 0.0]
 
 
+def test_dwa_a_loss_that_reached_zero_has_no_trend():
+    # fp32 cross-entropy is exactly 0 past a logit margin of ~104 (a CLIP-scaled retrieval task gets there):
+    # 0 / 0 and x / 0 must not turn every weight into NaN.
+    weighting = build_weighting("dwa", 2, window=1)
+    for row in ([0.0, 4.0], [0.0, 2.0], [0.5, 1.0]):
+        weighting.observe(torch.tensor(row), torch.tensor([True, True]))
+        _, weights = weighting.combine(torch.ones(2), torch.tensor([True, True]))
+        assert torch.isfinite(weights).all() and weights.sum().item() == pytest.approx(2.0)
+    torch.testing.assert_close(weighting.ratios(), torch.tensor([1.0, 0.5], dtype=torch.float64))
+
+
 # ---- UW ----------------------------------------------------------------------------------------
 
 

@@ -79,9 +79,10 @@ class DynamicWeightAverage(TaskWeighting):
         self.register_buffer("num_means_T", torch.zeros(num_tasks, dtype=torch.int64))
 
     def ratios(self) -> torch.Tensor:
-        """(T,) float64 w_t = Lbar_t(e-1) / Lbar_t(e-2); 1 for tasks with fewer than two epoch means."""
-        known = self.num_means_T.cpu() >= 2
+        """(T,) float64 w_t = Lbar_t(e-1) / Lbar_t(e-2); 1 for tasks with fewer than two epoch means,
+        and for a task whose earlier mean is 0 (a loss that reached exactly 0: no trend to read)."""
         prev, last = self.mean_prev_T.cpu(), self.mean_last_T.cpu()
+        known = (self.num_means_T.cpu() >= 2) & (prev > 0)
         return torch.where(known, last / torch.where(known, prev, torch.ones_like(prev)), torch.ones_like(prev))
 
     def _weights(self, losses_T, present_T, gram_TT, current_T):
