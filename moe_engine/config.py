@@ -98,6 +98,9 @@ class TaskRoutingConfig:
             _fail("moe.router.task.attribute_dim", self.attribute_dim, "must be >= 2, or null")
 
 
+# moe.router.z_loss_coef's default; the routers without a z-loss accept it (and 0) and ignore it.
+_ROUTER_Z_LOSS_DEFAULT = 0.001
+
 # Routers that read RoutingContext.task_ids_T (and need the number of tasks).
 TASK_ROUTERS = ("task_gate", "mod_squad", "dselect_k", "task_level")
 
@@ -112,10 +115,12 @@ class RouterConfig:
     renormalize: bool = True
     scaling_factor: float = 1.0
     # Load-balancing loss: "switch" (over the batch), "seq_switch" (per sequence, averaged),
-    # "importance_load" (Shazeer's CV^2 losses: noisy_topk, task_gate), "none".
+    # "importance_load" (Shazeer's CV^2 losses: noisy_topk, task_gate), "none". noisy_topk has
+    # importance_load only: its "switch" (the default) means its own losses.
     aux_loss_type: Literal["switch", "seq_switch", "importance_load", "none"] = "switch"
     aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.001
+    # ST-MoE's router z-loss: softmax_topk and sigmoid_topk only (the other routers' papers have none).
+    z_loss_coef: float = _ROUTER_Z_LOSS_DEFAULT
     # None: dropless. Otherwise each expert keeps ceil(capacity_factor * T * K / E) choices.
     capacity_factor: float | None = None
     # Which choices an over-full expert keeps: earliest (first choices before second) or highest weight.
@@ -148,8 +153,17 @@ class RouterConfig:
         self._check_router_specific()
 
     def _check_router_specific(self) -> None:
-        """Options that only some router types implement are refused for the others."""
+        """Options that only some router types implement are refused for the others: a value other
+        than the default (for the z-loss: 0 too) of an option the chosen router does not read."""
         topk_types = ("softmax_topk", "sigmoid_topk")
+        if self.type not in topk_types and self.scaling_factor != 1.0:
+            _fail("moe.router.scaling_factor", self.scaling_factor, f"allowed with softmax_topk or sigmoid_topk only "
+                  f"({self.type!r} does not scale its weights): use 1.0")
+        if self.type in ("noisy_topk", "dselect_k", "task_level") and not self.renormalize:
+            _fail("moe.router.renormalize", False, f"{self.type!r} always gives weights that sum to 1: use true")
+        if self.type not in topk_types and self.z_loss_coef not in (0.0, _ROUTER_Z_LOSS_DEFAULT):
+            _fail("moe.router.z_loss_coef", self.z_loss_coef, f"the router z-loss belongs to softmax_topk and "
+                  f"sigmoid_topk; {self.type!r} has none (as in its paper): use 0")
         if self.type not in topk_types and (self.n_groups > 1 or self.expert_bias_rate > 0):
             _fail("moe.router.type", self.type, "n_groups/topk_groups and expert_bias_rate need softmax_topk or sigmoid_topk")
         if self.aux_loss_type == "seq_switch" and self.type not in topk_types:

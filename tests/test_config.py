@@ -152,6 +152,15 @@ ERROR_CASES = {
         ["moe.router.task.adaptive_k_min", "3", "<= moe.router.top_k (2)"],
     ),
     "negative a2a chunks": (["parallel.a2a_chunks=0"], ["parallel.a2a_chunks", "0", "must be >= 1"]),
+    "scaling factor on a task router": (
+        ["moe.router.type=task_gate", "moe.router.scaling_factor=2.5"], ["moe.router.scaling_factor", "2.5", "softmax_topk or sigmoid_topk only"],
+    ),
+    "no renormalisation on noisy_topk": (
+        ["moe.router.type=noisy_topk", "moe.router.renormalize=false"], ["moe.router.renormalize", "'noisy_topk' always gives weights that sum to 1"],
+    ),
+    "z-loss on the attribute router": (
+        ["moe.router.type=attribute", "moe.router.z_loss_coef=0.01"], ["moe.router.z_loss_coef", "0.01", "'attribute' has none", "use 0"],
+    ),
     "frozen experts under DeepSpeed with EP": (
         ["finetune.init_from=runs/x", "finetune.freeze=[experts]", "parallel.deepspeed_config=configs/deepspeed_zero2.json",
          "parallel.dispatcher=all_to_all", "parallel.expert_parallel_size=2"],
@@ -163,6 +172,13 @@ ERROR_CASES = {
         ["parallel.fixed_splits", "True", "same token count on every rank", "use false"],
     ),
 }
+
+
+def test_options_a_router_does_not_read_keep_their_defaults() -> None:
+    # The defaults (and a z-loss of 0) are accepted by every router, so any config of any router loads.
+    for router in ("noisy_topk", "task_gate", "mod_squad", "attribute", "dselect_k", "task_level"):
+        load_config(None, [f"moe.router.type={router}"])
+        load_config(None, [f"moe.router.type={router}", "moe.router.z_loss_coef=0"])
 
 
 @pytest.mark.parametrize("overrides, expected", ERROR_CASES.values(), ids=ERROR_CASES.keys())
