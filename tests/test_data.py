@@ -201,6 +201,21 @@ def test_load_reports_missing_and_ambiguous_files(data, tmp_path) -> None:
         load_task_data(tmp_path)
 
 
+def test_load_names_the_first_row_whose_task_or_label_does_not_fit(data, tmp_path) -> None:
+    import json
+
+    save_task_data(data, tmp_path)
+    specs = json.loads((tmp_path / "tasks.json").read_text())
+    (tmp_path / "tasks.json").write_text(json.dumps(specs[:2]))  # rows of tasks 2 and 3 have no task now
+    row = int(np.flatnonzero(np.asarray(data.train["task"]) >= 2)[0])
+    with pytest.raises(ValueError, match=rf"train: row {row} has task index \d; allowed: 0..1 \(digit, parity\)"):
+        load_task_data(tmp_path)
+    specs[0]["num_classes"] = 3  # digit labels 3..9 no longer fit
+    (tmp_path / "tasks.json").write_text(json.dumps(specs))
+    with pytest.raises(ValueError, match=r"train: row \d+ has label \d for task 'digit'; allowed: 0..2"):
+        load_task_data(tmp_path)
+
+
 # ---------------------------------------------------------------------------------- batching
 
 

@@ -267,7 +267,16 @@ def _check_values(split: datasets.Dataset, tasks: tuple[TaskSpec, ...], where: s
     columns = split.select_columns(["task", "label"]).with_format("numpy")[:]
     task_ids, labels = columns["task"], columns["label"]
     if len(task_ids) and not (0 <= task_ids.min() and task_ids.max() < len(tasks)):
-        raise ValueError(f"{where}: task indices outside 0..{len(tasks) - 1}")
+        row = int(np.flatnonzero((task_ids < 0) | (task_ids >= len(tasks)))[0])
+        raise ValueError(
+            f"{where}: row {row} has task index {int(task_ids[row])}; allowed: 0..{len(tasks) - 1} "
+            f"({', '.join(task.name for task in tasks)})"
+        )
     limits = np.array([task.num_classes for task in tasks])
-    if len(labels) and ((labels < 0) | (labels >= limits[task_ids])).any():
-        raise ValueError(f"{where}: labels outside their task's 0..num_classes-1")
+    bad = (labels < 0) | (labels >= limits[task_ids])
+    if len(labels) and bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        task = tasks[int(task_ids[row])]
+        raise ValueError(
+            f"{where}: row {row} has label {int(labels[row])} for task {task.name!r}; allowed: 0..{task.num_classes - 1}"
+        )
