@@ -238,6 +238,9 @@ class ModelConfig:
     moe_attention: bool = False
     # The FFN experts reuse the attention's routing of each token (Conditional MoE / Uni-Perceiver-MoE).
     share_routing: bool = False
+    # A learned embedding of the token's task added to every token before each block (Mod-Squad);
+    # multitask architecture only.
+    block_task_embed: bool = False
     dropout: float = 0.1
     # Keep only each transformer block's input for the backward and run the block again there
     # (moe_engine.recompute): less activation memory for about one more forward. causal_lm too.
@@ -269,6 +272,8 @@ class ModelConfig:
             _fail("model.dropout", self.dropout, "must be in [0, 1)")
         if self.share_routing and not self.moe_attention:
             _fail("model.share_routing", True, "needs model.moe_attention = true (the routing it shares is the attention's)")
+        if self.block_task_embed and self.architecture != "multitask":
+            _fail("model.block_task_embed", True, f"allowed with model.architecture = 'multitask' only, not {self.architecture!r}")
 
 
 @dataclass

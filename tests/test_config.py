@@ -166,6 +166,10 @@ ERROR_CASES = {
          "parallel.dispatcher=all_to_all", "parallel.expert_parallel_size=2"],
         ["finetune.freeze", "['experts']", "expert_parallel_size = 2 is not supported", "launch with torchrun"],
     ),
+    "block task embeddings on the generalist": (
+        ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]", "model.block_task_embed=true"],
+        ["model.block_task_embed", "True", "'multitask' only, not 'generalist'"],
+    ),
     "fixed splits on the generalist": (
         ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]",
          "moe.router.capacity_factor=1.0", "parallel.fixed_splits=true"],

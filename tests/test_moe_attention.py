@@ -11,6 +11,7 @@ Triton kernels (under Triton's interpreter on CPU, tests/conftest.py).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -444,3 +445,34 @@ def test_sdpa_grouping_matches_repeated_heads() -> None:
         F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
         F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)),
     )
+
+
+def test_mod_squad_model_adds_a_task_embedding_before_every_block() -> None:
+    """model.block_task_embed: each block of the multi-task model adds its own embedding of the
+    token's task; a task's row in one block moves that task's features only, and the embeddings are
+    task parameters (never frozen) that get gradients."""
+    from moe_engine.config import ModelConfig, MoEConfig, RouterConfig
+    from moe_engine.mtl.model import MultiTaskTransformer
+    from moe_engine.mtl.tasks import TaskSpec
+    from moe_engine.workloads.classifier import ClassifierWorkload
+
+    torch.manual_seed(10)
+    tasks = [TaskSpec(f"task{i}", 3, 0.5, "a test task") for i in range(3)]
+    model_cfg = ModelConfig(d_model=D, num_layers=2, num_heads=H, ffn_hidden=16, dropout=0.0, block_task_embed=True)
+    moe_cfg = MoEConfig(num_experts=4, ffn_hidden=12, router=RouterConfig(type="mod_squad"))
+    model = MultiTaskTransformer(model_cfg, moe_cfg, tasks, (8, 12)).eval()
+    embeds = [block.task_embed for block in model.blocks]
+    assert all(isinstance(e, nn.Embedding) and e.weight.shape == (3, D) for e in embeds)
+    images, task_ids = torch.rand(6, 8, 12), torch.tensor([0, 1, 2, 0, 1, 2])
+    before = model(images, task_ids).features_BD
+    with torch.no_grad():
+        embeds[1].weight[1] += torch.randn(D)  # not a constant: LayerNorm would remove that
+    after = model(images, task_ids).features_BD
+    moved = (after - before).abs().amax(-1) > 1e-4
+    assert moved.tolist() == [False, True, False, False, True, False]
+    (after * torch.randn_like(after)).sum().backward()  # not .sum(): a LayerNorm output sums to a constant
+    assert all(e.weight.grad.abs().sum() > 0 for e in embeds)
+    owned = {id(p) for p in ClassifierWorkload.task_parameters(None, model)}
+    assert all(id(e.weight) in owned for e in embeds)
+    plain = MultiTaskTransformer(dataclasses.replace(model_cfg, block_task_embed=False), moe_cfg, tasks, (8, 12))
+    assert all(block.task_embed is None for block in plain.blocks)

@@ -111,10 +111,17 @@ class MultiTaskTransformer(nn.Module):
             blocks.append(TaskMoEBlock(
                 cfg.d_model, cfg.num_heads, attn=attn, ffn=ffn, dropout=cfg.dropout,
                 share_routing=cfg.moe_attention and cfg.share_routing and (i + 1) % cfg.moe_every == 0,
+                task_embed=self._block_task_embed(cfg.d_model) if cfg.block_task_embed else None,
             ))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(cfg.d_model)
         self.heads = nn.ModuleList(nn.Linear(cfg.d_model, t.num_classes) for t in tasks)
+
+    def _block_task_embed(self, d_model: int) -> nn.Embedding:
+        """Mod-Squad's task embedding of one block, initialised like the position embedding."""
+        embed = nn.Embedding(len(self.tasks), d_model)
+        nn.init.normal_(embed.weight, std=0.02)
+        return embed
 
     @property
     def num_attributes(self) -> int:

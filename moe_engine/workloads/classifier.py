@@ -107,7 +107,8 @@ class ClassifierWorkload(Workload):
         return metrics, counts_LXE
 
     def task_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        return [*model.heads.parameters(), model.task_embed.weight]
+        block_embeds = [block.task_embed.weight for block in model.blocks if block.task_embed is not None]
+        return [*model.heads.parameters(), model.task_embed.weight, *block_embeds]
 
     def chance(self) -> dict[str, float]:
         return {task.name: task.chance for task in self.data.tasks}
