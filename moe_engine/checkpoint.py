@@ -13,7 +13,7 @@ Checkpoints live in `<out_dir>/checkpoints/`, one per saved step, in one of two 
 
 Either is written atomically (a temporary file or folder, then a rename), so a job killed mid-save
 never leaves a torn checkpoint behind. Besides the model and optimizer, a checkpoint holds the
-scheduler state, every RNG state, the data position, the step and the config it was made with.
+scheduler state, every rank's RNG states, the data position, the step and the config it was made with.
 Loading compares the config's structural fields with the current config first and refuses a
 mismatch by name, before any state is touched. Both layouts load at every EP size.
 """
