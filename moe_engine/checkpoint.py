@@ -21,6 +21,7 @@ mismatch by name, before any state is touched. Both layouts load at every EP siz
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -209,8 +210,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def _read(path: Path, mmap: bool = False) -> dict[str, Any]:
     # mmap only where every tensor read is copied out (shards): a live state backed by a file that
     # pruning later deletes would fault on network filesystems.
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    if state.get("format_version") != FORMAT_VERSION:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:  # not a torch file, truncated, or foreign objects
+        raise CheckpointMismatchError(
+            f"{path}: not a moe_engine checkpoint (torch.load(weights_only=True) cannot read it: {type(err).__name__})"
+        ) from err
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        state = state if isinstance(state, dict) else {}
         raise CheckpointMismatchError(
             f"{path}: checkpoint format {state.get('format_version')!r}, this moe_engine reads {FORMAT_VERSION}"
         )

@@ -102,6 +102,16 @@ class _LayerCall(NamedTuple):
     gather_fused: bool  # the experts read the rows through the index: permute copied nothing
 
 
+class ProfileSetupError(ValueError):
+    """The run could not be set up (a checkpoint, run folder, DeepSpeed config or value the user can fix)."""
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward on this thread (where activation checkpointing runs
+    forwards again)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class _StepObserver:
     """Forward hooks installed for the profiled steps only (`remove` takes them off).
 
@@ -141,6 +151,8 @@ class _StepObserver:
         self._handles.append(module.register_forward_hook(leave, always_call=True))
 
     def _routed(self, i: int, routing: Any) -> None:
+        if _in_backward():  # a checkpointed block's forward again: its tokens were counted once already
+            return
         experts_TK = getattr(routing, "experts_TK", None)
         if experts_TK is not None:
             self.experts_TK[i].append(experts_TK.detach())
@@ -149,6 +161,8 @@ class _StepObserver:
         self._experts_out[j] = (y_ND.element_size(), _gather_fused(experts, args[0]))
 
     def _layer_done(self, j: int, args: tuple, out: Any) -> None:
+        if _in_backward():  # recomputed under activation checkpointing: the step's work was counted in its forward
+            return
         # The layer returns y in its input's dtype.
         y_bytes, fused = self._experts_out.get(j, (out.y.element_size(), False))
         self.layer_calls[j].append(_LayerCall(
@@ -173,15 +187,17 @@ class _StepObserver:
         return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.float64)
 
     def gemm_flops(self) -> float:
-        """FLOPs of the expert GEMMs over the recorded steps: 6 * rows * D * (H + F) per layer call."""
+        """FLOPs of the expert GEMMs over the recorded steps: 6 * rows * D * (H + F) per layer call, plus
+        2 * rows * D * H for the up-projection the experts run again in the backward with moe.recompute_experts."""
         total = 0.0
         for layer, calls in zip(self.moe_layers, self.layer_calls):
             w_in, w_out = getattr(layer.experts, "w_in", None), getattr(layer.experts, "w_out", None)
             if w_in is None or w_out is None:
                 continue
             _, width_in, d_model = w_in.shape
+            again = 2.0 * width_in if getattr(layer.experts, "recompute", False) else 0.0
             for call in calls:
-                total += 6.0 * float(call.tokens_per_expert_E.sum()) * d_model * (width_in + w_out.shape[2])
+                total += float(call.tokens_per_expert_E.sum()) * d_model * (6.0 * (width_in + w_out.shape[2]) + again)
         return total
 
     def bytes_moved(self) -> dict[str, float]:
@@ -265,7 +281,10 @@ def profile_training(
     message = check_counts(steps, warmup, top_ops)
     if message is not None:
         raise ValueError(message)
-    trainer = Trainer(cfg, overwrite=True)
+    try:
+        trainer = Trainer(cfg, overwrite=True)
+    except (FileNotFoundError, ValueError) as err:  # as `moe-engine train` reports them (checkpoints, run folder, DeepSpeed JSON)
+        raise ProfileSetupError(str(err)) from err
     run, device = trainer.run_info, trainer.device
     say = log if run.is_main else (lambda line: None)
     try:
@@ -361,7 +380,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, [*args.overrides, f"train.out_dir={out_dir / 'run'}"])
         result = profile_training(cfg, steps=args.steps, warmup=args.warmup, out_dir=out_dir, top_ops=args.top_ops)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, ProfileSetupError) as err:
         print(f"moe-engine profile: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

@@ -143,6 +143,15 @@ def test_bad_counts_are_refused(argv, flag, capsys, tmp_path):
     assert check_counts(1, 0) is None
 
 
+def test_a_run_that_cannot_be_set_up_is_refused_by_name(capsys, tmp_path):
+    bad = tmp_path / "notamodel.pt"
+    bad.write_text("not a checkpoint")
+    assert run_from_args(_args("--out", str(tmp_path / "out"), "--set", f"finetune.init_from={bad}", *(
+        a for o in SMALL for a in ("--set", o)))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moe-engine profile: error: ") and "notamodel.pt: not a moe_engine checkpoint" in err
+
+
 def test_attention_modules_are_the_outermost():
     class InnerAttention(torch.nn.Module):
         pass
@@ -214,6 +223,21 @@ def test_observer_ranges_counts_flops_and_bytes(num_tokens, activation, tmp_path
     with torch.profiler.profile() as prof:
         model(x_TD)
     assert "moe::attention" not in {e.name for e in prof.events()}
+
+
+def test_observer_counts_a_checkpointed_forward_once_and_recomputed_experts_flops():
+    """Activation checkpointing runs the layer's forward again in the backward: its hooks fire
+    twice, but the step routed and computed its tokens once. moe.recompute_experts runs the
+    up-projection again: 2 * rows * D * H more FLOPs."""
+    torch.manual_seed(1)
+    D, F, E, K, T = 16, 8, 4, 2, 9
+    for recompute in (False, True):
+        model = _TinyMoEModel(D, MoEConfig(num_experts=E, ffn_hidden=F, recompute_experts=recompute))
+        observer = _StepObserver(model)
+        torch.utils.checkpoint.checkpoint(model, torch.randn(T, D), use_reentrant=False).backward()
+        observer.remove()
+        assert observer.tokens_per_expert().sum() == T * K and len(observer.layer_calls[0]) == 1
+        assert observer.gemm_flops() == T * K * D * (6.0 * (2 * F + F) + (2.0 * 2 * F if recompute else 0.0))
 
 
 @pytest.fixture(scope="module")

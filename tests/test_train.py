@@ -277,6 +277,13 @@ def test_resume_from_a_missing_path(make_cfg: MakeConfig, tmp_path: Path, capsys
     sets = [a for o in [*TINY, f"train.out_dir={tmp_path / 'run'}"] for a in ("--set", o)]
     assert cli.main(["train", *sets, "--resume", str(missing)]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+    # A file that is not a checkpoint at all (not a torch file, or truncated): refused by name, exit 2.
+    garbage = tmp_path / "step_00000001.pt"
+    garbage.write_text("not a checkpoint")
+    with pytest.raises(CheckpointMismatchError, match=r"step_00000001.pt: not a moe_engine checkpoint \(torch.load"):
+        Trainer(make_cfg("run2"), resume=str(garbage))
+    assert cli.main(["train", *sets, "--resume", str(garbage)]) == 2
+    assert "not a moe_engine checkpoint" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------- non-finite loss
