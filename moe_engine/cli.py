@@ -128,7 +128,8 @@ def format_report(cfg: Config, trainer: Trainer, result: TrainResult, delta: dic
     if delta:
         lines.append(f"Delta_p against the single-task baselines: {delta['delta_p']:+.2f} % (over {', '.join(delta['tasks'])})")
     counts_LE = result.tokens_per_expert_LE
-    lines.append(f"\ntokens per expert on the test split (top-{cfg.moe.router.top_k} choices, {cfg.moe.num_experts} experts)")
+    top_k = getattr(trainer.model.routers[0], "top_k", cfg.moe.router.top_k) if trainer.model.routers else cfg.moe.router.top_k
+    lines.append(f"\ntokens per expert on the test split (top-{top_k} choices, {cfg.moe.num_experts} experts)")
     for layer, counts_E in enumerate(counts_LE.tolist()):
         total = max(sum(counts_E), 1)
         imbalance = max(counts_E) / (total / len(counts_E))

@@ -340,6 +340,12 @@ def test_refusals_name_the_value(pretrained, tmp_path):
     data, native = pretrained["data"], pretrained["native"]
     with pytest.raises(ConfigError, match="moe.num_experts = 8: the pre-trained model .* has 4 experts"):
         CausalLMWorkload(_cfg(tmp_path, native, data, "moe.num_experts=8"))
+    # The router is the pre-trained one: a moe.router setting would be ignored (the expert bias would fail mid-run).
+    with pytest.raises(ConfigError, match=r"moe.router.expert_bias_rate = 0.001: model.architecture = 'causal_lm' routes with "
+                                          r"the pre-trained model's router"):
+        CausalLMWorkload(_cfg(tmp_path, native, data, "moe.router.expert_bias_rate=0.001"))
+    with pytest.raises(ConfigError, match=r"moe.router.capacity_factor = 0.5 \(and moe.router.top_k\)"):
+        CausalLMWorkload(_cfg(tmp_path, native, data, "moe.router.top_k=1", "moe.router.capacity_factor=0.5"))
     cfg = _cfg(tmp_path, native, data)
     cfg.finetune.init_from = None
     with pytest.raises(ConfigError, match="finetune.init_from = None"):

@@ -20,7 +20,7 @@ Config: finetune.init_from (the source), data.path / data.tasks / data.tokenizer
 (moe_engine.workloads.text_data), model.max_text_len (tokens per row), data.batch_size and
 data.eval_batch_size (rows), moe.num_experts (must be the model's), moe.experts_impl (the expert
 GEMM), moe.recompute_experts and model.activation_checkpointing. Everything else about the model (widths, router, top-k, balance-loss coefficient, dropout)
-is the pre-trained model's own.
+is the pre-trained model's own; a moe.router setting other than its default is refused.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_engine.checkpoint import CheckpointMismatchError, read_checkpoint_entries, read_model_state, resolve_checkpoint
-from moe_engine.config import Config, ConfigError, MoEConfig
+from moe_engine.config import Config, ConfigError, MoEConfig, RouterConfig
 from moe_engine.hf.causal_lm import IGNORE_INDEX, MoECausalLM
 from moe_engine.hf.config import MoECausalLMConfig, hf_family
 from moe_engine.hf.convert import NATIVE_FORMAT, import_hf_state, load_native, read_hf_folder
@@ -191,6 +191,17 @@ class CausalLMWorkload(Workload):
             self.source.config, experts_impl=cfg.moe.experts_impl, recompute_experts=cfg.moe.recompute_experts,
             activation_checkpointing=cfg.model.activation_checkpointing,
         )
+        # The router is the pre-trained model's: a moe.router setting would be ignored (or, for the
+        # expert bias the trainer moves, fail after the first step), so any that was set is refused.
+        default_router = dataclasses.asdict(RouterConfig())
+        changed = sorted(k for k, v in dataclasses.asdict(cfg.moe.router).items() if v != default_router[k])
+        if changed:
+            raise ConfigError(
+                f"moe.router.{changed[0]} = {getattr(cfg.moe.router, changed[0])!r}"
+                + (f" (and {', '.join('moe.router.' + k for k in changed[1:])})" if changed[1:] else "")
+                + f": model.architecture = 'causal_lm' routes with the pre-trained model's router ({self.source.path}); "
+                "leave moe.router at its defaults"
+            )
         experts = self.model_config.num_experts
         if cfg.moe.num_experts != experts:
             raise ConfigError(
