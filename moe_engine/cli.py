@@ -149,22 +149,34 @@ def primary_results(trainer: Trainer, result: TrainResult) -> dict[str, dict[str
     return {name: {metric: result.eval_metrics[f"{metric}_{name}"]} for name, metric in trainer.workload.primary_metrics().items()}
 
 
-def delta_against(baselines_file: str, trainer: Trainer, result: TrainResult) -> dict[str, Any]:
-    """Delta_p of this run against single-task results (moe_engine.mtl.delta_p), over the tasks both have."""
-    from moe_engine.mtl.delta_p import delta_p
-
+def read_baselines(baselines_file: str, task_names: list[str]) -> dict[str, Any]:
+    """The "results" of a `moe-engine baselines` file, checked before any training: valid JSON, a
+    results mapping, and at least one of this run's tasks. Raises FileNotFoundError or ValueError."""
     path = Path(baselines_file)
     if not path.is_file():
         raise FileNotFoundError(f"--baselines {baselines_file!r}: no such file (make one with `moe-engine baselines`)")
-    baselines = json.loads(path.read_text())["results"]
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--baselines {baselines_file!r}: not valid JSON ({err})") from err
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, dict):
+        raise ValueError(f"--baselines {baselines_file!r}: no \"results\" mapping (what `moe-engine baselines` writes)")
+    if not any(t in results for t in task_names):
+        raise ValueError(f"--baselines {baselines_file!r} holds tasks {sorted(results)}, none of this run's {sorted(task_names)}")
+    return results
+
+
+def delta_against(baselines: dict[str, Any], baselines_file: str, trainer: Trainer, result: TrainResult) -> dict[str, Any]:
+    """Delta_p of this run against single-task results (`read_baselines`), over the tasks both have."""
+    from moe_engine.mtl.delta_p import delta_p
+
     ours = primary_results(trainer, result)
     tasks = [t for t in ours if t in baselines]
-    if not tasks:
-        raise ValueError(f"--baselines {baselines_file!r} holds tasks {sorted(baselines)}, none of this run's {sorted(ours)}")
     directions = trainer.workload.metric_directions()
     higher_is_better = {t: {metric: directions[metric] for metric in ours[t]} for t in tasks}
     value = delta_p({t: baselines[t] for t in tasks}, {t: ours[t] for t in tasks}, higher_is_better)
-    return {"delta_p": value, "tasks": tasks, "baselines": baselines, "file": str(path)}
+    return {"delta_p": value, "tasks": tasks, "baselines": baselines, "file": baselines_file}
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -181,7 +193,7 @@ def _train(args: argparse.Namespace) -> int:
     if getattr(args, "freeze", None):
         overrides.append(f"finetune.freeze=[{args.freeze}]")
     cfg = load_config(args.config, overrides)
-    if args.baselines and not Path(args.baselines).is_file():
+    if args.baselines and not Path(args.baselines).is_file():  # before the Trainer: nothing is set up yet
         print(f"moe-engine {args.command}: error: --baselines {args.baselines!r}: no such file", file=sys.stderr)
         return 2
     try:
@@ -191,6 +203,11 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     main_rank = trainer.run_info.is_main  # under a launcher, rank 0 speaks for the job
     try:
+        try:  # before any training: a bad file would otherwise fail only after the run
+            baselines = read_baselines(args.baselines, trainer.task_names) if args.baselines else None
+        except (FileNotFoundError, ValueError) as err:
+            print(f"moe-engine {args.command}: error: {err}", file=sys.stderr)
+            return 2
         if trainer.step and main_rank:
             print(f"resuming from {trainer.last_checkpoint} at step {trainer.step}", file=sys.stderr)
         try:
@@ -204,7 +221,7 @@ def _train(args: argparse.Namespace) -> int:
                 print(f"moe-engine train: error: {err}", file=sys.stderr)
             return 1
         if main_rank:
-            delta = delta_against(args.baselines, trainer, result) if args.baselines else None
+            delta = delta_against(baselines, args.baselines, trainer, result) if baselines is not None else None
             report = {
                 "step": result.step,
                 "wall_seconds": result.wall_seconds,

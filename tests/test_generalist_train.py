@@ -154,8 +154,19 @@ def test_cli_finetune_baselines_and_delta_p(pretrained, tmp_path: Path, capsys: 
 
     expected = delta_p(baselines, report["results"], {"digit": True, "sum": False})
     assert report["delta_p"] == pytest.approx(expected)
-    # A missing baselines file is refused before any training.
+    # A missing, malformed or unrelated baselines file is refused before any training (no checkpoint written).
     assert cli.main(["finetune", *sets, "--set", f"train.out_dir={tmp_path / 'x'}", "--baselines", str(tmp_path / "nope.json")]) == 2
+    capsys.readouterr()
+    for name, text, message in [
+        ("broken.json", "{", "not valid JSON"),
+        ("no_results.json", '{"tasks": []}', 'no "results" mapping'),
+        ("other.json", '{"results": {"not_a_task": {"accuracy": 0.5}}}', "holds tasks ['not_a_task'], none of this run's"),
+    ]:
+        (tmp_path / name).write_text(text)
+        out_dir = tmp_path / f"refused_{name}"
+        assert cli.main(["finetune", *sets, "--set", f"train.out_dir={out_dir}", "--baselines", str(tmp_path / name)]) == 2
+        assert message in capsys.readouterr().err
+        assert not (out_dir / "checkpoints").exists() or not any((out_dir / "checkpoints").iterdir())
 
 
 # In CI one method of each family (a learned weight, the Gram's min-norm point, projections); the
