@@ -237,6 +237,15 @@ def test_convert_cli_round_trip_and_its_errors(tmp_path, capsys):
     assert code == 2 and "qk_norm = 'whole'" in capsys.readouterr().err
     code = convert.run_from_args(parser.parse_args(["--to-hf", str(native), "--out", str(tmp_path / "back")]))
     assert code == 2 and "not empty" in capsys.readouterr().err
+    # --out an existing file; a folder whose model_type transformers does not know: named, exit 2.
+    code = convert.run_from_args(parser.parse_args(["--to-hf", str(native), "--out", str(native)]))
+    assert code == 2 and "olmoe.pt is a file; --to-hf writes a folder" in capsys.readouterr().err
+    weird = tmp_path / "weird"
+    weird.mkdir()
+    (weird / "config.json").write_text('{"model_type": "not_a_model"}')
+    code = convert.run_from_args(parser.parse_args(["--from-hf", str(weird), "--out", str(tmp_path / "w.pt")]))
+    err = capsys.readouterr().err
+    assert code == 2 and "model_type = 'not_a_model': transformers" in err and "mixtral, qwen2_moe, qwen3_moe, olmoe" in err
 
 
 def test_native_file_round_trip_and_refusal(tmp_path):

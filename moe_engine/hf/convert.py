@@ -88,9 +88,26 @@ def read_hf_folder(folder: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+    return hf_config_of(folder), read_safetensors(folder)
+
+
+def hf_config_of(folder: str | Path) -> Any:
+    """transformers' config of a local model folder; ConfigError naming its model_type when
+    transformers cannot build it."""
     import transformers
 
-    return transformers.AutoConfig.from_pretrained(str(folder)), read_safetensors(folder)
+    folder = Path(folder)
+    try:
+        return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (ValueError, KeyError) as err:  # a model_type this transformers does not know, or a malformed config
+        try:
+            model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        except (ValueError, AttributeError):
+            model_type = None
+        raise ConfigError(
+            f"{folder / 'config.json'}: model_type = {model_type!r}: transformers {transformers.__version__} cannot "
+            f"build its config ({type(err).__name__}); moe_engine imports {', '.join(FAMILIES)}"
+        ) from err
 
 
 def import_hf(
@@ -157,6 +174,8 @@ def export_hf(
 
     hf_config = model.config.to_hf(family)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file; --to-hf writes a folder (config.json + model.safetensors): choose another path")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty; choose another folder or pass overwrite=True (--overwrite)")
     state = native_to_hf(model.state_dict(), model.config, family)

@@ -40,7 +40,7 @@ from moe_engine.checkpoint import CheckpointMismatchError, read_checkpoint_entri
 from moe_engine.config import Config, ConfigError, MoEConfig, RouterConfig
 from moe_engine.hf.causal_lm import IGNORE_INDEX, MoECausalLM
 from moe_engine.hf.config import MoECausalLMConfig, hf_family
-from moe_engine.hf.convert import NATIVE_FORMAT, import_hf_state, load_native, read_hf_folder
+from moe_engine.hf.convert import NATIVE_FORMAT, hf_config_of, import_hf_state, load_native, read_hf_folder
 from moe_engine.mtl.data import ResumableBatches, eval_batches
 from moe_engine.parallel import TokenDispatcher
 from moe_engine.parallel.groups import ParallelGroups
@@ -90,9 +90,7 @@ def resolve_pretrained(init_from: str | Path, _chain: int = 0) -> PretrainedSour
             f"finetune.init_from = {str(init_from)!r}: more than {_MAX_CHAIN} checkpoints each name another"
         )
     if path.is_dir() and (path / "config.json").is_file():
-        from transformers import AutoConfig
-
-        hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        hf_config = hf_config_of(path)
         return PretrainedSource("hf", path, MoECausalLMConfig.from_hf(hf_config), hf_family(hf_config), path)
     if path.is_file():
         payload = _native_header(path)
