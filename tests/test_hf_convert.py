@@ -202,6 +202,16 @@ def test_missing_unexpected_and_misshaped_tensors_are_refused_with_their_lists(t
     assert err.value.unexpected == ["model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj"]
     assert "model.layers.0.mlp.experts.1.gate_proj.weight" in err.value.missing
 
+    # The fused (in-memory) layout: a misshaped fused tensor is mismatched, not also E missing per-expert keys;
+    # an absent one is missing under its own name.
+    state = dict(hf.state_dict())
+    state["model.layers.0.mlp.experts.gate_up_proj"] = state["model.layers.0.mlp.experts.gate_up_proj"][:, :-2]
+    del state["model.layers.0.mlp.experts.down_proj"]
+    with pytest.raises(HFCheckpointMismatchError) as err:
+        import_hf(state, hf.config)
+    assert err.value.missing == ["model.layers.0.mlp.experts.down_proj"] and err.value.unexpected == []
+    assert [m[0] for m in err.value.mismatched] == ["model.layers.0.mlp.experts.gate_up_proj"]
+
 
 def test_bf16_checkpoint_round_trips_exactly_and_runs(tmp_path):
     # Expert width 32: transformers runs bf16 experts through torch._grouped_mm, which wants 16-byte strides.

@@ -116,11 +116,12 @@ def native_to_hf(state: Mapping[str, torch.Tensor], cfg: MoECausalLMConfig, fami
 
 
 def _unfuse(state: Mapping[str, torch.Tensor], cfg: MoECausalLMConfig, family: str,
-            mismatched: list[tuple[str, tuple, tuple]]) -> dict[str, torch.Tensor]:
+            mismatched: list[tuple[str, tuple, tuple]], fused: dict[int, set[str]]) -> dict[str, torch.Tensor]:
     """`state` with transformers-5 in-memory keys rewritten to the on-disk per-expert ones (views).
 
     A fused tensor of the wrong shape goes to `mismatched` and is dropped; a fused tensor for a
     dense layer or beside the same layer's per-expert keys stays as it is, to be reported unexpected.
+    fused: filled with {layer: the fused kinds it came with} (for `_fused_missing`).
     """
     E, F, D = cfg.num_experts, cfg.moe_ffn_hidden, cfg.hidden_size
     out = dict(state)
@@ -136,6 +137,7 @@ def _unfuse(state: Mapping[str, torch.Tensor], cfg: MoECausalLMConfig, family: s
         if any(per_expert.match(k) for k in state):
             continue  # both layouts for one layer: the fused key is reported unexpected
         want = (E, 2 * F, D) if kind == "gate_up_proj" else (E, D, F)
+        fused.setdefault(layer, set()).add(kind)
         del out[key]
         if tuple(tensor.shape) != want:
             mismatched.append((key, tuple(tensor.shape), want))
@@ -160,7 +162,8 @@ def check_hf_state(
     """`state` in the per-expert layout after checking it against `expected` (key -> tensor of the
     expected shape, e.g. on the meta device); HFCheckpointMismatchError with every difference."""
     mismatched: list[tuple[str, tuple, tuple]] = []
-    state = _unfuse(state, cfg, family, mismatched)
+    fused: dict[int, set[str]] = {}
+    state = _unfuse(state, cfg, family, mismatched, fused)
     state = {k: v for k, v in state.items() if not k.endswith(IGNORED_SUFFIXES)}
     if cfg.tie_word_embeddings and "lm_head.weight" in state and "model.embed_tokens.weight" in state:
         # A tied checkpoint may still carry the output projection; only a copy of the embedding fits.
@@ -173,9 +176,31 @@ def check_hf_state(
         for k in sorted(set(state) & set(expected), key=_natural)
         if tuple(state[k].shape) != tuple(expected[k].shape)
     ]
+    missing = _fused_missing(missing, fused, cfg, family)
     if missing or unexpected or mismatched:
         raise HFCheckpointMismatchError(source, missing, unexpected, mismatched)
     return state
+
+
+def _fused_missing(missing: list[str], fused: dict[int, set[str]], cfg: MoECausalLMConfig, family: str) -> list[str]:
+    """The missing keys as the checkpoint would name them: for a layer given in the fused layout, a
+    fused tensor reported mismatched is not also missing as per-expert keys, and an absent fused
+    tensor is missing under its own name, not as E per-expert keys."""
+    missing_set = set(missing)
+    for layer, kinds in fused.items():
+        block, gate, up, down = _block_names(layer, family)
+        experts = range(cfg.num_experts)
+        produced = {
+            "gate_up_proj": [f"{block}experts.{e}.{name}.weight" for e in experts for name in (gate, up)],
+            "down_proj": [f"{block}experts.{e}.{down}.weight" for e in experts],
+        }
+        for kind, keys in produced.items():
+            if kind in kinds:
+                missing_set -= set(keys)
+            elif set(keys) <= missing_set:
+                missing_set -= set(keys)
+                missing_set.add(f"model.layers.{layer}.mlp.experts.{kind}")
+    return sorted(missing_set, key=_natural)
 
 
 def hf_to_native(state: Mapping[str, torch.Tensor], cfg: MoECausalLMConfig, family: str) -> dict[str, torch.Tensor]:
