@@ -337,7 +337,9 @@ class DataConfig:
     # "mixed": every batch draws each example's task; "per_task": each batch comes from one task.
     batching: Literal["mixed", "per_task"] = "mixed"
     # Text (causal_lm): "bytes", a local Hugging Face tokenizer folder, or null (the model's folder, then
-    # data.path, if either holds a tokenizer; else bytes). packing: documents packed into full rows.
+    # data.path, if either holds a tokenizer; else bytes). packing: documents packed into full rows,
+    # end-of-text between them, GPT-style: plain causal attention, so a document attends to the
+    # ones before it in its row; false: one document per row (truncated, padded), attending to itself only.
     tokenizer: str | None = None
     packing: bool = True
 
