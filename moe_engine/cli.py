@@ -193,9 +193,6 @@ def _train(args: argparse.Namespace) -> int:
     if getattr(args, "freeze", None):
         overrides.append(f"finetune.freeze=[{args.freeze}]")
     cfg = load_config(args.config, overrides)
-    if args.baselines and not Path(args.baselines).is_file():  # before the Trainer: nothing is set up yet
-        print(f"moe-engine {args.command}: error: --baselines {args.baselines!r}: no such file", file=sys.stderr)
-        return 2
     try:
         trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     except (CheckpointMismatchError, RunDirectoryError, FileNotFoundError, DeepSpeedConfigError, ValueError) as err:

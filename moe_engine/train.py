@@ -331,18 +331,9 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """The canonical (single-process layout) state; gathers expert shards, so every rank calls it."""
         model_sd, optim_sd = canonical_state(self.model, self.optimizer, self.run_info.groups)
-        rng_states = self._rng_states()
         return {
-            "config": self.cfg.to_dict(),
-            "model": model_sd,
-            "optimizer": optim_sd,
-            "scheduler": self.scheduler.state_dict(),
-            "data": self.batches.state_dict(),
-            "rng": rng_states[0],
-            "rng_ranks": rng_states,
-            "routing": self.monitor.state_dict(),
-            "weighting": self._weighting_state(),
-            "tasks": self.workload.task_specs(),
+            **self._client_state(self.monitor.state_dict(), self._rng_states()),
+            "model": model_sd, "optimizer": optim_sd, "scheduler": self.scheduler.state_dict(),
         }
 
     def _weighting_state(self) -> dict[str, Any]:
@@ -394,12 +385,13 @@ class Trainer:
 
     def _load_rng_state(self, state: dict[str, Any]) -> None:
         """This rank's RNG states from a checkpoint saved by as many ranks; otherwise (another world
-        size, or a file from before per-rank states) every rank continues from rank 0's."""
+        size, or a file from before per-rank states, whose "rng" is rank 0's) every rank continues
+        from rank 0's."""
         ranks, run = state.get("rng_ranks"), self.run_info
         if ranks is not None and len(ranks) == run.world_size:
             set_rng_state(ranks[run.rank])
             return
-        set_rng_state(state["rng"])
+        set_rng_state(ranks[0] if ranks is not None else state["rng"])
         if ranks is not None and run.world_size > 1 and run.is_main:
             warnings.warn(
                 f"the checkpoint holds the RNG states of {len(ranks)} rank(s), this run has {run.world_size}: "
@@ -408,12 +400,12 @@ class Trainer:
             )
 
     def _client_state(self, routing_state: dict[str, Any] | None, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
-        """What DeepSpeed's checkpoint does not hold by itself: step, config, data position, RNG, and
-        the routing monitor's state (`self.monitor.state_dict()`); the routing state and every rank's
-        RNG states (`_rng_states()`) are collected by every rank beforehand."""
+        """The run state besides model, optimizer and schedule (all that DeepSpeed's checkpoint does not
+        hold by itself): step, config, data position, every rank's RNG states, the routing monitor's
+        state, loss weighting and tasks. The routing state (`self.monitor.state_dict()`) and the RNG
+        states (`_rng_states()`) are collectives: every rank gathers them beforehand."""
         return {
-            "step": self.step, "config": self.cfg.to_dict(), "data": self.batches.state_dict(),
-            "rng": rng_states[0], "rng_ranks": rng_states,
+            "step": self.step, "config": self.cfg.to_dict(), "data": self.batches.state_dict(), "rng_ranks": rng_states,
             "routing": routing_state, "weighting": self._weighting_state(), "tasks": self.workload.task_specs(),
         }
 
