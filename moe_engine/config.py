@@ -159,8 +159,11 @@ class RouterConfig:
         if self.type not in topk_types and self.scaling_factor != 1.0:
             _fail("moe.router.scaling_factor", self.scaling_factor, f"allowed with softmax_topk or sigmoid_topk only "
                   f"({self.type!r} does not scale its weights): use 1.0")
-        if self.type in ("noisy_topk", "dselect_k", "task_level") and not self.renormalize:
+        if self.type in ("noisy_topk", "dselect_k") and not self.renormalize:
             _fail("moe.router.renormalize", False, f"{self.type!r} always gives weights that sum to 1: use true")
+        if self.type == "task_level" and self.top_k == 1 and self.renormalize:
+            _fail("moe.router.renormalize", True, "with task_level and top_k = 1 the one weight is p / p = 1, so the "
+                  "task gate gets no gradient (it has no aux loss) and keeps its initial expert: use false (weight p)")
         if self.type not in topk_types and self.z_loss_coef not in (0.0, _ROUTER_Z_LOSS_DEFAULT):
             _fail("moe.router.z_loss_coef", self.z_loss_coef, f"the router z-loss belongs to softmax_topk and "
                   f"sigmoid_topk; {self.type!r} has none (as in its paper): use 0")

@@ -18,6 +18,22 @@ if TYPE_CHECKING:
     from moe_engine.config import RouterConfig
 
 
+def task_specific_router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The router parameters of `model` that serve one task each (per-task gates, task-level tables):
+    those of every module with a `task_specific_parameters()` method, each once.
+
+    Gradient-based loss weighting (PCGrad, MGDA, ...) compares the tasks' gradients on the parameters
+    the tasks share; on these, task t's gradient lies in task t's rows only, which would add to the
+    diagonal of the gradient Gram and to nothing else.
+    """
+    params: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        method = getattr(module, "task_specific_parameters", None)
+        if callable(method):
+            params.update((id(p), p) for p in method())
+    return list(params.values())
+
+
 def build_any_router(
     d_model: int, num_experts: int, cfg: RouterConfig, *, num_tasks: int = 1, num_attributes: int | None = None
 ) -> nn.Module:
@@ -80,4 +96,5 @@ def build_any_router(
             d_model, num_experts, cfg.top_k, num_tasks, gamma=task.gamma, entropy_coef=task.entropy_coef,
             gate=task.dselect_gate,
         )
-    return TaskLevelRouter(d_model, num_experts, cfg.top_k, num_tasks, gate=task.task_level_gate)
+    return TaskLevelRouter(d_model, num_experts, cfg.top_k, num_tasks, gate=task.task_level_gate,
+                           renormalize=cfg.renormalize)

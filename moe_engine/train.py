@@ -65,6 +65,7 @@ from moe_engine.parallel.sharding import (
     replicated_state,
 )
 from moe_engine.parallel.telemetry import load_imbalance
+from moe_engine.routers import task_specific_router_parameters
 from moe_engine.task_loss import combine_task_losses
 from moe_engine.workloads import Workload, build_workload
 
@@ -307,8 +308,10 @@ class Trainer:
 
     def _shared_parameters(self) -> list[torch.nn.Parameter]:
         """The dense parameters every task shares (no experts, nothing task-specific, nothing frozen):
-        what gradient-based loss weighting compares the tasks' gradients on (see moe_engine.task_loss)."""
-        excluded = {id(p) for p in expert_parameters(self.model)} | {id(p) for p in self.workload.task_parameters(self.model)}
+        what gradient-based loss weighting compares the tasks' gradients on (see moe_engine.task_loss).
+        Task-specific: the workload's (heads, task embeddings, prompts) and the routers' per-task gates."""
+        task_specific = [*self.workload.task_parameters(self.model), *task_specific_router_parameters(self.model)]
+        excluded = {id(p) for p in expert_parameters(self.model)} | {id(p) for p in task_specific}
         return [p for p in self.model.parameters() if p.requires_grad and id(p) not in excluded]
 
     def _build_weighting_optimizer(self) -> torch.optim.Optimizer | None:
@@ -487,6 +490,8 @@ class Trainer:
         if self.weighting_optimizer is not None:
             self.weighting_optimizer.zero_grad(set_to_none=True)
         logged, step_losses_T = None, 0.0
+        ep_size = run.groups.ep_size if run.groups is not None else 1
+        replicas, replica = run.world_size // ep_size, run.rank // ep_size  # EP groups are consecutive ranks
         for i, part in enumerate(parts):
             with self._autocast():
                 fwd = self.workload.forward_step(self.model, part, run, self.device)
@@ -497,9 +502,12 @@ class Trainer:
             aux_loss = fwd.aux_loss / (run.world_size * accum)
             loss = task.loss + aux_loss
             counts_LE = torch.stack([_expert_counts(r) for r in fwd.routings]) if fwd.routings else aux_loss.new_zeros(0, 0)
+            # In this rank's replica's slot: the sum over ranks gives every replica's counts apart.
+            counts_RLE = torch.zeros((replicas, *counts_LE.shape), dtype=torch.float32, device=counts_LE.device)
+            counts_RLE[replica] = counts_LE.float()
             part_logged = torch.cat([
                 torch.stack([task.loss.detach().float(), aux_loss.detach().float()]),
-                aux_loss.new_tensor([fwd.num_tokens], dtype=torch.float32), counts_LE.flatten().float(),
+                aux_loss.new_tensor([fwd.num_tokens], dtype=torch.float32), counts_RLE.flatten(),
             ])
             logged = part_logged if logged is None else logged + part_logged
             step_losses_T = step_losses_T + task.local_losses_T
@@ -540,9 +548,9 @@ class Trainer:
             metrics.update({f"weight_{name}": weights[t] for t, name in enumerate(self.task_names)})
         metrics["tokens"] = logged[2]
         if fwd.routings:
-            global_counts_LE = torch.tensor(logged[3:]).view(counts_LE.shape)
-            ep_size = run.groups.ep_size if run.groups is not None else 1
-            metrics.update(load_imbalance(global_counts_LE, ep_size))
+            counts_RLE = torch.tensor(logged[3:]).view(replicas, *counts_LE.shape)
+            metrics.update(load_imbalance(counts_RLE, ep_size))
+            global_counts_LE = counts_RLE.sum(0)
             rate = self.cfg.moe.router.expert_bias_rate
             if rate > 0:  # the same global counts on every rank: replicas stay identical
                 for router, counts_E in zip(self.model.routers, global_counts_LE):
@@ -614,7 +622,9 @@ class Trainer:
         """Metrics and loss per task on the test split, and the routed choices of each task's tokens
         per expert, per router (L, num_tasks, E) int64; the numbers of the whole split on every rank."""
         self.model.eval()
-        return self.workload.evaluate(self.model, self.run_info, self.device, self._autocast, self.cfg.moe.num_experts)
+        result = self.workload.evaluate(self.model, self.run_info, self.device, self._autocast, self.cfg.moe.num_experts)
+        self._traffic()  # the evaluation's all-to-all exchanges are not the next training step's
+        return result
 
     def _on_signal(self, signum: int, frame: object) -> None:
         # Only record it: the step in flight finishes, then the loop saves and stops cleanly.

@@ -158,6 +158,10 @@ ERROR_CASES = {
     "no renormalisation on noisy_topk": (
         ["moe.router.type=noisy_topk", "moe.router.renormalize=false"], ["moe.router.renormalize", "'noisy_topk' always gives weights that sum to 1"],
     ),
+    "renormalised top-1 task-level router": (
+        ["moe.router.type=task_level", "moe.router.top_k=1"],
+        ["moe.router.renormalize", "True", "task gate gets no gradient", "use false"],
+    ),
     "z-loss on the attribute router": (
         ["moe.router.type=attribute", "moe.router.z_loss_coef=0.01"], ["moe.router.z_loss_coef", "0.01", "'attribute' has none", "use 0"],
     ),

@@ -40,6 +40,11 @@ def _losses(out_dir: Path) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
+def _column(out_dir: Path, name: str) -> list[float]:
+    with (out_dir / "train.csv").open() as f:
+        return [float(row[name]) for row in csv.DictReader(f)]
+
+
 def _task_losses(out_dir: Path) -> list[dict[str, float]]:
     """Each step's logged per-task losses (loss_<task>; a task absent from a step has none)."""
     with (out_dir / "train.csv").open() as f:
@@ -82,6 +87,10 @@ def test_parallel_run_follows_the_single_process_run(single_process: Path, tmp_p
     assert expected_losses[0]  # the per-task losses are logged, reduced over ranks (and micro-batches)
     for got, want in zip(_task_losses(tmp_path), expected_losses, strict=True):
         assert got == pytest.approx(want, rel=1e-5)
+    # The same routing: the whole batch's expert load is the single process's (replicas summed); each
+    # rank computes only its replica's rows, so ranks can differ (the single process is one rank).
+    assert _column(tmp_path, "expert_imbalance") == pytest.approx(_column(single_process, "expert_imbalance"), rel=1e-6)
+    assert all(ratio >= 1.0 for ratio in _column(tmp_path, "rank_imbalance"))
     expected = _final_model(single_process)
     for name, tensor in _final_model(tmp_path).items():
         torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -103,6 +112,24 @@ def test_resume_gives_each_rank_its_own_rng_stream(tmp_path: Path) -> None:
     expected = _final_model(whole)
     for name, tensor in _final_model(resumed).items():
         torch.testing.assert_close(tensor, expected[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _train_with_evaluations(rank: int, world_size: int, out_dir: str) -> None:
+    Trainer(_cfg(Path(out_dir), "parallel.dispatcher=all_to_all", "parallel.expert_parallel_size=2",
+                 "train.max_steps=3", "train.eval_every=1", "train.checkpoint_every=1000")).run()
+
+
+def test_a_step_logs_its_own_all_to_all_traffic_not_the_evaluations(tmp_path: Path) -> None:
+    # Every step evaluates the test split through the same dispatchers; the next step's log must
+    # count only its own exchanges: at most 4 (dispatch and combine, forward and backward) of every
+    # local row of every MoE layer, each sent and received once.
+    run_ranks(2, _train_with_evaluations, str(tmp_path))
+    model = Trainer(_cfg(tmp_path / "probe")).model
+    rows = 16 // 2 * model.pos_embed.shape[0] * 2  # examples per rank x tokens per example x K
+    bound_mb = len(model.moe_layers) * 4 * 2 * rows * 16 * 4 / 1e6  # x D x fp32 bytes
+    with (tmp_path / "train.csv").open() as f:
+        moved = [float(row["all_to_all_mb"]) for row in csv.DictReader(f)]
+    assert len(moved) == 3 and all(0 < mb <= bound_mb for mb in moved), (moved, bound_mb)
 
 
 # Slow (about 50 s on 2 cores): tests/test_checkpoint_shards.py resumes the same kind of EP=2 checkpoint at

@@ -217,3 +217,17 @@ def test_each_launched_rank_binds_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("LOCAL_RANK", "4")
     with pytest.raises(ValueError, match=r"LOCAL_RANK = 4: this node has 4 CUDA device\(s\), so local ranks 0..3"):
         bind_local_device("cuda")
+
+
+def test_rank_imbalance_is_measured_per_replica() -> None:
+    from moe_engine.parallel.telemetry import load_imbalance
+
+    # World 4, EP 2, E 4: replica 0 routes its 16 rows to EP rank 0's experts, replica 1 to EP rank 1's.
+    # Ranks compute 16, 0, 0, 16 rows (max / mean 2), though the summed counts look balanced.
+    counts_RLE = torch.tensor([[[10.0, 6.0, 0.0, 0.0]], [[0.0, 0.0, 8.0, 8.0]]])
+    stats = load_imbalance(counts_RLE, ep_size=2)
+    assert stats["rank_imbalance"] == pytest.approx(2.0)
+    assert stats["expert_imbalance"] == pytest.approx(10.0 / 8.0)  # the whole batch: 10, 6, 8, 8
+    # One replica, (L, E) counts: two layers averaged.
+    stats = load_imbalance(torch.tensor([[4.0, 4.0, 4.0, 4.0], [8.0, 0.0, 0.0, 8.0]]), ep_size=2)
+    assert stats["rank_imbalance"] == pytest.approx(1.0) and stats["expert_imbalance"] == pytest.approx(1.5)

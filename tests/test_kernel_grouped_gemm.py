@@ -308,6 +308,12 @@ def test_tma_weight_loads_match_the_loop(config, dtype, ref_dtype, atol, rtol):
     h_ref = grouped_linear_loop(ref[0], ref[1], tokens_E)
     assert_close(h, h_ref, atol, rtol, "h (K-major, SwiGLU's two halves)")
     assert_close(act, activate_reference(h_ref, "swiglu"), atol, rtol, "act")
+    # SwiGLU from an N-major w_in (E, D, 2F), as Hugging Face's is_transposed experts store it.
+    act, h = x.new_empty(N, F), x.new_empty(N, 2 * F)
+    _launch_gemm(x, w_in.transpose(1, 2).contiguous(), tokens_E, None, act, F, "swiglu", h=h, store_h=True,
+                 config=config)
+    assert_close(h, h_ref, atol, rtol, "h (N-major, SwiGLU's two halves)")
+    assert_close(act, activate_reference(h_ref, "swiglu"), atol, rtol, "act (N-major)")
 
     dx = x.new_empty(N, 2 * F)  # dX of the down-projection's input: grad_y @ w_out[e] (N-major)
     grad_y = torch.randn(N, D).to(dtype)
@@ -342,6 +348,9 @@ def test_every_tma_candidate_on_cuda_bf16():
         act, h = x.new_empty(N, F), x.new_empty(N, 2 * F)
         _launch_gemm(x, w_in.transpose(1, 2), tokens_E, None, act, F, "swiglu", h=h, store_h=True, config=config)
         assert_close(h, h_ref, 2e-2, 2e-2, f"h, K-major, {config}")
+        _launch_gemm(x, w_in.transpose(1, 2).contiguous(), tokens_E, None, act, F, "swiglu", h=h, store_h=True,
+                     config=config)
+        assert_close(h, h_ref, 2e-2, 2e-2, f"h, N-major, {config}")
         dx = x.new_empty(N, F)
         _launch_gemm(grad_y, w_out, tokens_E, None, dx, F, config=config)
         assert_close(dx, dx_ref, 2e-2, 2e-2, f"dX, N-major, {config}")

@@ -253,6 +253,24 @@ def test_gradients_at_larger_e(num_tokens, num_experts, top_k, n_groups, topk_gr
         torch.testing.assert_close(fused, expected, atol=FP32_ATOL, rtol=FP32_RTOL)
 
 
+@pytest.mark.parametrize("outputs", [("weights_TK",), ("prob_sums_E",), DIFFERENTIABLE])
+def test_sigmoid_scores_that_all_underflow_stay_finite(outputs, monkeypatch):
+    # Every logit of token 2 below -104: its fp32 sigmoid scores are all exactly 0, so the per-token
+    # balance sum S is 0. Both paths clamp it (as the renormalisation does): no 0/0 in P_i or its gradient.
+    logits_TE = random_logits(4, 8, torch.float32, seed=8)
+    logits_TE[2] = -110.0 + logits_TE[2]
+    generator = torch.Generator().manual_seed(9)
+    shapes = {"scores_TE": (4, 8), "weights_TK": (4, 2), "prob_sums_E": (8,), "lse_T": (4,)}
+    upstream = {name: torch.randn(shapes[name], generator=generator) for name in outputs}
+    fused, expected = both(logits_TE, 2, monkeypatch, score_function="sigmoid")
+    assert_same_gating(fused, expected)
+    assert fused.prob_sums_E.isfinite().all()
+    grad = gating_grads(topk_gating, logits_TE, 2, upstream, score_function="sigmoid")
+    expected_grad = gating_grads(topk_gating_reference, logits_TE, 2, upstream, score_function="sigmoid")
+    assert grad.isfinite().all() and expected_grad.isfinite().all()
+    torch.testing.assert_close(grad, expected_grad, atol=FP32_ATOL, rtol=FP32_RTOL)
+
+
 def test_backward_with_no_gradients_is_zero():
     logits_TE = random_logits(5, 6, torch.float32)
     experts_TK = topk_gating_reference(logits_TE, 2).experts_TK

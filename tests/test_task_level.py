@@ -67,9 +67,10 @@ def reference_task_logits(gate: str, params64: dict[str, torch.Tensor]) -> torch
     return hidden @ params64["w2"].t() + params64["b2"]
 
 
-def reference_routing(logits_XE: torch.Tensor, task_ids_T: torch.Tensor, top_k: int, temperature: float):
+def reference_routing(logits_XE: torch.Tensor, task_ids_T: torch.Tensor, top_k: int, temperature: float,
+                      renormalize: bool = True):
     one_hot_TX = torch.nn.functional.one_hot(task_ids_T, logits_XE.shape[0]).double()
-    return ref.route(one_hot_TX, (logits_XE / temperature).t(), top_k)
+    return ref.route(one_hot_TX, (logits_XE / temperature).t(), top_k, renormalize=renormalize)
 
 
 def float64_leaves(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -83,23 +84,25 @@ def float64_leaves(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("gate", ["table", "embedding_mlp"])
 @pytest.mark.parametrize(
-    "num_tokens, num_experts, top_k, num_tasks, temperature",
+    "num_tokens, num_experts, top_k, num_tasks, temperature, renormalize",
     [
-        (12, 8, 2, 3, 1.0),  # typical
-        (1, 4, 2, 2, 0.5),  # T = 1, sharper softmax
-        (9, 7, 3, 5, 2.0),  # prime E, flatter softmax
-        (6, 3, 3, 2, 1.0),  # K = E
-        (5, 6, 1, 4, 1.0),  # K = 1, E not a power of two
+        (12, 8, 2, 3, 1.0, True),  # typical
+        (12, 8, 2, 3, 1.0, False),  # the K probabilities as they are
+        (1, 4, 2, 2, 0.5, True),  # T = 1, sharper softmax
+        (9, 7, 3, 5, 2.0, True),  # prime E, flatter softmax
+        (6, 3, 3, 2, 1.0, True),  # K = E
+        (5, 6, 1, 4, 1.0, False),  # K = 1 (weight p), E not a power of two
     ],
 )
-def test_router_matches_reference(gate, num_tokens, num_experts, top_k, num_tasks, temperature):
+def test_router_matches_reference(gate, num_tokens, num_experts, top_k, num_tasks, temperature, renormalize):
     torch.manual_seed(0)
-    router = make_router(num_experts, top_k, num_tasks, gate, task_embed_dim=5, temperature=temperature)
+    router = make_router(num_experts, top_k, num_tasks, gate, task_embed_dim=5, temperature=temperature,
+                         renormalize=renormalize)
     task_ids_T = torch.randint(0, num_tasks, (num_tokens,))
     routing = router(torch.randn(num_tokens, 8), RoutingContext(task_ids_T=task_ids_T))
 
     params64 = float64_leaves(gate_params(router))
-    expected = reference_routing(reference_task_logits(gate, params64), task_ids_T, top_k, temperature)
+    expected = reference_routing(reference_task_logits(gate, params64), task_ids_T, top_k, temperature, renormalize)
     assert routing.capacity is None and routing.aux_loss.item() == 0.0 and dict(routing.aux_terms) == {}
     assert routing.weights_TK.dtype == routing.scores_TE.dtype == torch.float32
     assert torch.equal(routing.experts_TK, expected.experts_TK)
@@ -308,13 +311,16 @@ def test_extract_task_model_equals_the_model(activation, num_shared, gated, gate
     assert len(model.moe_layers) == 2 and isinstance(model.moe_layers[0].router, TaskLevelRouter)
 
 
-def test_extract_task_model_of_a_config_built_model():
+@pytest.mark.parametrize("top_k, renormalize", [(2, True), (1, False)])
+def test_extract_task_model_of_a_config_built_model(top_k, renormalize):
     torch.manual_seed(9)
     tasks = [TaskSpec(f"task{i}", 4, 0.25, "a test task") for i in range(2)]
-    moe_cfg = MoEConfig(num_experts=4, ffn_hidden=8, router=RouterConfig(type="task_level", top_k=2))
+    router_cfg = RouterConfig(type="task_level", top_k=top_k, renormalize=renormalize)
+    moe_cfg = MoEConfig(num_experts=4, ffn_hidden=8, router=router_cfg)
     model_cfg = ModelConfig(d_model=8, num_layers=2, num_heads=2, ffn_hidden=16, moe_every=1, patch_size=4)
     model = MultiTaskTransformer(model_cfg, moe_cfg, tasks, (8, 12)).eval()
     assert all(isinstance(layer.router, TaskLevelRouter) for layer in model.moe_layers)
+    assert all(layer.router.renormalize == renormalize for layer in model.moe_layers)
     images, task_ids_B = torch.rand(2, 8, 12), torch.ones(2, dtype=torch.long)
     extracted = extract_task_model(model, 1)
     assert extracted.moe_layers == []
@@ -339,6 +345,7 @@ def test_extract_task_model_of_a_config_built_model():
         ({"task_embed_dim": 0}, r"task_embed_dim = 0: must be >= 1"),
         ({"temperature": 0.0}, r"temperature = 0.0: must be a finite number > 0"),
         ({"temperature": float("nan")}, r"temperature = nan: must be a finite number > 0"),
+        ({"top_k": 1}, r"top_k = 1 with renormalize=True: .* no gradient to the task gate"),
     ],
 )
 def test_constructor_errors(kwargs, match):
@@ -419,3 +426,17 @@ def test_extract_task_model_of_a_bare_layer():
     x = torch.randn(5, 6)
     torch.testing.assert_close(ffn(x), layer(x, RoutingContext(task_ids_T=torch.zeros(5, dtype=torch.long))).y,
                                atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gate", ["table", "embedding_mlp"])
+def test_top1_gate_learns_from_the_task_loss(gate):
+    # With K = 1 and no renormalisation the weight is p, so the task loss reaches the gate (a
+    # renormalised p / p = 1 would leave it at its initial choice forever, hence refused).
+    torch.manual_seed(3)
+    layer = MoELayer(make_router(4, 1, 2, gate, renormalize=False), GroupedExperts(4, 8, 6))
+    x_TD = torch.randn(5, 8)
+    ctx = RoutingContext(task_ids_T=torch.tensor([0, 1, 1, 0, 1]))
+    layer(x_TD, ctx).y.square().sum().backward()
+    for name, param in gate_params(layer.router).items():
+        if name != "b1":  # relu may close every hidden unit's bias path of one task; the rest must move
+            assert param.grad is not None and param.grad.abs().max() > 0, name

@@ -119,3 +119,47 @@ def test_experts_in_attention_train_and_share_the_ffn_routing(tmp_path: Path, sh
     assert len(list((tmp_path / "routing").glob("test_task_expert_layer*.png"))) == len(model.routers)
     # The attention experts are trained: their query projections got gradients.
     assert block.attn.w_q.grad is not None and block.attn.w_q.grad.abs().sum() > 0
+
+
+
+def _check_router_parameter_sharing(tmp_path: Path, overrides: list[str]) -> tuple[int, int]:
+    """(per-task, shared) router parameter counts of the trainer's model, after checking both kinds:
+    on a per-task gate the tasks' gradients have disjoint supports (task t's loss reaches only its own
+    rows, so it would add to the Gram's diagonal only), on a shared one two tasks' gradients meet."""
+    trainer = Trainer(_cfg(tmp_path, *overrides, "mtl.weighting=mgda"))
+    shared = {id(p) for p in trainer.shared_params}
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    router_params = [p for router in trainer.model.routers for p in router.parameters()]
+    fwd = trainer.workload.forward_step(trainer.model, next(trainer.batches), trainer.run_info, torch.device("cpu"))
+    grads = [torch.autograd.grad(fwd.loss_sums[name], router_params, retain_graph=True, allow_unused=True)
+             for name in trainer.task_names]
+    pairs = [(s, t) for s in range(len(grads)) for t in range(s)]
+    for i, param in enumerate(router_params):
+        rows = [g[i] if g[i] is not None else torch.zeros_like(param) for g in grads]
+        assert any(r.abs().sum() > 0 for r in rows), names[id(param)]
+        overlap = [float((rows[s] * rows[t]).abs().max()) for s, t in pairs]
+        if id(param) in shared:
+            assert max(overlap) > 0, names[id(param)]
+        else:
+            assert max(overlap) == 0, names[id(param)]
+    num_shared = sum(id(p) in shared for p in router_params)
+    return len(router_params) - num_shared, num_shared
+
+
+@pytest.mark.parametrize("overrides", [
+    ["moe.router.type=task_gate", "moe.router.task.noise=learned"],
+    ["moe.router.type=mod_squad"],
+    ["moe.router.type=dselect_k"],
+    ["moe.router.type=dselect_k", "moe.router.task.dselect_gate=per_example"],
+    ["moe.router.type=task_level"],
+    ["moe.router.type=task_level", "moe.router.task.task_level_gate=embedding_mlp"],
+], ids=lambda o: "-".join(v.split("=")[1] for v in o))
+def test_per_task_gates_are_not_shared_parameters_for_gradient_weighting(tmp_path: Path, overrides) -> None:
+    per_task, _ = _check_router_parameter_sharing(tmp_path, overrides)
+    assert per_task > 0
+
+
+def test_the_concat_gate_stays_shared(tmp_path: Path) -> None:
+    # Its token columns are read by every task (its task columns are per task, in the same tensor).
+    overrides = ["moe.router.type=task_gate", "moe.router.task.gate_mode=concat"]
+    assert _check_router_parameter_sharing(tmp_path, overrides) == (0, 1)

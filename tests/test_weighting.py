@@ -472,11 +472,21 @@ def test_nash_bargaining_equations(T, seed):
     grads = random_grads(T, T + 3, seed)
     gram = grads @ grads.T
     alpha = weights_of("nash_mtl", grads, max_norm=0.0)
-    normalised = gram / np.linalg.norm(gram)  # the official code's Frobenius normalisation
     assert alpha.min() > 0
-    np.testing.assert_allclose(alpha * (normalised @ alpha), 1.0, atol=1e-4)
+    # The equations hold on the raw gradients (the Frobenius normalisation is for conditioning only),
+    # so the direction has norm sqrt(T) whatever the gradients' scale, as in the official code.
+    np.testing.assert_allclose(alpha * (gram @ alpha), 1.0, atol=1e-4)
+    assert np.linalg.norm(alpha @ grads) == pytest.approx(np.sqrt(T), rel=1e-4)
     raw = solvers.nash_weights(gram)
     np.testing.assert_allclose(raw * (gram @ raw), 1.0, atol=1e-8)
+    np.testing.assert_allclose(alpha, raw, rtol=1e-4)
+
+
+def test_nash_weights_scale_inversely_with_the_gradients():
+    grads = random_grads(3, 6, seed=7)
+    alpha = weights_of("nash_mtl", grads, max_norm=0.0)
+    for scale in (1e-3, 1e3):  # small gradients late in training must not shrink the step
+        np.testing.assert_allclose(weights_of("nash_mtl", scale * grads, max_norm=0.0), alpha / scale, rtol=1e-6)
 
 
 def test_nash_orthogonal_gradients_closed_form():
@@ -487,11 +497,11 @@ def test_nash_orthogonal_gradients_closed_form():
 
 def test_nash_max_norm_clips_the_direction():
     grads = 10.0 * random_grads(3, 5, seed=4)
-    weights = weights_of("nash_mtl", grads, max_norm=1.0)
-    assert np.linalg.norm(weights @ grads) == pytest.approx(1.0, rel=1e-5)
-    small = 1e-3 * grads
-    unclipped = weights_of("nash_mtl", small, max_norm=0.0)
-    np.testing.assert_allclose(weights_of("nash_mtl", small, max_norm=1.0), unclipped)
+    for scale in (1.0, 1e-3):  # the unclipped direction has norm sqrt(3) at any scale
+        weights = weights_of("nash_mtl", scale * grads, max_norm=1.0)
+        assert np.linalg.norm(weights @ (scale * grads)) == pytest.approx(1.0, rel=1e-5)
+    unclipped = weights_of("nash_mtl", grads, max_norm=0.0)
+    np.testing.assert_allclose(weights_of("nash_mtl", grads, max_norm=2.0), unclipped)  # sqrt(3) < 2: no clip
 
 
 def test_nash_without_solution_keeps_previous_weights():

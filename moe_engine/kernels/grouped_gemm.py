@@ -274,8 +274,11 @@ if TRITON_AVAILABLE:
                 b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = _dot(a, b, acc, UPCAST_DOT, IEEE_DOT)
             if EPILOGUE == "swiglu":
-                if B_TMA:
-                    b_up = w_desc.load([e, O + pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+                if B_TMA:  # the up half: O columns further, in the descriptor's own layout
+                    if B_KMAJOR:
+                        b_up = w_desc.load([e, O + pid_n * BLOCK_N, k0]).reshape(BLOCK_N, BLOCK_K).T
+                    else:
+                        b_up = w_desc.load([e, k0, O + pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
                 else:
                     b_up = tl.load(b_ptrs + O * stride_wo, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 acc_up = _dot(a, b_up, acc_up, UPCAST_DOT, IEEE_DOT)

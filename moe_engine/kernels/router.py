@@ -16,7 +16,8 @@ cuBLAS; this op starts from logits_TE and, in one pass per block of tokens, comp
   `renormalize` (the sum clamped to >= 1e-20), then times `scaling_factor`.
 - counts_E    (int64): how many of the T*K choices went to each expert (for f_i of the Switch loss).
 - prob_sums_E (fp32): sum over tokens of the balance probabilities: the softmax scores, or for
-  sigmoid the scores normalised per token (DeepSeek-V3), for P_i of the Switch loss.
+  sigmoid the scores normalised per token (DeepSeek-V3; the sum clamped to >= 1e-20, so a token whose
+  scores all underflow adds 0, not NaN), for P_i of the Switch loss.
 - lse_T       (fp32): logsumexp of each token's logits, for the z-loss mean(lse^2).
 
 Ties: `torch.topk` on CPU does not break ties by index (zeros of width 16 come back as 12, 9,
@@ -142,7 +143,10 @@ def topk_gating_reference(
     if renormalize:
         weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(_RENORM_EPS)
     weights_TK = weights_TK * scaling_factor
-    probs_TE = scores_TE if score_function == "softmax" else scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+    if score_function == "softmax":
+        probs_TE = scores_TE
+    else:
+        probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(_RENORM_EPS)
     counts_E = torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
     return TopKGating(scores_TE, weights_TK, experts_TK, counts_E, probs_TE.sum(dim=0), torch.logsumexp(logits_TE, -1))
 
@@ -266,7 +270,7 @@ def _topk_gating_kernel(
     scores = _score(x, row_max[:, None], inv_sum[:, None], SIGMOID)
     tl.store(scores_ptr + rows[:, None] * num_experts + cols[None, :], scores, mask=tile_ok)
     if SIGMOID:
-        balance = scores * (1.0 / tl.sum(scores, axis=1))[:, None]
+        balance = scores * (1.0 / tl.maximum(tl.sum(scores, axis=1), 1e-20))[:, None]
     else:
         balance = scores
     prob_sums = tl.sum(tl.where(tile_ok, balance, 0.0), axis=0)
@@ -344,7 +348,8 @@ def _topk_gating_backward_kernel(
     #             without renormalisation dL/dr_k = c g_k. (R < 1e-20: R is clamped, its
     #             gradient is 0, so dL/dr_k = c g_k / 1e-20.) The bias only moved the choice.
     #   balance:  softmax: dL/ds_e += gq_e;  sigmoid, q_e = s_e / S, S = sum_j s_j:
-    #             dL/ds_e += (gq_e - sum_j gq_j q_j) / S.
+    #             dL/ds_e += (gq_e - sum_j gq_j q_j) / S   (S < 1e-20: clamped as in the forward,
+    #             dL/ds_e += gq_e / 1e-20; every s_e underflowed then, so dL/dx is 0, not 0/0).
     #   scores:   softmax Jacobian ds_j/dx_e = s_j (delta_je - s_e)  =>  dL/dx = s * (G - sum_j G_j s_j);
     #             sigmoid ds/dx = s (1 - s)  =>  dL/dx = G s (1 - s)   (G = total dL/ds).
     #   lse:      dlse/dx = softmax(x)  =>  dL/dx += gl * softmax(x).
@@ -384,7 +389,9 @@ def _topk_gating_backward_kernel(
         gq = tl.load(grad_prob_sums_ptr + cols, mask=col_ok, other=0.0)[None, :]
         if SIGMOID:
             score_sum = tl.sum(scores, axis=1)[:, None]
-            grad_s += (gq - tl.sum(gq * scores, axis=1)[:, None] / score_sum) / score_sum
+            denom = tl.maximum(score_sum, 1e-20)
+            through_sum = tl.where(score_sum >= 1e-20, tl.sum(gq * scores, axis=1)[:, None] / denom, 0.0)
+            grad_s += (gq - through_sum) / denom
         else:
             grad_s += gq
     if SIGMOID:

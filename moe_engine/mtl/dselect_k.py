@@ -232,6 +232,12 @@ class DSelectKGate(nn.Module):
             raise ValueError(f"task_weights: gate = {self.kind!r} has no per-task weights; only 'static' does")
         return self._mix(self.z_logits.float(), self.w_logits.float())[0]
 
+    def task_specific_parameters(self) -> list[nn.Parameter]:
+        """Every parameter of the gate: each row (static: z_logits[t], w_logits[t]; per_example: the
+        z_proj / w_proj outputs of task t) is read by task t's tokens only, so none is shared between
+        tasks for gradient-based loss weighting."""
+        return list(self.parameters())
+
     def selected_experts(self, task: int) -> list[int]:
         """The experts with nonzero weight for `task`, ascending (static gate only): once the selectors
         have saturated, at most k of them, and the sub-network to extract for that task."""

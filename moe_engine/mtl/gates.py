@@ -148,6 +148,14 @@ class TaskGateRouter(nn.Module):
         # A buffer, so a checkpoint keeps each task's k; moved only by set_task_top_k.
         self.register_buffer("task_top_k_X", torch.full((num_tasks,), top_k, dtype=torch.int64))
 
+    def task_specific_parameters(self) -> list[nn.Parameter]:
+        """The per-task gates ("per_task": w_XED and the noise gate): task t's loss reaches only row t,
+        so they are no shared parameters for gradient-based loss weighting. The "concat" gate's
+        task columns are per task too but share a tensor with the token columns: none listed."""
+        if self.mode != "per_task":
+            return []
+        return [p for p in (self.w_XED, self.noise_w_XED) if p is not None]
+
     @property
     def gate_weight(self) -> torch.Tensor:
         """The gate parameter: w_XED (X, E, D) for "per_task", weight (E, D + X) for "concat"."""

@@ -9,11 +9,14 @@ needs only its experts. Two gates give the task's logits over the E experts:
     gate="embedding_mlp":  logits_t = W2 relu(W1 e_t + b1) + b2  e_t: a learned task embedding
                            (Ye et al. 2022, task-level MoE with a router MLP over a task representation)
     weights, experts = top-k of softmax(logits_t / temperature), renormalised over the k chosen
+                       (renormalize=True) or not (the k probabilities as they are)
 
 In training, `gumbel=True` adds Gumbel(0, 1) noise to each task's logits before the temperature
 (Ye et al.'s Gumbel-softmax exploration); the noise is drawn once per task per forward, so all
 tokens of a task still share one routing within a batch. The router adds no auxiliary loss
-(aux_loss is 0): which experts each task uses is what the gate learns from the task losses.
+(aux_loss is 0): which experts each task uses is what the gate learns from the task losses. So
+top_k = 1 needs renormalize=False: a renormalised single weight is p / p = 1, which passes no
+gradient to the gate.
 
 `extract_task_ffn` turns a layer into the dense module of one task; `extract_task_model` does so
 for every task-level layer of a model.
@@ -53,6 +56,7 @@ class TaskLevelRouter(nn.Module):
         task_embed_dim: width of the task embedding and of the MLP's hidden layer ("embedding_mlp").
         temperature: the logits are divided by it before the softmax; > 0.
         gumbel: in training, add Gumbel(0, 1) noise to the task logits (drawn per task, per forward).
+        renormalize: divide the K chosen probabilities by their sum; must be False when K = 1.
 
     forward(x_TD, ctx) -> Routing: dropless (capacity None), aux_loss 0.
     """
@@ -68,6 +72,7 @@ class TaskLevelRouter(nn.Module):
         task_embed_dim: int = 32,
         temperature: float = 1.0,
         gumbel: bool = False,
+        renormalize: bool = True,
     ) -> None:
         super().__init__()
         if d_model < 1:
@@ -83,6 +88,9 @@ class TaskLevelRouter(nn.Module):
             raise ValueError(f"task_embed_dim = {task_embed_dim}: must be >= 1")
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature = {temperature}: must be a finite number > 0")
+        if top_k == 1 and renormalize:
+            raise ValueError("top_k = 1 with renormalize=True: the one weight would be p / p = 1, which passes no "
+                             "gradient to the task gate (it has no aux loss); use renormalize=False")
         self.d_model = d_model
         self.num_experts = num_experts
         self.top_k = top_k
@@ -90,6 +98,7 @@ class TaskLevelRouter(nn.Module):
         self.gate = gate
         self.temperature = float(temperature)
         self.gumbel = gumbel
+        self.renormalize = renormalize
         if gate == "table":
             # Small: the tasks start near-uniform over their chosen experts and the table learns the rest.
             self.task_logits_XE = nn.Parameter(torch.empty(num_tasks, num_experts))
@@ -98,6 +107,11 @@ class TaskLevelRouter(nn.Module):
             self.task_embed = nn.Embedding(num_tasks, task_embed_dim)
             self.mlp_in = nn.Linear(task_embed_dim, task_embed_dim)
             self.mlp_out = nn.Linear(task_embed_dim, num_experts)
+
+    def task_specific_parameters(self) -> list[nn.Parameter]:
+        """The per-task rows (the table, or the task embeddings; the embedding MLP is shared between
+        tasks): no shared parameters for gradient-based loss weighting."""
+        return [self.task_logits_XE] if self.gate == "table" else [self.task_embed.weight]
 
     def task_logits(self) -> torch.Tensor:
         """(num_tasks, E) float32: every task's logits, before noise and temperature."""
@@ -118,7 +132,7 @@ class TaskLevelRouter(nn.Module):
                 exp_XE = torch.empty_like(logits_XE).exponential_()
                 logits_XE = logits_XE - exp_XE.clamp_min(torch.finfo(torch.float32).tiny).log()
             logits_TE = (logits_XE / self.temperature).index_select(0, task_ids_T.to(logits_XE.device))
-            gating = topk_gating(logits_TE, self.top_k, renormalize=True)
+            gating = topk_gating(logits_TE, self.top_k, renormalize=self.renormalize)
         return Routing(gating.weights_TK, gating.experts_TK, gating.scores_TE, logits_TE.new_zeros(()), {}, None)
 
     @torch.no_grad()
@@ -129,7 +143,7 @@ class TaskLevelRouter(nn.Module):
         """
         task = self.check_task(task)
         logits_1E = self.task_logits()[task : task + 1] / self.temperature
-        gating = topk_gating(logits_1E, self.top_k, renormalize=True)
+        gating = topk_gating(logits_1E, self.top_k, renormalize=self.renormalize)
         return [int(e) for e in gating.experts_TK[0].tolist()], gating.weights_TK[0].detach().clone()
 
     def check_task(self, task: int) -> int:
@@ -150,7 +164,7 @@ class TaskLevelRouter(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, num_tasks={self.num_tasks}, "
-            f"gate={self.gate}, temperature={self.temperature:g}, gumbel={self.gumbel}"
+            f"gate={self.gate}, temperature={self.temperature:g}, gumbel={self.gumbel}, renormalize={self.renormalize}"
         )
 
 

@@ -51,13 +51,21 @@ class TrafficMeter:
         return stats
 
 
-def load_imbalance(tokens_per_expert_LE: torch.Tensor, ep_size: int) -> dict[str, float]:
-    """Imbalance ratios (max / mean) from global per-expert counts of L MoE layers, averaged over layers.
+def load_imbalance(tokens_per_expert_RLE: torch.Tensor, ep_size: int) -> dict[str, float]:
+    """Imbalance ratios (max / mean) of L MoE layers, averaged over layers.
 
-    expert_imbalance: over the E experts. rank_imbalance: over the ep_size ranks, each holding a
-    contiguous block of E / ep_size experts (1.0 means every rank computes the same number of rows).
+    tokens_per_expert_RLE: (R, L, E) per-expert counts of each of the R = world / ep_size
+    expert-data-parallel replicas (the rows its ep_size ranks routed, summed over them), or (L, E)
+    for one replica. expert_imbalance: over the E experts of the counts summed over replicas (the
+    whole batch's load). rank_imbalance: over the R * ep_size ranks, each computing the rows its
+    replica sent to its contiguous block of E / ep_size experts (1.0 means every rank computes the
+    same number of rows). Per replica, because replicas skewed in opposite directions would look
+    balanced once summed.
     """
-    counts = tokens_per_expert_LE.float()
-    per_rank = counts.view(counts.shape[0], ep_size, -1).sum(-1)
+    counts = tokens_per_expert_RLE.float()
+    if counts.dim() == 2:
+        counts = counts.unsqueeze(0)
+    replicas, layers, num_experts = counts.shape
+    per_rank_LX = counts.view(replicas, layers, ep_size, num_experts // ep_size).sum(-1).permute(1, 0, 2)
     ratio = lambda x: (x.max(-1).values / x.mean(-1).clamp_min(1e-9)).mean().item()  # noqa: E731
-    return {"expert_imbalance": ratio(counts), "rank_imbalance": ratio(per_rank)}
+    return {"expert_imbalance": ratio(counts.sum(0)), "rank_imbalance": ratio(per_rank_LX.reshape(layers, -1))}

@@ -213,11 +213,15 @@ class IMTL(TaskWeighting):
 class NashMTL(TaskWeighting):
     """Nash-MTL (Navon et al. 2022): the Nash bargaining solution alpha > 0, alpha_i (G alpha)_i = 1.
 
-    As the official code: the Gram of the present tasks is divided by its Frobenius norm, alpha
-    solves the bargaining equations for it (here exactly, by Newton: solvers.nash_weights; the
-    official code iterates a convex program to a 1e-3 residual), and the direction's norm on the
-    shared parameters is clipped to max_norm (official: clip_grad_norm_ of the shared parameters
-    after the backward; here the norm sqrt(alpha^T Gram alpha) comes from the Gram, and the factor
+    G is the Gram of the present tasks' raw gradients, so the direction sum_i alpha_i g_i has
+    norm sqrt(alpha^T G alpha) = sqrt(P) for P present tasks, whatever the gradients' scale. As the
+    official code, the equations are solved on G / |G|_F for conditioning and the solution is
+    mapped back: if beta_i (G/f beta)_i = 1 then alpha = beta / sqrt(f) solves alpha_i (G alpha)_i = 1
+    (the official convex program keeps the raw scale in its constraint log(alpha_i f) +
+    log((G/f alpha)_i) >= 0). Here the equations are solved exactly, by Newton (solvers.nash_weights;
+    the official code iterates a convex program to a 1e-3 residual). The direction's norm on the
+    shared parameters is then clipped to max_norm (official: clip_grad_norm_ of the shared parameters
+    after the backward; here the norm sqrt(alpha^T G alpha) comes from the Gram, and the factor
     min(1, max_norm / (norm + 1e-6)) multiplies the weights, so task-specific parameters are scaled
     too). Where no solution exists (0 in the gradients' cone), each task keeps its previous alpha
     (initially 1), as the official code does when its solver fails.
@@ -255,7 +259,7 @@ class NashMTL(TaskWeighting):
             frobenius = float(np.linalg.norm(gram_PP))
             solution = solvers.nash_weights(gram_PP / frobenius) if frobenius > 0 else None
             if solution is not None:
-                alpha_T[index] = solution
+                alpha_T[index] = solution / np.sqrt(frobenius)  # back to the raw gradients' scale
                 self.alpha_T.copy_(torch.from_numpy(alpha_T))
             self.solved_present_T.copy_(present_T.to(self.solved_present_T.device))
         weights_T = np.where(present_T.numpy(), alpha_T, 0.0)
