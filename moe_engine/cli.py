@@ -179,11 +179,18 @@ def delta_against(baselines: dict[str, Any], baselines_file: str, trainer: Train
     return {"delta_p": value, "tasks": tasks, "baselines": baselines, "file": baselines_file}
 
 
-def _train(args: argparse.Namespace) -> int:
+def _setup_errors() -> tuple[type[Exception], ...]:
+    """What building a Trainer raises for a mistake the user can fix (reported in one line, exit 2)."""
     from moe_engine.checkpoint import CheckpointMismatchError
     from moe_engine.parallel.deepspeed_engine import DeepSpeedConfigError
+    from moe_engine.train import RunDirectoryError
+
+    return (CheckpointMismatchError, RunDirectoryError, FileNotFoundError, DeepSpeedConfigError, ValueError)
+
+
+def _train(args: argparse.Namespace) -> int:
     from moe_engine.parallel.runtime import shutdown_distributed
-    from moe_engine.train import NonFiniteLossError, RunDirectoryError, Trainer, TrainingInterrupted
+    from moe_engine.train import NonFiniteLossError, Trainer, TrainingInterrupted
 
     overrides = list(args.overrides)
     if args.deepspeed_config:
@@ -195,7 +202,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     try:
         trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
-    except (CheckpointMismatchError, RunDirectoryError, FileNotFoundError, DeepSpeedConfigError, ValueError) as err:
+    except _setup_errors() as err:
         print(f"moe-engine {args.command}: error: {err}", file=sys.stderr)
         return 2
     main_rank = trainer.run_info.is_main  # under a launcher, rank 0 speaks for the job
@@ -242,7 +249,7 @@ def _train(args: argparse.Namespace) -> int:
 def _baselines(args: argparse.Namespace) -> int:
     """Train each task of the config alone, with the same settings, in train.out_dir/single_<task>;
     write {task: {metric: value}} for --baselines."""
-    from moe_engine.train import Trainer
+    from moe_engine.train import NonFiniteLossError, Trainer, TrainingInterrupted
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(cfg.train.out_dir) / "baselines.json"
@@ -255,8 +262,19 @@ def _baselines(args: argparse.Namespace) -> int:
             overrides.append("data.mixing_weights=null")
             overrides.append("data.mixing=size")
         single_cfg = load_config(args.config, overrides)
-        trainer = Trainer(single_cfg, overwrite=True)
-        result = trainer.run()
+        try:
+            trainer = Trainer(single_cfg, overwrite=True)
+        except _setup_errors() as err:
+            print(f"moe-engine baselines: error: {err}", file=sys.stderr)
+            return 2
+        try:
+            result = trainer.run()
+        except TrainingInterrupted as err:
+            print(f"moe-engine baselines: {err} (while training {task} alone)", file=sys.stderr)
+            return 128 + err.signum
+        except NonFiniteLossError as err:
+            print(f"moe-engine baselines: error: {err} (while training {task} alone)", file=sys.stderr)
+            return 1
         results.update(primary_results(trainer, result))
         runs[task] = str(run_dir)
         print(f"    {results[task]}", file=sys.stderr)

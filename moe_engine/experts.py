@@ -212,3 +212,16 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., D) -> (..., D)."""
         return self.w_out(_activate(self.w_in(x), self.activation))
+
+
+def check_experts_can_run(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Resolve now what the first forward would: MOE_ENGINE_KERNELS's value and every GroupedExperts'
+    implementation for `device` and compute `dtype`, so that a choice that cannot run here is a
+    ValueError naming it before any training, not a traceback at the first step."""
+    try:
+        select_backend("topk_gating", device, has_triton=True)
+        for module in model.modules():
+            if isinstance(module, GroupedExperts):
+                module.resolve_impl(device, dtype)
+    except RuntimeError as err:  # MOE_ENGINE_KERNELS=triton where Triton cannot run
+        raise ValueError(str(err)) from None

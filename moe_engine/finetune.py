@@ -84,8 +84,13 @@ def freeze_groups(model: nn.Module, workload: Any, names: Sequence[str]) -> Froz
     return FrozenGroups(frozen, trainable)
 
 
-def load_pretrained_weights(model: nn.Module, workload: Any, init_from: str | Path, groups: ParallelGroups | None) -> dict[str, Any]:
+def load_pretrained_weights(
+    model: nn.Module, workload: Any, init_from: str | Path, groups: ParallelGroups | None, architecture: str | None = None,
+) -> dict[str, Any]:
     """Load a checkpoint's model weights (either layout, any EP size) into `model` for this run's tasks.
+
+    architecture: this run's model.architecture; a checkpoint of another one is refused by name
+    (before any tensor is compared).
 
     Returns {"checkpoint", "pretrained_tasks", "new_tasks"}. Raises CheckpointMismatchError naming the
     tensors that do not fit. A workload with its own pre-trained formats (`load_initial_weights`, e.g.
@@ -101,6 +106,12 @@ def load_pretrained_weights(model: nn.Module, workload: Any, init_from: str | Pa
             "resume the run without DeepSpeed once, or point at a moe_engine step_XXXXXXXX.pt / step_XXXXXXXX folder)"
         )
     saved = read_checkpoint_entries(path, ("config", "tasks"))
+    saved_architecture = saved["config"].get("model", {}).get("architecture", "multitask")
+    if architecture is not None and saved_architecture != architecture:
+        raise CheckpointMismatchError(
+            f"finetune.init_from = {str(init_from)!r}: a model.architecture = {saved_architecture!r} checkpoint; this "
+            f"run builds model.architecture = {architecture!r} (set it, with a config of that kind, to fine-tune it)"
+        )
     pretrained_tasks = list(saved["config"]["data"]["tasks"])
     state = read_model_state(path)
     state = workload.adapt_pretrained_state(model, state, pretrained_tasks, saved.get("tasks"))

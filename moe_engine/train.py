@@ -33,6 +33,7 @@ from moe_engine.checkpoint import (
     set_rng_state,
 )
 from moe_engine.config import Config
+from moe_engine.experts import check_experts_can_run
 from moe_engine.finetune import FrozenGroups, freeze_groups, load_pretrained_weights
 from moe_engine.metrics import MetricsLogger
 from moe_engine.mtl.routing_monitor import RoutingMonitor
@@ -52,10 +53,12 @@ from moe_engine.parallel.runtime import (
 )
 from moe_engine.parallel.deepspeed_checkpoint import latest_tag, load_deepspeed_checkpoint, save_deepspeed_checkpoint
 from moe_engine.parallel.deepspeed_engine import (
+    check_launched,
     init_deepspeed_distributed,
     initialize_engine,
     load_deepspeed_config,
     prepare_expert_parallel,
+    read_deepspeed_json,
 )
 from moe_engine.parallel.sharding import (
     canonical_state,
@@ -154,6 +157,8 @@ class Trainer:
         use_deepspeed = cfg.parallel.deepspeed_config is not None
         bind_local_device(device_type)  # before any process group, model or kernel
         if use_deepspeed:
+            read_deepspeed_json(cfg.parallel.deepspeed_config)  # a missing or broken file, before joining a job
+            check_launched()
             backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if device_type == "cuda" else "gloo")
             init_deepspeed_distributed(backend)
         self.run_info: DistributedRun = init_distributed(
@@ -169,10 +174,12 @@ class Trainer:
         self.data = self.workload.data
         self.task_names = list(self.workload.task_names)
         self.model = self._build_model()
+        check_experts_can_run(self.model, self.device, self.amp_dtype or torch.float32)
         self.frozen: FrozenGroups | None = None
         if cfg.finetune.init_from is not None and resume_path is None:
             # Fine-tuning: the pre-trained weights, then the frozen groups out of the optimizer.
-            load_pretrained_weights(self.model, self.workload, cfg.finetune.init_from, self.run_info.groups)
+            load_pretrained_weights(self.model, self.workload, cfg.finetune.init_from, self.run_info.groups,
+                                    cfg.model.architecture)
         if cfg.finetune.freeze:
             self.frozen = freeze_groups(self.model, self.workload, cfg.finetune.freeze)
         # Micro-batches add up like ranks do: a term of the method that does not scale with the data is

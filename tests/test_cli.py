@@ -191,3 +191,28 @@ def test_train_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith("usage: moe-engine train")
     for option in ("--config", "--set", "--resume", "--overwrite"):
         assert option in out
+
+
+def test_baselines_reports_a_setup_error_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["baselines", "--set", f"data.path={tmp_path / 'nowhere'}", "--set", f"train.out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "moe-engine baselines: error: no " in err and "tasks.json" in err
+    assert "Traceback" not in err
+
+
+def test_a_kernel_choice_that_cannot_run_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moe_engine.kernels.backend as backend
+
+    sets = ["--set", f"train.out_dir={tmp_path / 'run'}"]
+    monkeypatch.setenv("MOE_ENGINE_KERNELS", "cuda")
+    assert cli.main(["train", *sets]) == 2
+    assert "MOE_ENGINE_KERNELS='cuda': allowed: torch, triton" in capsys.readouterr().err
+    # Triton asked for on a CPU without the interpreter (the tests run it under the interpreter).
+    monkeypatch.setenv("MOE_ENGINE_KERNELS", "triton")
+    monkeypatch.setattr(backend, "interpreting", lambda: False)
+    assert cli.main(["train", *sets]) == 2
+    err = capsys.readouterr().err
+    assert "MOE_ENGINE_KERNELS=triton on cpu" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing written

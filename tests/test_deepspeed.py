@@ -202,3 +202,25 @@ def test_a_deepspeed_checkpoint_resumes_at_its_own_expert_parallel_size_only(tmp
     with pytest.raises(CheckpointMismatchError, match=r"written at parallel.expert_parallel_size = 2, this run has 1: "
                                                       r".*resume with parallel.expert_parallel_size = 2"):
         load_deepspeed_checkpoint(None, torch.nn.Linear(2, 2), None, tag)
+
+
+def test_without_a_launcher_the_deepspeed_config_is_refused_by_name(tmp_path: Path, monkeypatch, capsys) -> None:
+    # No RANK / WORLD_SIZE (and no mpi4py here): one line naming the way to launch, before any work.
+    from moe_engine import cli
+    import importlib.util
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "mpi4py" else real_find_spec(n, *a))
+    sets = ["--set", f"train.out_dir={tmp_path / 'run'}"]
+    assert cli.main(["train", "--deepspeed_config", str(ROOT / "configs" / "deepspeed_zero2.json"), *sets]) == 2
+    err = capsys.readouterr().err
+    assert "no launcher started this process" in err and "launch/deepspeed.sh" in err
+    # A missing or broken JSON is named first, launcher or not.
+    assert cli.main(["train", "--deepspeed_config", str(tmp_path / "none.json"), *sets]) == 2
+    assert "none.json': no such file" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert cli.main(["train", "--deepspeed_config", str(tmp_path / "bad.json"), *sets]) == 2
+    assert "expected a JSON object, got list" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -217,6 +217,9 @@ def test_each_launched_rank_binds_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("LOCAL_RANK", "4")
     with pytest.raises(ValueError, match=r"LOCAL_RANK = 4: this node has 4 CUDA device\(s\), so local ranks 0..3"):
         bind_local_device("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # train.device = cuda on a machine without one
+    with pytest.raises(ValueError, match=r"train.device = 'cuda': no CUDA device is available here; use 'auto' or 'cpu'"):
+        bind_local_device("cuda")
 
 
 def test_rank_imbalance_is_measured_per_replica() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe_engine import cli
-from moe_engine.checkpoint import read_model_state
+from moe_engine.checkpoint import CheckpointMismatchError, read_model_state
 from moe_engine.config import ConfigError, load_config
 from moe_engine.finetune import parameter_groups
 from moe_engine.parallel.runtime import DistributedRun
@@ -123,6 +123,11 @@ def test_finetune_refuses_what_it_cannot_do(pretrained, tmp_path: Path) -> None:
     Trainer(_cfg(source, *classifier, "data.tasks=[digit,parity]", "train.max_steps=2")).run()
     with pytest.raises(ValueError, match="fine-tunes on its checkpoint's own tasks"):
         Trainer(_cfg(tmp_path / "ft", *classifier, "data.tasks=[digit,left]", f"finetune.init_from={source}"))
+    # A checkpoint of the other architecture is named as such (not as mismatched tasks or tensors).
+    with pytest.raises(CheckpointMismatchError, match="'generalist' checkpoint; this run builds model.architecture = 'multitask'"):
+        Trainer(_cfg(tmp_path / "ft2", *classifier, "data.tasks=[digit,parity]", f"finetune.init_from={out_dir}"))
+    with pytest.raises(CheckpointMismatchError, match="'multitask' checkpoint; this run builds model.architecture = 'generalist'"):
+        Trainer(_cfg(tmp_path / "ft3", f"finetune.init_from={source}"))
     # Freezing every group and the task parameters leaves nothing to train.
     from moe_engine.finetune import freeze_groups
 

@@ -250,6 +250,14 @@ def test_convert_cli_round_trip_and_its_errors(tmp_path, capsys):
     # --out an existing file; a folder whose model_type transformers does not know: named, exit 2.
     code = convert.run_from_args(parser.parse_args(["--to-hf", str(native), "--out", str(native)]))
     assert code == 2 and "olmoe.pt is a file; --to-hf writes a folder" in capsys.readouterr().err
+    code = convert.run_from_args(parser.parse_args(["--to-hf", str(native), "--out", str(native / "sub")]))
+    assert code == 2 and f"{native} is a file, so the folder" in capsys.readouterr().err
+    # --from-hf to an existing folder, or below a file: refused before any reading, nothing left behind.
+    for out, message in ((tmp_path / "back", "is a folder; --from-hf writes one file"),
+                         (native / "x.pt", f"{native} is a file, so the folder")):
+        code = convert.run_from_args(parser.parse_args(["--from-hf", str(tmp_path / "missing"), "--out", str(out)]))
+        assert code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.tmp"))
     weird = tmp_path / "weird"
     weird.mkdir()
     (weird / "config.json").write_text('{"model_type": "not_a_model"}')

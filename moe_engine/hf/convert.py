@@ -176,6 +176,7 @@ def export_hf(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} is a file; --to-hf writes a folder (config.json + model.safetensors): choose another path")
+    _check_no_file_above(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty; choose another folder or pass overwrite=True (--overwrite)")
     state = native_to_hf(model.state_dict(), model.config, family)
@@ -191,13 +192,32 @@ def export_hf(
     return out_dir
 
 
+def check_native_out(path: str | Path) -> Path:
+    """`path` as a Path if one file can be written there; FileExistsError naming it if it is a folder or
+    if a file stands where one of its parent folders would go."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"--out {path} is a folder; --from-hf writes one file (e.g. {path / 'model.pt'})")
+    _check_no_file_above(path)
+    return path
+
+
+def _check_no_file_above(path: Path) -> None:
+    """FileExistsError naming `path` if a file stands where one of its parent folders would be made."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FileExistsError(f"--out {path}: {parent} is a file, so the folder {path.parent} cannot be made")
+            return
+
+
 def save_native(model: MoECausalLM, family: str, path: str | Path) -> Path:
     """One torch file with the family, the config and the whole state dict (written atomically)."""
+    path = check_native_out(path)
     if family not in FAMILIES:
         raise ConfigError(f"family = {family!r}: allowed: {', '.join(FAMILIES)}")
     if any(moe.experts.num_experts != model.config.num_experts for moe in model.moe_layers):
         raise ValueError("save_native: the model holds an expert-parallel shard; gather the whole model first")
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": NATIVE_FORMAT, "version": NATIVE_VERSION, "family": family,
                "config": model.config.to_dict(), "model": model.state_dict()}
@@ -273,6 +293,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         if args.from_hf is not None:
             if args.family is not None:
                 raise ConfigError("--family applies to --to-hf; --from-hf reads the family from config.json")
+            check_native_out(args.out)  # before the work of reading and converting
             hf_config, state = read_hf_folder(args.from_hf)
             print(f"read {len(state)} tensors from {args.from_hf} ({hf_config.model_type})")
             model, family = import_hf_state(state, hf_config, args.from_hf, dtype=dtype, copy=False)

@@ -49,6 +49,20 @@ class DeepSpeedConfigError(ValueError):
     """A DeepSpeed JSON config that does not fit the run config; the message names both values."""
 
 
+def read_deepspeed_json(path: str | Path) -> dict[str, Any]:
+    """The DeepSpeed JSON config at `path` as a dict; DeepSpeedConfigError if it is missing or not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeepSpeedConfigError(f"--deepspeed_config {str(path)!r}: no such file")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DeepSpeedConfigError(f"--deepspeed_config {str(path)!r}: not valid JSON: {err}") from err
+    if not isinstance(ds, dict):
+        raise DeepSpeedConfigError(f"--deepspeed_config {str(path)!r}: expected a JSON object, got {type(ds).__name__}")
+    return ds
+
+
 def load_deepspeed_config(path: str | Path, cfg: Config, world_size: int, bf16: bool) -> dict[str, Any]:
     """Read a DeepSpeed JSON config and fill its "auto" values from the run config.
 
@@ -58,12 +72,7 @@ def load_deepspeed_config(path: str | Path, cfg: Config, world_size: int, bf16: 
     values must agree with the run config.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DeepSpeedConfigError(f"--deepspeed_config {str(path)!r}: no such file")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DeepSpeedConfigError(f"--deepspeed_config {str(path)!r}: not valid JSON: {err}") from err
+    ds = read_deepspeed_json(path)
     batch, accum = cfg.data.batch_size, cfg.train.grad_accum_steps
     if batch % (world_size * accum):
         raise DeepSpeedConfigError(
@@ -117,6 +126,25 @@ def _check_precision(path: Path, ds: dict[str, Any], bf16: bool) -> None:
             f"{path}: fp16.enabled = {fp16!r}: moe_engine trains in bf16 or fp32 (train.precision = bf16 and "
             "\"bf16\": {\"enabled\": \"auto\"}); fp16 is not supported"
         )
+
+
+def check_launched() -> None:
+    """DeepSpeedConfigError unless this process can join a DeepSpeed job: started by a launcher
+    (RANK / WORLD_SIZE in the environment), in a torch.distributed job already up, or able to find
+    one through MPI (mpi4py, as DeepSpeed's own discovery under mpirun)."""
+    import importlib.util
+
+    import torch.distributed as dist
+
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ or (dist.is_available() and dist.is_initialized()):
+        return
+    if importlib.util.find_spec("mpi4py") is not None:
+        return
+    raise DeepSpeedConfigError(
+        "parallel.deepspeed_config is set, but no launcher started this process (no RANK / WORLD_SIZE in the "
+        "environment, no MPI): run `bash launch/deepspeed.sh N ...` or `deepspeed --num_gpus N --module "
+        "moe_engine.train ...` (N = 1 for one process)"
+    )
 
 
 def init_deepspeed_distributed(backend: str, verbose: bool = True, mpi_discovery: bool = True) -> None:

@@ -50,6 +50,8 @@ def bind_local_device(device_type: str) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
         count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError("train.device = 'cuda': no CUDA device is available here; use 'auto' or 'cpu'")
         if not 0 <= local_rank < count:
             raise ValueError(
                 f"LOCAL_RANK = {local_rank}: this node has {count} CUDA device(s), so local ranks 0..{count - 1}; "
