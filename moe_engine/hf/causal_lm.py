@@ -216,7 +216,11 @@ class MoECausalLM(nn.Module):
         super().__init__()
         self.config = config
         moe_cfg = config.moe_config()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # As transformers: the pad token's row gets no gradient from the lookup (an id outside the
+        # vocabulary, which some configs carry, means no padding row).
+        pad = config.pad_token_id
+        padding_idx = pad if pad is not None and 0 <= pad < config.vocab_size else None
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=padding_idx)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, make_dispatcher(moe_cfg) if make_dispatcher and i in config.moe_layer_ids else None)
             for i in range(config.num_layers)
