@@ -8,7 +8,8 @@ optimizer, schedule and data position start fresh: a fine-tuning run is a new ru
 
 Freezable groups (finetune.freeze):
     experts   every expert's weights (MoE FFN experts, shared experts, MoE-attention expert projections)
-    routers   the routers' parameters
+    routers   the routers' parameters, and their routing state: the aux-loss-free expert bias and
+              AdaMV-MoE's per-task k stop moving too
     backbone  every other shared parameter (attention, norms, tokenizers/embeddings, dense FFNs)
 Task-specific parameters (heads, task prompts and embeddings) always train.
 """

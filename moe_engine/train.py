@@ -182,6 +182,8 @@ class Trainer:
                                     cfg.model.architecture)
         if cfg.finetune.freeze:
             self.frozen = freeze_groups(self.model, self.workload, cfg.finetune.freeze)
+        # Frozen routers keep their routing state too: no expert-bias update, no adaptive-k move.
+        self._routers_frozen = "routers" in cfg.finetune.freeze
         # Micro-batches add up like ranks do: a term of the method that does not scale with the data is
         # counted once per step when divided by ranks x micro-batches.
         self.weighting = build_weighting(
@@ -559,7 +561,7 @@ class Trainer:
             metrics.update(load_imbalance(counts_RLE, ep_size))
             global_counts_LE = counts_RLE.sum(0)
             rate = self.cfg.moe.router.expert_bias_rate
-            if rate > 0:  # the same global counts on every rank: replicas stay identical
+            if rate > 0 and not self._routers_frozen:  # the same global counts on every rank: replicas stay identical
                 for router, counts_E in zip(self.model.routers, global_counts_LE):
                     router.update_expert_bias(counts_E, rate)
         metrics.update(self._traffic())
@@ -646,6 +648,7 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         start = time.perf_counter()
         progress = _progress_bar(cfg, self.step, target)
+        evaluated = None  # (step, evaluate()) of the last evaluation in the loop
         try:
             while self.step < target:
                 step_start = time.perf_counter()
@@ -662,8 +665,11 @@ class Trainer:
                     progress.update(1)
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
                 if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.max_steps:
-                    eval_metrics = self.evaluate()[0]
-                    eval_metrics.update(self.monitor.adapt(eval_metrics))  # AdaMV-MoE: each task's next k
+                    evaluated = (self.step, self.evaluate())
+                    eval_metrics = dict(evaluated[1][0])
+                    # AdaMV-MoE: each task's next k; after the last step the k stays that of the final results.
+                    moves = self.step < cfg.train.max_steps and not self._routers_frozen
+                    eval_metrics.update(self.monitor.adapt(eval_metrics, update=moves))
                     self.logger.log("eval", self.step, eval_metrics)
                 if self.run_info.world_size > 1:
                     # Ranks stop together: a signal seen by any rank (at any step) stops all of them here.
@@ -673,7 +679,8 @@ class Trainer:
                     self.save_checkpoint()
                 if self._signal is not None:
                     raise TrainingInterrupted(self._signal, self.step, self.last_checkpoint)
-            eval_metrics, counts_LXE = self.evaluate()
+            # The model has not changed since an evaluation at this step (a checkpoint does not change it).
+            eval_metrics, counts_LXE = evaluated[1] if evaluated is not None and evaluated[0] == self.step else self.evaluate()
             self.monitor.finish(self.logger, self.out_dir, self.step, counts_LXE)
         finally:
             if progress is not None:

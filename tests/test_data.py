@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from sklearn.datasets import load_digits
 
-from moe_engine.mtl.data import ResumableBatches, eval_batches, load_task_data, save_task_data
+from moe_engine.mtl.data import ResumableBatches, eval_batches, load_task_data, save_task_data, select_tasks
 from moe_engine.mtl.digits import (
     DIGIT_TASKS,
     build_digits_tasks,
@@ -214,6 +214,29 @@ def test_load_names_the_first_row_whose_task_or_label_does_not_fit(data, tmp_pat
     (tmp_path / "tasks.json").write_text(json.dumps(specs))
     with pytest.raises(ValueError, match=r"train: row \d+ has label \d for task 'digit'; allowed: 0..2"):
         load_task_data(tmp_path)
+
+
+def test_select_tasks_keeps_their_rows_renumbered_in_the_asked_order(data, tmp_path) -> None:
+    save_task_data(data, tmp_path)
+    chosen = select_tasks(load_task_data(tmp_path), ["right", "digit"], str(tmp_path))
+    alone = build_digits_tasks(["right", "digit"], pairs_per_task=PAIRS, seed=0)  # a task's data is its own
+    assert chosen.task_names == ("right", "digit") and chosen.tasks == alone.tasks
+    for mine, theirs in ((chosen.train, alone.train), (chosen.test, alone.test)):
+        assert mine.features == theirs.features and mine.format["type"] == "torch"
+        got, want = columns(mine), columns(theirs)
+        for t in range(2):
+            rows_got, rows_want = got["task"] == t, want["task"] == t
+            assert rows_got.sum() == rows_want.sum() > 0
+            for name in ("pixels", "label"):
+                assert torch.equal(got[name][rows_got], want[name][rows_want]), name
+        assert set(got["task"].tolist()) == {0, 1}
+    same = select_tasks(data, list(data.task_names), "memory")
+    assert same.train is data.train and same.tasks == data.tasks  # all tasks in order: nothing copied
+    with pytest.raises(ValueError, match=r"\['nine'\] not in memory \(has \['digit', 'parity', 'left', 'right'\]\)"):
+        select_tasks(data, ["digit", "nine"], "memory")
+    no_parity_test = MultiTaskData(data.train, data.test.filter(lambda row: row["task"] != 1), data.tasks)
+    with pytest.raises(ValueError, match=r"memory: task\(s\) \['parity'\] have no rows in the test split"):
+        select_tasks(no_parity_test, ["digit", "parity"], "memory")
 
 
 # ---------------------------------------------------------------------------------- batching

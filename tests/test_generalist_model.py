@@ -447,6 +447,14 @@ def test_model_errors() -> None:
     del text_only.tokenizers["image"]
     with pytest.raises(ValueError, match="modality 'image' has no tokenizer; have \\['text'\\]"):
         text_only.add_tasks([NEW_REGRESSION])
+    # Targets the text tokenizer cannot tell apart (case, truncation to max_text_len = 24) are refused.
+    alike = GeneralistTask("case", "classification", "text", ("Even", "even", "odd"), "accuracy", True, 0.5, "x")
+    with pytest.raises(ValueError, match=r"task 'case': targets that the text tokenizer encodes alike .*'Even' = 'even'"):
+        build(tasks=TASKS + (alike,))
+    long = tuple(f"{'a very long shared prefix '}{i}" for i in range(3))
+    cut = GeneralistTask("cut", "retrieval", "text", long, "recall@1", True, 1 / 3, "x")
+    with pytest.raises(ValueError, match=r"task 'cut': .*'a very long shared prefix 0' = 'a very long shared prefix 1'.*raise model.max_text_len"):
+        model.add_tasks([cut])
 
 
 class BadTokenizer(nn.Module):

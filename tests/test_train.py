@@ -685,3 +685,17 @@ def test_gradient_accumulation_is_checked_by_the_config(make_cfg: MakeConfig) ->
     with pytest.raises(ConfigError, match=r"train.grad_accum_steps = 2: mtl.weighting = 'pcgrad' weighs the whole batch's"):
         make_cfg("run", "train.grad_accum_steps=2", "mtl.weighting=pcgrad")
     make_cfg("run", "train.grad_accum_steps=2", "mtl.weighting=imtl", "mtl.weighting_options={mode: loss}")  # no Gram: fine
+
+
+def test_a_data_folder_trains_only_the_tasks_asked_for(make_cfg: MakeConfig, tmp_path: Path) -> None:
+    # `moe-engine baselines` trains each task alone from the same folder: the others must stay out.
+    from moe_engine.mtl.data import save_task_data
+    from moe_engine.mtl.digits import build_digits_tasks
+
+    folder = tmp_path / "data"
+    save_task_data(build_digits_tasks(pairs_per_task=100, seed=0), folder)
+    trainer = Trainer(make_cfg("subset", f"data.path={folder}", "data.tasks=[left,digit]"))
+    assert trainer.task_names == ["left", "digit"] and len(trainer.model.heads) == 2
+    batch = next(trainer.batches)
+    assert set(batch["task"].tolist()) <= {0, 1}
+    assert trainer.data.tasks[0].num_classes == 10 and trainer.data.tasks[0].name == "left"

@@ -85,9 +85,34 @@ def test_adaptive_k_follows_the_validation_losses(tmp_path: Path, monkeypatch: p
     rows = read_rows(tmp_path / "eval.csv")
     ks = [[int(float(r[f"top_k_{t}"])) for t in trainer.data.task_names] for r in rows]
     # First validation sets the baselines; then improvement lowers k, a stall (patience 1) raises it.
+    # The last evaluation (step 8 = max_steps) moves nothing: the final results are measured with the
+    # k the model trained with (its scripted loss 0.1 would otherwise keep task 0 at k_min anyway).
     assert ks == [[3, 3, 3, 3], [2, 2, 3, 3], [1, 3, 3, 3], [1, 3, 3, 3]]
     assert router.task_top_k_X.tolist() == [1, 3, 3, 3]
     assert trainer.model.moe_layers[0].router.task_top_k_X.tolist() == trainer.model.moe_layers[-1].router.task_top_k_X.tolist()
+
+
+def test_the_final_results_are_those_of_the_last_evaluation_with_the_trained_k(tmp_path: Path, monkeypatch) -> None:
+    cfg = _cfg(tmp_path, "moe.router.type=task_gate", "moe.router.top_k=3", "moe.router.task.adaptive_k=true",
+               "train.eval_every=2", "train.max_steps=8")
+    trainer = Trainer(cfg)
+    # Flat losses keep every k at 3; the last evaluation shows task 1 improving, which would lower its k.
+    script = iter([[1.0] * 4, [1.0] * 4, [1.0] * 4, [1.0, 0.5, 1.0, 1.0]])
+    evaluate, calls = trainer.evaluate, []
+
+    def scripted_evaluate():
+        metrics, counts = evaluate()
+        calls.append(trainer.step)
+        metrics.update({f"loss_{name}": loss for name, loss in zip(trainer.data.task_names, next(script))})
+        return metrics, counts
+
+    monkeypatch.setattr(trainer, "evaluate", scripted_evaluate)
+    result = trainer.run()
+    assert calls == [2, 4, 6, 8]  # the step-8 evaluation is the final one, not repeated
+    assert all(layer.router.task_top_k_X.tolist() == [3, 3, 3, 3] for layer in trainer.model.moe_layers)
+    assert result.eval_metrics[f"loss_{trainer.data.task_names[1]}"] == 0.5
+    last = read_rows(tmp_path / "eval.csv")[-1]
+    assert [int(float(last[f"top_k_{t}"])) for t in trainer.data.task_names] == [3, 3, 3, 3]
 
 
 def test_routing_telemetry_can_be_switched_off(tmp_path: Path) -> None:
@@ -163,3 +188,31 @@ def test_the_concat_gate_stays_shared(tmp_path: Path) -> None:
     # Its token columns are read by every task (its task columns are per task, in the same tensor).
     overrides = ["moe.router.type=task_gate", "moe.router.task.gate_mode=concat"]
     assert _check_router_parameter_sharing(tmp_path, overrides) == (0, 1)
+
+
+def test_frozen_routers_keep_their_expert_bias_and_task_k(tmp_path: Path, monkeypatch) -> None:
+    bias = ("moe.router.expert_bias_rate=0.05", "train.max_steps=2")
+    Trainer(_cfg(tmp_path / "pre", *bias)).run()
+    tuned = Trainer(_cfg(tmp_path / "ft", *bias, f"finetune.init_from={tmp_path / 'pre'}", "finetune.freeze=[routers]"))
+    before = [layer.router.expert_bias.clone() for layer in tuned.model.moe_layers]
+    assert any(b.abs().sum() > 0 for b in before)  # the pre-trained bias moved, and was loaded
+    tuned.run()
+    for layer, old in zip(tuned.model.moe_layers, before):
+        assert torch.equal(layer.router.expert_bias, old)
+
+    adaptive = ("moe.router.type=task_gate", "moe.router.top_k=3", "moe.router.task.adaptive_k=true",
+                "train.eval_every=1", "train.max_steps=3")
+    Trainer(_cfg(tmp_path / "pre_k", *adaptive[:3], "train.max_steps=1")).run()
+    tuned = Trainer(_cfg(tmp_path / "ft_k", *adaptive, f"finetune.init_from={tmp_path / 'pre_k'}",
+                         "finetune.freeze=[routers]"))
+    script, evaluate = iter([1.0, 0.5, 0.2]), tuned.evaluate  # improving: k would fall
+
+    def scripted_evaluate():
+        metrics, counts = evaluate()
+        loss = next(script, 0.1)
+        metrics.update({f"loss_{name}": loss for name in tuned.data.task_names})
+        return metrics, counts
+
+    monkeypatch.setattr(tuned, "evaluate", scripted_evaluate)
+    tuned.run()
+    assert all(layer.router.task_top_k_X.tolist() == [3, 3, 3, 3] for layer in tuned.model.moe_layers)

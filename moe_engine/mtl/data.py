@@ -26,7 +26,7 @@ import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -92,6 +92,35 @@ def load_task_data(path: str | os.PathLike[str]) -> MultiTaskData:
     for name, split in splits.items():
         _check_values(split, tasks, f"{folder}/{name}")
     return MultiTaskData(train=splits["train"], test=splits["test"], tasks=tasks)
+
+
+def select_tasks(data: MultiTaskData, names: Sequence[str], source: str) -> MultiTaskData:
+    """The tasks `names` of `data`, in that order: only their rows, task ids renumbered 0..len(names)-1.
+
+    ValueError naming the tasks `data` lacks (and those it has), or a task with no row in a split
+    (its metrics would be a silent 0). `source` names where the data came from, for the messages.
+    """
+    index = {name: i for i, name in enumerate(data.task_names)}
+    missing = [name for name in names if name not in index]
+    if missing:
+        raise ValueError(f"data.tasks = {list(names)}: {missing} not in {source} (has {list(data.task_names)})")
+    new_id = np.full(len(data.tasks), -1, dtype=np.int64)
+    new_id[[index[name] for name in names]] = np.arange(len(names))
+    identity = list(names) == list(data.task_names)
+    splits = {}
+    for split_name in _SPLITS:
+        split: datasets.Dataset = getattr(data, split_name)
+        task_ids = new_id[split.select_columns(["task"]).with_format("numpy")[:]["task"]]
+        rows = np.bincount(task_ids[task_ids >= 0], minlength=len(names))
+        empty = [name for name, count in zip(names, rows) if count == 0]
+        if empty:
+            raise ValueError(f"{source}: task(s) {empty} have no rows in the {split_name} split")
+        if not identity:
+            keep = np.flatnonzero(task_ids >= 0)
+            split = split.select(keep).remove_columns("task").add_column("task", task_ids[keep].tolist())
+            split = split.cast(example_features()).with_format("torch")
+        splits[split_name] = split
+    return MultiTaskData(train=splits["train"], test=splits["test"], tasks=tuple(data.tasks[index[n]] for n in names))
 
 
 class ResumableBatches:

@@ -73,14 +73,16 @@ class RoutingMonitor:
         if self.run.is_main:
             logger.log("routing", step, snapshot.scalars(prefix=""))
 
-    def adapt(self, eval_metrics: Mapping[str, float]) -> dict[str, float]:
+    def adapt(self, eval_metrics: Mapping[str, float], update: bool = True) -> dict[str, float]:
         """AdaMV-MoE: move each task's k from its validation loss (eval_metrics["loss_<task>"], equal on
-        every rank). Returns {"top_k_<task>": k} of the first MoE layer for the eval log."""
+        every rank). Returns {"top_k_<task>": k} of the first MoE layer after the move, for the eval log.
+        update=False moves nothing (after the last step, nothing is left to train with a new k)."""
         if not self.controllers:
             return {}
-        losses = [eval_metrics[f"loss_{name}"] for name in self.task_names]
-        for controller in self.controllers:
-            controller.update(losses)
+        if update:
+            losses = [eval_metrics[f"loss_{name}"] for name in self.task_names]
+            for controller in self.controllers:
+                controller.update(losses)
         return {f"top_k_{name}": float(k) for name, k in zip(self.task_names, self.controllers[0].task_k)}
 
     def finish(self, logger: Any, out_dir: Path, step: int, test_counts_LXE: torch.Tensor | None = None) -> list[Path]:

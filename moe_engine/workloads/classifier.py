@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_engine.config import Config, MoEConfig
-from moe_engine.mtl.data import ResumableBatches, eval_batches, load_task_data
+from moe_engine.mtl.data import ResumableBatches, eval_batches, load_task_data, select_tasks
 from moe_engine.mtl.digits import build_digits_tasks
 from moe_engine.mtl.model import MultiTaskTransformer
 from moe_engine.mtl.tasks import MultiTaskData
@@ -26,11 +26,7 @@ from moe_engine.workloads.base import StepForward, Workload, count_routed_choice
 def build_data(cfg: Config) -> MultiTaskData:
     """The digits tasks of data.tasks: from data.path when set, else built in memory."""
     if cfg.data.path is not None:
-        data = load_task_data(cfg.data.path)
-        missing = [t for t in cfg.data.tasks if t not in data.task_names]
-        if missing:
-            raise ValueError(f"data.tasks = {cfg.data.tasks}: {missing} not in {cfg.data.path} (has {list(data.task_names)})")
-        return data
+        return select_tasks(load_task_data(cfg.data.path), cfg.data.tasks, cfg.data.path)
     return build_digits_tasks(
         cfg.data.tasks, eval_fraction=cfg.data.eval_fraction, pairs_per_task=cfg.data.pairs_per_task, seed=cfg.train.seed
     )

@@ -162,6 +162,25 @@ def concat_routings(routings: Sequence[Routing]) -> Routing:
     )
 
 
+def _check_targets_distinct(task: GeneralistTask, ids_NL: torch.Tensor) -> None:
+    """ValueError naming the targets of `task` that its text tokenizer encodes alike (ids_NL: one row
+    per target): they would score the same, so a label among them could never be predicted."""
+    first: dict[tuple[int, ...], str] = {}
+    clashes = []
+    for text, row in zip(task.targets, ids_NL.tolist()):
+        key = tuple(row)
+        if key in first:
+            clashes.append(f"{first[key]!r} = {text!r}")
+        else:
+            first[key] = text
+    if clashes:
+        raise ValueError(
+            f"task {task.name!r}: targets that the text tokenizer encodes alike (lowercased, cut to "
+            f"model.max_text_len characters, unknown characters as one): {', '.join(clashes[:5])}"
+            f"{f' and {len(clashes) - 5} more' if len(clashes) > 5 else ''}; raise model.max_text_len or reword them"
+        )
+
+
 def _grown(param: nn.Parameter, rows: torch.Tensor) -> nn.Parameter:
     """A new parameter: param's rows, then `rows`; frozen if param was."""
     return nn.Parameter(torch.cat([param.detach(), rows]), requires_grad=param.requires_grad)
@@ -353,6 +372,10 @@ class GeneralistModel(nn.Module):
                 )
         if "text" not in self.tokenizers:
             raise ValueError(f"tokenizers {list(self.tokenizers)}: a 'text' tokenizer is needed for the targets")
+        encode = getattr(self.tokenizers["text"], "encode", None)
+        for task in new_tasks:
+            if task.targets and encode is not None:
+                _check_targets_distinct(task, encode(task.targets)[0])
 
     # ---------------------------------------------------------------- forward
 
