@@ -123,10 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--dispatchers {args.dispatchers}: allowed: local, all_to_all")
     timing = TimingSettings(reps=args.reps)
     records = []
-    for shape in shapes:
-        for name in dispatchers:
-            records.append(_measure_shape(shape, name, device, dtype, timing))
-            print(f"{shape} {name}: dispatch {records[-1]['dispatch_share']:.1%} of the layer", flush=True)
     report = {
         "schema": "moe_engine.bench/dispatch_overhead/1",
         "date": now().isoformat(timespec="seconds"),
@@ -134,7 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "dtype": str(dtype).removeprefix("torch."),
         "results": records,
+        "complete": False,
     }
+    for shape in shapes:
+        for name in dispatchers:
+            records.append(_measure_shape(shape, name, device, dtype, timing))
+            print(f"{shape} {name}: dispatch {records[-1]['dispatch_share']:.1%} of the layer", flush=True)
+            write_json(report, args.out)  # after every record: a run cut short keeps what it measured
+    report["complete"] = True
     write_json(report, args.out)
     rows = [[r["shape"], r["dispatcher"], r["layer_ms"], r["router_ms"], r["experts_ms"], r["dispatch_ms"], r["dispatch_share"]]
             for r in records]

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from moe_engine.kernels.router import MAX_EXPERTS
 from moe_engine.routing import ROUTER_TYPES
 from moe_engine.typed_config import ConfigError, _fail, apply_overrides, build_dataclass
 
@@ -206,8 +207,9 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         _check_choices(self, "moe")
-        if self.num_experts < 1:
-            _fail("moe.num_experts", self.num_experts, "must be >= 1")
+        if not 1 <= self.num_experts <= MAX_EXPERTS:
+            _fail("moe.num_experts", self.num_experts, f"must be in [1, {MAX_EXPERTS}] (the gating kernel holds a "
+                  "token's scores over all experts at once)")
         if self.router.top_k > self.num_experts:
             _fail("moe.router.top_k", self.router.top_k, f"must be <= moe.num_experts ({self.num_experts})")
         groups = self.router.n_groups

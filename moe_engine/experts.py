@@ -210,8 +210,10 @@ class MLP(nn.Module):
         self.w_out = nn.Linear(ffn_hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., D) -> (..., D)."""
-        return self.w_out(_activate(self.w_in(x), self.activation))
+        """x: (..., D) any float dtype -> (..., D) in x's dtype (the weights are cast to it, as the
+        routed experts' are, so a layer with shared experts takes bf16 tokens with fp32 parameters)."""
+        h = F.linear(x, self.w_in.weight.to(x.dtype))
+        return F.linear(_activate(h, self.activation), self.w_out.weight.to(x.dtype))
 
 
 def check_experts_can_run(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:

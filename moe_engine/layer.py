@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
@@ -35,6 +36,15 @@ class MoEOutput:
     tokens_per_expert_E: torch.Tensor
     routing: Routing
 
+
+
+def shared_expert_gate_logits(gate: nn.Module, x_TD: torch.Tensor) -> torch.Tensor:
+    """The shared-expert gate's (T, 1) logits in x_TD's dtype: an nn.Linear's weights are cast to it,
+    as the experts' are, so bf16 tokens meet fp32 parameters without autocast."""
+    if isinstance(gate, nn.Linear):
+        bias = gate.bias.to(x_TD.dtype) if gate.bias is not None else None
+        return F.linear(x_TD, gate.weight.to(x_TD.dtype), bias)
+    return gate(x_TD)
 
 class MoELayer(nn.Module):
     """A Mixture-of-Experts feed-forward layer over tokens of width D.
@@ -117,7 +127,7 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_expert_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+                shared_TD = torch.sigmoid(shared_expert_gate_logits(self.shared_expert_gate, x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
         aux_loss = routing.aux_loss if own_routing else torch.zeros_like(routing.aux_loss)
         return MoEOutput(y_TD.view(x.shape).to(x.dtype), aux_loss, tokens_per_expert_E.detach(), routing)

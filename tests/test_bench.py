@@ -219,7 +219,7 @@ def test_dispatch_overhead_script_times_both_dispatchers(tmp_path) -> None:
     for record in report["results"]:
         assert record["layer_ms"] > 0 and record["dispatch_ms"] > 0
         assert record["dispatch_share"] == record["dispatch_ms"] / record["layer_ms"]
-    assert report["device"] and report["versions"]["torch"] and report["date"]
+    assert report["device"] and report["versions"]["torch"] and report["date"] and report["complete"] is True
 
 
 def test_saved_activations_of_ours_are_h_and_routing_metadata_only(tmp_path) -> None:
@@ -242,3 +242,25 @@ def test_saved_activations_of_ours_are_h_and_routing_metadata_only(tmp_path) -> 
     assert row["shape"] == "sonicmoe" and row["ours_recompute_bytes"] < row["ours_bytes"] < row["grouped_mm_bytes"]
     with pytest.raises(ValueError, match="path = 'loop'"):
         measure(shape, "loop")
+
+
+def test_a_failing_plot_keeps_the_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A GPU image without matplotlib, say: the JSON is written before the plot, and the error recorded.
+    import moe_engine.bench.layer as layer_bench
+    import moe_engine.bench.suite as suite
+
+    def fake_run(opts, copy_bandwidth, records, save):
+        records.append({"shape": "fake", "paths": {}})
+        save()
+
+    def no_matplotlib(*args, **kwargs):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(layer_bench, "run", fake_run)
+    monkeypatch.setattr(suite, "plot_layer_tflops", no_matplotlib)
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", "--quick", "--only", "layer", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["complete"] is True and report["layer"] == [{"shape": "fake", "paths": {}}]
+    assert report["plot"] is None and report["plot_error"] == "ImportError: No module named 'matplotlib'"
+    assert not list(tmp_path.glob("*.tmp"))

@@ -118,7 +118,8 @@ ERROR_CASES = {
     "bool for float": (["optim.lr=true"], ["optim.lr", "True", "must be a number"]),
     "scalar for list": (["data.tasks=digit"], ["data.tasks", "'digit'", "must be a list"]),
     "scalar for section": (["moe=3"], ["moe", "3", "must be a mapping of num_experts"]),
-    "num_experts < 1": (["moe.num_experts=0"], ["moe.num_experts", "0", "must be >= 1"]),
+    "num_experts < 1": (["moe.num_experts=0"], ["moe.num_experts", "0", "must be in [1, 4096]"]),
+    "num_experts above the gating kernel's": (["moe.num_experts=5000"], ["moe.num_experts", "5000", "must be in [1, 4096]"]),
     "top_k > num_experts": (["moe.num_experts=2", "moe.router.top_k=3"], ["moe.router.top_k", "3", "must be <= moe.num_experts (2)"]),
     "top_k < 1": (["moe.router.top_k=0"], ["moe.router.top_k", "0", "must be >= 1"]),
     "capacity_factor = 0": (["moe.router.capacity_factor=0"], ["moe.router.capacity_factor", "0", "must be > 0"]),
@@ -276,7 +277,7 @@ def test_cli_config_error_exits_2_with_one_line(command: str, capsys: pytest.Cap
     out, err = capsys.readouterr()
     assert code == 2
     assert out == ""
-    assert "config error" in err and "moe.num_experts = 0: must be >= 1" in err
+    assert "config error" in err and "moe.num_experts = 0: must be in [1, 4096]" in err
     assert "Traceback" not in err
     assert err.count("\n") == 1  # one line, no stack
     assert not (tmp_path / "run").exists()  # refused before any work

@@ -326,6 +326,33 @@ def test_shared_experts(shared_expert_gate, activation, dtype, atol, rtol):
     assert (grads["shared_w_in"] != 0).any()
 
 
+def test_bf16_tokens_with_fp32_parameters_including_shared_experts():
+    # The router and the routed experts cast their weights to the tokens' dtype; the shared experts
+    # and their gate must too (no autocast here), and the output keeps the input's dtype.
+    torch.manual_seed(16)
+    cfg = moe_config(4, 8, 2, num_shared_experts=1, shared_expert_gate=True)
+    layer = build_layer(16, cfg, torch.float32)
+    x_TD = torch.randn(7, 16)
+    out = layer(x_TD.bfloat16())
+    assert out.y.dtype == torch.bfloat16
+    torch.testing.assert_close(out.y.float(), layer(x_TD).y, atol=5e-2, rtol=5e-2)
+    out.y.float().sum().backward()
+    assert layer.shared_experts.w_in.weight.grad.dtype == torch.float32
+    assert layer.shared_expert_gate.weight.grad.abs().sum() > 0
+
+
+def test_default_layer_compiles_on_cpu_in_fp32():
+    # experts_impl auto takes torch._grouped_mm in eager fp32 on CPU, whose traced (meta) kernel is
+    # bf16-only: under torch.compile auto takes the loop instead, with the same numbers.
+    torch.manual_seed(17)
+    layer = MoELayer.from_config(16, MoEConfig(num_experts=4, ffn_hidden=16))
+    x_TD = torch.randn(6, 16)
+    eager = layer(x_TD).y
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager")(x_TD).y
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLERANCES)
 def test_leading_shape_preserved(dtype, atol, rtol):
     torch.manual_seed(7)

@@ -292,6 +292,20 @@ def test_sequence_loss_with_sigmoid_uses_normalised_scores():
     )
 
 
+@pytest.mark.parametrize("aux_loss_type", ["switch", "seq_switch"])
+def test_sigmoid_balance_of_a_token_whose_scores_all_underflow_is_finite(aux_loss_type):
+    # Token 0's logits all below -104: its fp32 sigmoid scores are exactly 0, their sum too (clamped, not 0/0).
+    router = make_router(4, 4, 2, score_function="sigmoid", aux_loss_type=aux_loss_type, aux_loss_coef=1.0)
+    with torch.no_grad():
+        router.weight.copy_(torch.ones(4, 4))
+    x_TD = torch.randn(5, 4)
+    x_TD[0] = -40.0
+    routing = router(x_TD, RoutingContext(sequence_ids_T=torch.tensor([0, 0, 0, 1, 1])))
+    assert routing.scores_TE[0].eq(0).all()
+    routing.aux_loss.backward()
+    assert routing.aux_loss.isfinite() and router.weight.grad.isfinite().all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Capacity
 # ---------------------------------------------------------------------------------------------

@@ -420,10 +420,11 @@ def test_update_on_cuda_stays_on_device_without_sync():
     on_cpu.update(routings, task_ids)
     cuda_routings = [make_routing(r.experts_TK.cuda(), r.scores_TE.cuda()) for r in routings]
     on_gpu = TaskExpertTelemetry(2, 7, 3)
-    on_gpu.update(cuda_routings, task_ids.cuda())  # the first update moves the totals to the GPU
+    task_ids_cuda = task_ids.cuda()  # a blocking host-to-device copy: before the sync check starts
+    on_gpu.update(cuda_routings, task_ids_cuda)  # the first update moves the totals to the GPU
     torch.cuda.set_sync_debug_mode("error")
     try:
-        on_gpu.update(cuda_routings, task_ids.cuda(), check_task_range=False)
+        on_gpu.update(cuda_routings, task_ids_cuda, check_task_range=False)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(t.device.type == "cuda" for t in on_gpu.tensors())

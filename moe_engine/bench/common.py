@@ -279,8 +279,12 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
+    """`report` as JSON at `path`, replaced atomically (a run killed mid-write keeps the previous file)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
 
 
 def plot_layer_tflops(records: list[dict[str, Any]], title: str, path: Path) -> None:

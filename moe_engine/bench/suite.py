@@ -145,11 +145,17 @@ def measure_all(
         report["wall_seconds"] = (now() - started).total_seconds()
         # The config each Triton kernel's autotuner picked per key, with the setting that pins it.
         report["autotune"] = autotune_choices()
+        write_json(report, out)  # the figures first: a failing plot (no matplotlib, say) must not lose them
         if png is not None and report.get("layer"):
             title = f"MoE layer fwd+bwd on {device['name']}, torch {torch.__version__}, {report['date'][:10]}"
-            plot_layer_tflops(report["layer"], title, png)
-            report["plot"] = str(png)
-        write_json(report, out)
+            try:
+                plot_layer_tflops(report["layer"], title, png)
+            except Exception as err:  # noqa: BLE001 - any plotting failure is reported, never fatal
+                report["plot"], report["plot_error"] = None, f"{type(err).__name__}: {err}"
+            else:
+                report["plot"] = str(png)
+                report.pop("plot_error", None)
+            write_json(report, out)
 
     for name in benchmarks:
         module = importlib.import_module(f"moe_engine.bench.{name}")

@@ -28,6 +28,9 @@ def grouped_mm_unsupported_reason(device: torch.device, dtype: torch.dtype, dims
         return f"torch._grouped_mm is not available on {device.type}"
     elif dtype not in (torch.float32, torch.bfloat16):
         return f"torch._grouped_mm on CPU takes float32 or bfloat16, got {dtype}"
+    elif dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        # Eager CPU runs fp32, but the op's meta kernel (what torch.compile traces) takes bf16 only.
+        return f"torch.compile traces torch._grouped_mm in bfloat16 only, got {dtype}"
     elem = torch.empty((), dtype=dtype).element_size()
     misaligned = [d for d in dims if (d * elem) % 16]
     if misaligned:

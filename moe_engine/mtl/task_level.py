@@ -34,7 +34,7 @@ from torch import nn
 
 from moe_engine.experts import MLP, GroupedExperts
 from moe_engine.kernels.router import topk_gating
-from moe_engine.layer import MoELayer
+from moe_engine.layer import MoELayer, shared_expert_gate_logits
 from moe_engine.mtl.statistics import check_task_ids
 from moe_engine.parallel import LocalDispatcher
 from moe_engine.routing.capacity import check_routing_args
@@ -214,7 +214,7 @@ class TaskFFN(nn.Module):
         if self.shared_experts is not None:
             shared = self.shared_experts(x)
             if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+                shared = torch.sigmoid(shared_expert_gate_logits(self.shared_expert_gate, x)) * shared
             y = y + shared
         return y.to(x.dtype)
 

@@ -149,7 +149,8 @@ class TopKRouter(nn.Module):
                 # For sigmoid scores, P_i uses the scores normalised per token (DeepSeek-V3).
                 probs_TE = gating.scores_TE
                 if self.score_function == "sigmoid":
-                    probs_TE = probs_TE / probs_TE.sum(-1, keepdim=True)
+                    # clamped as the gating kernel's: a token whose scores all underflow adds 0, not NaN
+                    probs_TE = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(1e-20)
                 balance = sequence_load_balancing_loss(probs_TE, gating.experts_TK, ctx.sequence_ids_T)
             else:
                 # f_i and P_i from the gating kernel's per-expert sums (prob_sums_E already holds
