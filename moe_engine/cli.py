@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moe_engine.config import Config, ConfigError, load_config
+from moe_engine.routing import PLAIN_ROUTER_TYPES
 
 if TYPE_CHECKING:
     from moe_engine.train import Trainer, TrainResult
@@ -135,7 +136,7 @@ def format_report(cfg: Config, trainer: Trainer, result: TrainResult, delta: dic
         imbalance = max(counts_E) / (total / len(counts_E))
         cells = " ".join(f"{c:>6}" for c in counts_E)
         lines.append(f"moe layer {layer}: {cells}   max/mean {imbalance:.2f}")
-    if cfg.moe.router.type not in ("softmax_topk", "sigmoid_topk", "noisy_topk"):
+    if cfg.moe.router.type not in PLAIN_ROUTER_TYPES:
         lines.extend(_task_expert_lines(trainer.task_names, result.tokens_per_task_expert_LXE))
     outputs = "train.csv, eval.csv, tensorboard/, checkpoints/, results.json"
     if cfg.logging.routing_telemetry and counts_LE.numel():

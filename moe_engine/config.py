@@ -101,6 +101,7 @@ class TaskRoutingConfig:
 
 # moe.router.z_loss_coef's default; the routers without a z-loss accept it (and 0) and ignore it.
 _ROUTER_Z_LOSS_DEFAULT = 0.001
+_AUX_LOSS_COEF_DEFAULT = 0.01
 
 # Routers that read RoutingContext.task_ids_T (and need the number of tasks).
 TASK_ROUTERS = ("task_gate", "mod_squad", "dselect_k", "task_level")
@@ -119,7 +120,7 @@ class RouterConfig:
     # "importance_load" (Shazeer's CV^2 losses: noisy_topk, task_gate), "none". noisy_topk has
     # importance_load only: its "switch" (the default) means its own losses.
     aux_loss_type: Literal["switch", "seq_switch", "importance_load", "none"] = "switch"
-    aux_loss_coef: float = 0.01
+    aux_loss_coef: float = _AUX_LOSS_COEF_DEFAULT
     # ST-MoE's router z-loss: softmax_topk and sigmoid_topk only (the other routers' papers have none).
     z_loss_coef: float = _ROUTER_Z_LOSS_DEFAULT
     # None: dropless. Otherwise each expert keeps ceil(capacity_factor * T * K / E) choices.
@@ -153,6 +154,20 @@ class RouterConfig:
             _fail("moe.router.topk_groups", self.topk_groups, f"must be in [1, moe.router.n_groups = {self.n_groups}]")
         self._check_router_specific()
 
+    def _check_expert_choice(self) -> None:
+        """expert_choice (every expert picks its C tokens) has no balance loss, no renormalisation and
+        no drops to order: settings that would ask for them are refused. top_k is the average number
+        of experts per token; capacity_factor null means 1.0."""
+        if self.aux_loss_type == "switch" and self.aux_loss_coef not in (0.0, _AUX_LOSS_COEF_DEFAULT):
+            _fail("moe.router.aux_loss_coef", self.aux_loss_coef, "expert_choice is balanced by construction and "
+                  "has no balance loss: use 0")
+        if not self.renormalize:
+            _fail("moe.router.renormalize", False, "expert_choice weights are the experts' softmax scores, never "
+                  "renormalised: use true (the default, not read)")
+        if self.drop_policy != "position":
+            _fail("moe.router.drop_policy", self.drop_policy, "expert_choice drops nothing (each expert picks its "
+                  "tokens): use position (the default, not read)")
+
     def _check_router_specific(self) -> None:
         """Options that only some router types implement are refused for the others: a value other
         than the default (for the z-loss: 0 too) of an option the chosen router does not read."""
@@ -162,6 +177,8 @@ class RouterConfig:
                   f"({self.type!r} does not scale its weights): use 1.0")
         if self.type in ("noisy_topk", "dselect_k") and not self.renormalize:
             _fail("moe.router.renormalize", False, f"{self.type!r} always gives weights that sum to 1: use true")
+        if self.type == "expert_choice":
+            self._check_expert_choice()
         if self.type == "task_level" and self.top_k == 1 and self.renormalize:
             _fail("moe.router.renormalize", True, "with task_level and top_k = 1 the one weight is p / p = 1, so the "
                   "task gate gets no gradient (it has no aux loss) and keeps its initial expert: use false (weight p)")

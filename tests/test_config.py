@@ -124,7 +124,7 @@ ERROR_CASES = {
     "top_k < 1": (["moe.router.top_k=0"], ["moe.router.top_k", "0", "must be >= 1"]),
     "capacity_factor = 0": (["moe.router.capacity_factor=0"], ["moe.router.capacity_factor", "0", "must be > 0"]),
     "capacity_factor < 0": (["moe.router.capacity_factor=-1.5"], ["moe.router.capacity_factor", "-1.5", "must be > 0"]),
-    "unknown router type": (["moe.router.type=expert_choice"], ["moe.router.type", "'expert_choice'", "softmax_topk", "sigmoid_topk"]),
+    "unknown router type": (["moe.router.type=soft_moe"], ["moe.router.type", "'soft_moe'", "softmax_topk", "expert_choice"]),
     "unknown activation": (["moe.activation=relu"], ["moe.activation", "'relu'", "'swiglu'", "'gelu'"]),
     "unknown aux loss": (["moe.router.aux_loss_type=entropy"], ["moe.router.aux_loss_type", "'entropy'", "'switch'", "'seq_switch'", "'none'"]),
     "num_heads not dividing d_model": (["model.d_model=64", "model.num_heads=3"], ["model.num_heads", "3", "must divide model.d_model (64)"]),

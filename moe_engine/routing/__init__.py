@@ -12,6 +12,7 @@ from moe_engine.routing.losses import (
     sequence_load_balancing_loss,
     switch_load_balancing_loss,
 )
+from moe_engine.routing.expert_choice import ExpertChoiceRouter
 from moe_engine.routing.noisy import NoisyTopKRouter
 from moe_engine.routing.router import TopKRouter
 from moe_engine.routing.types import Routing, RoutingContext
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from moe_engine.config import RouterConfig
 
 # The routers of this package, which need nothing but the tokens.
-PLAIN_ROUTER_TYPES = ("softmax_topk", "sigmoid_topk", "noisy_topk")
+PLAIN_ROUTER_TYPES = ("softmax_topk", "sigmoid_topk", "noisy_topk", "expert_choice")
 # The task-conditional routers of moe_engine.mtl (built by moe_engine.routers.build_any_router).
 TASK_ROUTER_TYPES = ("task_gate", "mod_squad", "attribute", "dselect_k", "task_level")
 # The names `moe.router.type` accepts.
@@ -38,11 +39,14 @@ def build_router(d_model: int, num_experts: int, cfg: RouterConfig) -> nn.Module
             d_model, num_experts, cfg.top_k, aux_loss_coef=cfg.aux_loss_coef if cfg.aux_loss_type != "none" else 0.0,
             capacity_factor=cfg.capacity_factor, drop_policy=cfg.drop_policy,
         )
+    if cfg.type == "expert_choice":
+        return ExpertChoiceRouter(d_model, num_experts, cfg.top_k, capacity_factor=cfg.capacity_factor)
     raise ValueError(f"moe.router.type = {cfg.type!r}: allowed here: {', '.join(PLAIN_ROUTER_TYPES)}")
 
 
 __all__ = [
     "DROP_POLICIES",
+    "ExpertChoiceRouter",
     "NoisyTopKRouter",
     "PLAIN_ROUTER_TYPES",
     "ROUTER_TYPES",
