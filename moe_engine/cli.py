@@ -130,7 +130,8 @@ def format_report(cfg: Config, trainer: Trainer, result: TrainResult, delta: dic
         lines.append(f"Delta_p against the single-task baselines: {delta['delta_p']:+.2f} % (over {', '.join(delta['tasks'])})")
     counts_LE = result.tokens_per_expert_LE
     top_k = getattr(trainer.model.routers[0], "top_k", cfg.moe.router.top_k) if trainer.model.routers else cfg.moe.router.top_k
-    lines.append(f"\ntokens per expert on the test split (top-{top_k} choices, {cfg.moe.num_experts} experts)")
+    how = ("each expert picks its tokens, on average " if cfg.moe.router.type == "expert_choice" else "top-") + f"{top_k}"
+    lines.append(f"\ntokens per expert on the test split ({how} choices, {cfg.moe.num_experts} experts)")
     for layer, counts_E in enumerate(counts_LE.tolist()):
         total = max(sum(counts_E), 1)
         imbalance = max(counts_E) / (total / len(counts_E))
