@@ -237,7 +237,7 @@ def build_model(
     The MoE models have `num_experts` experts of `expert_hidden` units (the paper: 8 of 16) and
     towers of `tower_hidden` units (the paper: 8). The shared-bottom model's layer width is chosen
     by `shared_bottom_width` so that its parameter count is the closest to the MMoE model's
-    (for d_in = 100, two tasks and the defaults: width 126, 14,772 parameters against 14,834).
+    (for d_in = 100, two tasks and the defaults: width 126, 14,776 parameters against 14,834).
     top_k: the sparse gates of the MoE models (None: dense, as in the paper).
     """
     if kind not in MODEL_KINDS:
