@@ -20,6 +20,7 @@ mismatch by name, before any state is touched. Both layouts load at every EP siz
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -94,6 +95,30 @@ def config_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[st
         for name in STRUCTURAL_FIELDS
         if _lookup(saved, name) != _lookup(current, name)
     ]
+
+
+def checkpoint_task_order(state: dict[str, Any]) -> list[str]:
+    """The tasks a checkpoint's per-task parameters (heads, prompts) belong to, in their order.
+
+    Its "task_names" entry; a file written before that entry: data.tasks, except for the multi-task
+    classifier trained from data.path, which then built a head for every task of the folder's
+    tasks.json, in that file's order (read again from there; CheckpointMismatchError if it cannot be).
+    """
+    names = state.get("task_names")
+    if names is not None:
+        return list(names)
+    config = state["config"]
+    data = config.get("data", {})
+    if data.get("path") and config.get("model", {}).get("architecture", "multitask") == "multitask":
+        tasks_file = Path(data["path"]) / "tasks.json"
+        try:
+            return [spec["name"] for spec in json.loads(tasks_file.read_text())]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointMismatchError(
+                f"this checkpoint has no task names and was trained from data.path = {data['path']!r}, whose task "
+                f"heads follow {tasks_file}; it cannot be read ({type(err).__name__}: {err})"
+            ) from err
+    return list(data.get("tasks", []))
 
 
 def expert_shard_file(ep_rank: int, ep_size: int) -> str:

@@ -123,7 +123,7 @@ class RouterConfig:
     aux_loss_coef: float = _AUX_LOSS_COEF_DEFAULT
     # ST-MoE's router z-loss: softmax_topk and sigmoid_topk only (the other routers' papers have none).
     z_loss_coef: float = _ROUTER_Z_LOSS_DEFAULT
-    # None: dropless. Otherwise each expert keeps ceil(capacity_factor * T * K / E) choices.
+    # None: dropless (expert_choice: 1.0). Otherwise each expert keeps ceil(capacity_factor * T * K / E) choices.
     capacity_factor: float | None = None
     # Which choices an over-full expert keeps: earliest (first choices before second) or highest weight.
     drop_policy: Literal["position", "score"] = "position"
@@ -570,7 +570,9 @@ class Config:
             # backward needs them first: that would take every micro-batch's graph kept at once.
             _fail("train.grad_accum_steps", accum, f"mtl.weighting = {self.mtl.weighting!r} weighs the whole batch's task "
                   "gradients before any backward: use 1, or a loss-based method (equal, uncertainty, dwa)")
-        if self.parallel.fixed_splits and self.moe.router.capacity_factor is None:
+        # expert_choice always has a capacity (null means 1.0).
+        dropless = self.moe.router.capacity_factor is None and self.moe.router.type != "expert_choice"
+        if self.parallel.fixed_splits and dropless:
             _fail("parallel.fixed_splits", True, "needs moe.router.capacity_factor (dropless routing has no fixed splits)")
         if "experts" in self.finetune.freeze and self.parallel.deepspeed_config is not None and self.parallel.expert_parallel_size > 1:
             # ZeRO builds its expert-data-parallel reduction from the optimizer's MoE param group,

@@ -23,7 +23,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from moe_engine.checkpoint import CheckpointMismatchError, read_checkpoint_entries, read_model_state, resolve_checkpoint
+from moe_engine.checkpoint import (
+    CheckpointMismatchError,
+    checkpoint_task_order,
+    read_checkpoint_entries,
+    read_model_state,
+    resolve_checkpoint,
+)
 from moe_engine.parallel.groups import ParallelGroups
 from moe_engine.parallel.sharding import load_canonical_state
 
@@ -106,14 +112,14 @@ def load_pretrained_weights(
             f"finetune.init_from = {str(init_from)!r}: {path} is not a moe_engine checkpoint (DeepSpeed checkpoints: "
             "resume the run without DeepSpeed once, or point at a moe_engine step_XXXXXXXX.pt / step_XXXXXXXX folder)"
         )
-    saved = read_checkpoint_entries(path, ("config", "tasks"))
+    saved = read_checkpoint_entries(path, ("config", "tasks", "task_names"))
     saved_architecture = saved["config"].get("model", {}).get("architecture", "multitask")
     if architecture is not None and saved_architecture != architecture:
         raise CheckpointMismatchError(
             f"finetune.init_from = {str(init_from)!r}: a model.architecture = {saved_architecture!r} checkpoint; this "
             f"run builds model.architecture = {architecture!r} (set it, with a config of that kind, to fine-tune it)"
         )
-    pretrained_tasks = list(saved["config"]["data"]["tasks"])
+    pretrained_tasks = checkpoint_task_order(saved)
     state = read_model_state(path)
     state = workload.adapt_pretrained_state(model, state, pretrained_tasks, saved.get("tasks"))
     ep_rank, ep_size = (groups.ep_rank, groups.ep_size) if groups is not None else (0, 1)

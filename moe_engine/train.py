@@ -24,6 +24,7 @@ from moe_engine.checkpoint import (
     MODEL_FILE,
     CheckpointManager,
     CheckpointMismatchError,
+    checkpoint_task_order,
     config_mismatches,
     expert_shard_file,
     load_checkpoint,
@@ -381,6 +382,12 @@ class Trainer:
     def _load_run_state(self, state: dict[str, Any]) -> None:
         """What every checkpoint layout holds besides model, optimizer and schedule: data position,
         RNG states, routing monitor, loss weighting and step."""
+        saved_tasks = checkpoint_task_order(state)
+        if saved_tasks != self.task_names:
+            raise CheckpointMismatchError(
+                f"the checkpoint's per-task parameters are for the tasks {saved_tasks}, in that order; this run has "
+                f"{self.task_names} (with data.path, data.tasks picks and orders the folder's tasks)"
+            )
         try:
             self.batches.load_state_dict(state["data"])
         except ValueError as err:
@@ -419,6 +426,7 @@ class Trainer:
         return {
             "step": self.step, "config": self.cfg.to_dict(), "data": self.batches.state_dict(), "rng_ranks": rng_states,
             "routing": routing_state, "weighting": self._weighting_state(), "tasks": self.workload.task_specs(),
+            "task_names": list(self.task_names),
         }
 
     def _load_deepspeed_checkpoint(self, path: Path) -> dict[str, Any]:
@@ -670,6 +678,8 @@ class Trainer:
                     # AdaMV-MoE: each task's next k; after the last step the k stays that of the final results.
                     moves = self.step < cfg.train.max_steps and not self._routers_frozen
                     eval_metrics.update(self.monitor.adapt(eval_metrics, update=moves))
+                    if moves and self.monitor.controllers:  # the k moved: that evaluation is not the model's now
+                        evaluated = None
                     self.logger.log("eval", self.step, eval_metrics)
                 if self.run_info.world_size > 1:
                     # Ranks stop together: a signal seen by any rank (at any step) stops all of them here.

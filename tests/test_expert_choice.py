@@ -121,5 +121,8 @@ def test_config_builds_it_and_refuses_what_it_does_not_have():
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, ["moe.router.type=expert_choice", override])
+    # It always has a capacity, so static all-to-all splits need no capacity_factor.
+    fixed = ["parallel.dispatcher=all_to_all", "parallel.fixed_splits=true"]
+    assert load_config(None, ["moe.router.type=expert_choice", *fixed]).parallel.fixed_splits
     with pytest.raises(ValueError, match=r"top_k = 5: must be in \[1, num_experts = 4\]"):
         ExpertChoiceRouter(8, 4, 5)

@@ -54,6 +54,25 @@ def test_layer_bf16_on_cuda_matches_fp64_reference(impl: str, capacity_factor: f
         torch.testing.assert_close(param.grad.double().cpu(), ref_param.grad, atol=3e-2, rtol=3e-2)
 
 
+def test_expert_choice_with_many_experts_runs_the_triton_path_like_the_loop() -> None:
+    # Expert choice gives K = E columns: the combine kernels unroll over K and the unpermute backward
+    # holds a (BLOCK_T, next_pow2(K), BLOCK_D) tile, far wider than the K <= 8 they are tuned for.
+    torch.manual_seed(3)
+    T, D, F, E = 256, 64, 128, 64
+    outs = {}
+    for impl in ("triton", "loop"):
+        torch.manual_seed(3)
+        cfg = MoEConfig(num_experts=E, ffn_hidden=F, experts_impl=impl, router=RouterConfig(type="expert_choice", top_k=2))
+        layer = MoELayer.from_config(D, cfg).cuda().to(torch.bfloat16)
+        torch.manual_seed(4)
+        x = torch.randn(T, D, device="cuda").to(torch.bfloat16).requires_grad_()
+        out = layer(x)
+        out.y.float().square().sum().backward()
+        outs[impl] = (out.y.float(), x.grad.float(), layer.experts.w_in.grad.float(), layer.router.weight.grad.float())
+    for got, want in zip(outs["triton"], outs["loop"]):
+        torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+
+
 def test_trainer_uses_cuda_with_bf16_autocast(tmp_path) -> None:
     cfg = load_config(None, [
         "model.d_model=32", "model.num_layers=2", "model.num_heads=2", "moe.num_experts=4", "moe.ffn_hidden=32",

@@ -699,3 +699,23 @@ def test_a_data_folder_trains_only_the_tasks_asked_for(make_cfg: MakeConfig, tmp
     batch = next(trainer.batches)
     assert set(batch["task"].tolist()) <= {0, 1}
     assert trainer.data.tasks[0].num_classes == 10 and trainer.data.tasks[0].name == "left"
+
+
+def test_resume_refuses_task_heads_in_another_order(make_cfg: MakeConfig, tmp_path: Path) -> None:
+    # A checkpoint names its tasks; one from before that (and from a data folder) had a head per task
+    # of the folder, in the folder's order: resuming it with another order would swap the heads.
+    from moe_engine.mtl.data import save_task_data
+    from moe_engine.mtl.digits import build_digits_tasks
+
+    folder = tmp_path / "data"
+    save_task_data(build_digits_tasks(pairs_per_task=100, seed=0), folder)
+    sets = (f"data.path={folder}", "data.tasks=[left,parity,digit,right]", "train.max_steps=2", "train.checkpoint_every=2")
+    Trainer(make_cfg("ordered", *sets)).run()
+    checkpoint = tmp_path / "ordered" / "checkpoints" / "step_00000002.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["task_names"] == ["left", "parity", "digit", "right"]
+    assert Trainer(make_cfg("ordered", *sets, "train.max_steps=3"), resume=str(checkpoint)).step == 2
+    del state["task_names"]  # as written before task names were saved: heads in the folder's order
+    torch.save(state, checkpoint)
+    with pytest.raises(CheckpointMismatchError, match=r"for the tasks \['digit', 'parity', 'left', 'right'\], in that order"):
+        Trainer(make_cfg("ordered", *sets, "train.max_steps=3"), resume=str(checkpoint))

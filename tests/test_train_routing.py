@@ -190,6 +190,25 @@ def test_the_concat_gate_stays_shared(tmp_path: Path) -> None:
     assert _check_router_parameter_sharing(tmp_path, overrides) == (0, 1)
 
 
+def test_a_partial_run_reports_the_model_it_returns(tmp_path: Path, monkeypatch) -> None:
+    # run(until_step) below max_steps: the evaluation at that step moves k, so the results are measured again.
+    cfg = _cfg(tmp_path, "moe.router.type=task_gate", "moe.router.top_k=3", "moe.router.task.adaptive_k=true",
+               "train.eval_every=2", "train.max_steps=8")
+    trainer = Trainer(cfg)
+    script, evaluate = iter([1.0, 0.5]), trainer.evaluate  # improving: k falls at step 4
+
+    def scripted_evaluate():
+        metrics, counts = evaluate()
+        loss = next(script, 0.4)
+        metrics.update({f"loss_{name}": loss for name in trainer.data.task_names})
+        return metrics, counts
+
+    monkeypatch.setattr(trainer, "evaluate", scripted_evaluate)
+    result = trainer.run(until_step=4)
+    assert trainer.model.moe_layers[0].router.task_top_k_X.tolist() == [2, 2, 2, 2]
+    assert torch.equal(result.tokens_per_task_expert_LXE, evaluate()[1])
+
+
 def test_frozen_routers_keep_their_expert_bias_and_task_k(tmp_path: Path, monkeypatch) -> None:
     bias = ("moe.router.expert_bias_rate=0.05", "train.max_steps=2")
     Trainer(_cfg(tmp_path / "pre", *bias)).run()

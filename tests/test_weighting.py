@@ -515,6 +515,24 @@ def test_nash_without_solution_keeps_previous_weights():
     torch.testing.assert_close(weights, solved)
 
 
+def test_nash_state_from_before_the_raw_scale_is_solved_again():
+    # Its alpha was G/|G|_F's: reused between solves it would shrink the step by sqrt(|G|_F).
+    grads = 10.0 * random_grads(3, 6, seed=8)
+    gram = torch.from_numpy(grads @ grads.T)
+    fresh = build_weighting("nash_mtl", 3, max_norm=0.0, update_every=5)
+    solved = fresh.combine(torch.ones(3, dtype=torch.float64), ALL_PRESENT3, gram)[1]
+    old = {k: v for k, v in fresh.state_dict().items() if k != "raw_scale"}
+    old["alpha_T"] = old["alpha_T"] / 7.0  # some other scale
+    old["step"] = torch.tensor(1)  # mid-interval: no solve would be due
+    resumed = build_weighting("nash_mtl", 3, max_norm=0.0, update_every=5)
+    resumed.load_state_dict(old)
+    assert resumed.wants_gram(ALL_PRESENT3)
+    torch.testing.assert_close(resumed.combine(torch.ones(3, dtype=torch.float64), ALL_PRESENT3, gram)[1], solved)
+    current = build_weighting("nash_mtl", 3, max_norm=0.0, update_every=5)
+    current.load_state_dict({**fresh.state_dict(), "step": torch.tensor(1)})
+    assert not current.wants_gram(ALL_PRESENT3)  # a current state keeps its cadence
+
+
 def test_nash_update_every():
     weighting = build_weighting("nash_mtl", 3, max_norm=0.0, update_every=3)
     rng = np.random.default_rng(0)

@@ -243,6 +243,17 @@ class NashMTL(TaskWeighting):
         self.register_buffer("alpha_T", torch.ones(num_tasks, dtype=torch.float64))
         self.register_buffer("solved_present_T", torch.zeros(num_tasks, dtype=torch.bool))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        # Marks alpha_T as on the raw gradients' scale (states saved before it held G/|G|_F's alpha).
+        self.register_buffer("raw_scale", torch.ones((), dtype=torch.bool))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if prefix + "raw_scale" not in state_dict:
+            # An older state: its alpha is on the normalised Gram's scale. Keep it only as the fallback
+            # for a failed solve and force a solve on the next step (a present-task set never seen).
+            state_dict = {**state_dict, prefix + "raw_scale": torch.ones((), dtype=torch.bool)}
+            if prefix + "solved_present_T" in state_dict:
+                state_dict[prefix + "solved_present_T"] = torch.zeros_like(state_dict[prefix + "solved_present_T"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _solves_now(self, present_T: torch.Tensor) -> bool:
         due = int(self.step) % self.update_every == 0
