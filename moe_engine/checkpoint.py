@@ -20,7 +20,6 @@ mismatch by name, before any state is touched. Both layouts load at every EP siz
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
@@ -110,13 +109,14 @@ def checkpoint_task_order(state: dict[str, Any]) -> list[str]:
     config = state["config"]
     data = config.get("data", {})
     if data.get("path") and config.get("model", {}).get("architecture", "multitask") == "multitask":
-        tasks_file = Path(data["path"]) / "tasks.json"
+        from moe_engine.mtl.data import read_task_specs  # the data folder's layout lives there
+
         try:
-            return [spec["name"] for spec in json.loads(tasks_file.read_text())]
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            return [spec.name for spec in read_task_specs(data["path"])]
+        except (OSError, ValueError, TypeError) as err:
             raise CheckpointMismatchError(
                 f"this checkpoint has no task names and was trained from data.path = {data['path']!r}, whose task "
-                f"heads follow {tasks_file}; it cannot be read ({type(err).__name__}: {err})"
+                f"heads follow its tasks.json; it cannot be read ({type(err).__name__}: {err})"
             ) from err
     return list(data.get("tasks", []))
 

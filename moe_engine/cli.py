@@ -181,18 +181,9 @@ def delta_against(baselines: dict[str, Any], baselines_file: str, trainer: Train
     return {"delta_p": value, "tasks": tasks, "baselines": baselines, "file": baselines_file}
 
 
-def _setup_errors() -> tuple[type[Exception], ...]:
-    """What building a Trainer raises for a mistake the user can fix (reported in one line, exit 2)."""
-    from moe_engine.checkpoint import CheckpointMismatchError
-    from moe_engine.parallel.deepspeed_engine import DeepSpeedConfigError
-    from moe_engine.train import RunDirectoryError
-
-    return (CheckpointMismatchError, RunDirectoryError, FileNotFoundError, DeepSpeedConfigError, ValueError)
-
-
 def _train(args: argparse.Namespace) -> int:
     from moe_engine.parallel.runtime import shutdown_distributed
-    from moe_engine.train import NonFiniteLossError, Trainer, TrainingInterrupted
+    from moe_engine.train import TRAINER_SETUP_ERRORS, NonFiniteLossError, Trainer, TrainingInterrupted
 
     overrides = list(args.overrides)
     if args.deepspeed_config:
@@ -204,7 +195,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     try:
         trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
-    except _setup_errors() as err:
+    except TRAINER_SETUP_ERRORS as err:
         print(f"moe-engine {args.command}: error: {err}", file=sys.stderr)
         return 2
     main_rank = trainer.run_info.is_main  # under a launcher, rank 0 speaks for the job
@@ -251,7 +242,7 @@ def _train(args: argparse.Namespace) -> int:
 def _baselines(args: argparse.Namespace) -> int:
     """Train each task of the config alone, with the same settings, in train.out_dir/single_<task>;
     write {task: {metric: value}} for --baselines."""
-    from moe_engine.train import NonFiniteLossError, Trainer, TrainingInterrupted
+    from moe_engine.train import TRAINER_SETUP_ERRORS, NonFiniteLossError, Trainer, TrainingInterrupted
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path(cfg.train.out_dir) / "baselines.json"
@@ -266,7 +257,7 @@ def _baselines(args: argparse.Namespace) -> int:
         single_cfg = load_config(args.config, overrides)
         try:
             trainer = Trainer(single_cfg, overwrite=True)
-        except _setup_errors() as err:
+        except TRAINER_SETUP_ERRORS as err:
             print(f"moe-engine baselines: error: {err}", file=sys.stderr)
             return 2
         try:

@@ -276,14 +276,14 @@ def profile_training(
     """Profile `steps` training steps of the run `cfg` describes (after `warmup` steps) and write
     the trace, table and plots to out_dir. Returns the result on the main rank, None elsewhere."""
     from moe_engine.parallel.runtime import all_reduce_sum, shutdown_distributed
-    from moe_engine.train import Trainer
+    from moe_engine.train import TRAINER_SETUP_ERRORS, Trainer
 
     message = check_counts(steps, warmup, top_ops)
     if message is not None:
         raise ValueError(message)
     try:
         trainer = Trainer(cfg, overwrite=True)
-    except (FileNotFoundError, ValueError) as err:  # as `moe-engine train` reports them (checkpoints, run folder, DeepSpeed JSON)
+    except TRAINER_SETUP_ERRORS as err:  # as `moe-engine train` reports them
         raise ProfileSetupError(str(err)) from err
     run, device = trainer.run_info, trainer.device
     say = log if run.is_main else (lambda line: None)

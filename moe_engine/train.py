@@ -87,6 +87,11 @@ class TrainingInterrupted(RuntimeError):
         super().__init__(f"{name} received: stopped after step {step}, checkpoint saved to {checkpoint}; resume with --resume")
 
 
+# What building a Trainer raises for a mistake the user can fix (a CLI reports it in one line, exit 2):
+# CheckpointMismatchError, RunDirectoryError, DeepSpeedConfigError and bad values are ValueErrors.
+TRAINER_SETUP_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, ValueError)
+
+
 class RunDirectoryError(ValueError):
     """The run directory holds another run's checkpoints and neither resume nor overwrite was asked for."""
 
@@ -183,8 +188,6 @@ class Trainer:
                                     cfg.model.architecture)
         if cfg.finetune.freeze:
             self.frozen = freeze_groups(self.model, self.workload, cfg.finetune.freeze)
-        # Frozen routers keep their routing state too: no expert-bias update, no adaptive-k move.
-        self._routers_frozen = "routers" in cfg.finetune.freeze
         # Micro-batches add up like ranks do: a term of the method that does not scale with the data is
         # counted once per step when divided by ranks x micro-batches.
         self.weighting = build_weighting(
@@ -315,6 +318,10 @@ class Trainer:
         decay = [p for p in params if p.ndim >= 2 and id(p) not in no_decay]
         rest = [p for p in params if p.ndim < 2 or id(p) in no_decay]
         return [{"params": decay, "weight_decay": self.cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+    def _routers_frozen(self) -> bool:
+        """Frozen routers (finetune.freeze) keep their routing state too: no expert-bias update, no adaptive-k move."""
+        return "routers" in self.cfg.finetune.freeze
 
     def _shared_parameters(self) -> list[torch.nn.Parameter]:
         """The dense parameters every task shares (no experts, nothing task-specific, nothing frozen):
@@ -569,7 +576,7 @@ class Trainer:
             metrics.update(load_imbalance(counts_RLE, ep_size))
             global_counts_LE = counts_RLE.sum(0)
             rate = self.cfg.moe.router.expert_bias_rate
-            if rate > 0 and not self._routers_frozen:  # the same global counts on every rank: replicas stay identical
+            if rate > 0 and not self._routers_frozen():  # the same global counts on every rank: replicas stay identical
                 for router, counts_E in zip(self.model.routers, global_counts_LE):
                     router.update_expert_bias(counts_E, rate)
         metrics.update(self._traffic())
@@ -676,7 +683,7 @@ class Trainer:
                     evaluated = (self.step, self.evaluate())
                     eval_metrics = dict(evaluated[1][0])
                     # AdaMV-MoE: each task's next k; after the last step the k stays that of the final results.
-                    moves = self.step < cfg.train.max_steps and not self._routers_frozen
+                    moves = self.step < cfg.train.max_steps and not self._routers_frozen()
                     eval_metrics.update(self.monitor.adapt(eval_metrics, update=moves))
                     if moves and self.monitor.controllers:  # the k moved: that evaluation is not the model's now
                         evaluated = None

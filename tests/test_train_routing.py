@@ -61,6 +61,21 @@ def test_routing_log_and_heatmaps_match_the_routed_tokens(tmp_path: Path) -> Non
         assert image.width > 200 and image.height > 100
 
 
+def _script_validation_losses(monkeypatch: pytest.MonkeyPatch, trainer: Trainer, losses, then) -> list[int]:
+    """Make trainer.evaluate report each evaluation's per-task validation losses from `losses` (one list
+    per evaluation), then `then`, with everything else real. Returns the steps it is called at."""
+    script, evaluate, calls = iter(losses), trainer.evaluate, []
+
+    def scripted_evaluate():
+        metrics, counts = evaluate()
+        calls.append(trainer.step)
+        metrics.update({f"loss_{name}": loss for name, loss in zip(trainer.data.task_names, next(script, then))})
+        return metrics, counts
+
+    monkeypatch.setattr(trainer, "evaluate", scripted_evaluate)
+    return calls
+
+
 def test_adaptive_k_follows_the_validation_losses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _cfg(
         tmp_path, "moe.router.type=task_gate", "moe.router.top_k=3", "moe.router.task.adaptive_k=true",
@@ -71,16 +86,8 @@ def test_adaptive_k_follows_the_validation_losses(tmp_path: Path, monkeypatch: p
     assert isinstance(router, TaskGateRouter) and router.task_top_k_X.tolist() == [3, 3, 3, 3]
     # Scripted validation losses per evaluation: task 0 keeps improving (k falls to k_min), task 1
     # stalls (k rises back to top_k after falling once), tasks 2 and 3 stay flat.
-    script = iter([[1.0, 1.0, 1.0, 1.0], [0.5, 0.9, 1.0, 1.0], [0.2, 0.95, 1.0, 1.0], [0.1, 0.97, 1.0, 1.0]])
-    evaluate = trainer.evaluate
-
-    def scripted_evaluate():
-        metrics, counts = evaluate()
-        for name, loss in zip(trainer.data.task_names, next(script, [1.0] * 4)):
-            metrics[f"loss_{name}"] = loss
-        return metrics, counts
-
-    monkeypatch.setattr(trainer, "evaluate", scripted_evaluate)
+    script = [[1.0, 1.0, 1.0, 1.0], [0.5, 0.9, 1.0, 1.0], [0.2, 0.95, 1.0, 1.0], [0.1, 0.97, 1.0, 1.0]]
+    _script_validation_losses(monkeypatch, trainer, script, then=[1.0] * 4)
     trainer.run()
     rows = read_rows(tmp_path / "eval.csv")
     ks = [[int(float(r[f"top_k_{t}"])) for t in trainer.data.task_names] for r in rows]
@@ -97,16 +104,7 @@ def test_the_final_results_are_those_of_the_last_evaluation_with_the_trained_k(t
                "train.eval_every=2", "train.max_steps=8")
     trainer = Trainer(cfg)
     # Flat losses keep every k at 3; the last evaluation shows task 1 improving, which would lower its k.
-    script = iter([[1.0] * 4, [1.0] * 4, [1.0] * 4, [1.0, 0.5, 1.0, 1.0]])
-    evaluate, calls = trainer.evaluate, []
-
-    def scripted_evaluate():
-        metrics, counts = evaluate()
-        calls.append(trainer.step)
-        metrics.update({f"loss_{name}": loss for name, loss in zip(trainer.data.task_names, next(script))})
-        return metrics, counts
-
-    monkeypatch.setattr(trainer, "evaluate", scripted_evaluate)
+    calls = _script_validation_losses(monkeypatch, trainer, [[1.0] * 4] * 3 + [[1.0, 0.5, 1.0, 1.0]], then=[1.0] * 4)
     result = trainer.run()
     assert calls == [2, 4, 6, 8]  # the step-8 evaluation is the final one, not repeated
     assert all(layer.router.task_top_k_X.tolist() == [3, 3, 3, 3] for layer in trainer.model.moe_layers)
@@ -195,15 +193,8 @@ def test_a_partial_run_reports_the_model_it_returns(tmp_path: Path, monkeypatch)
     cfg = _cfg(tmp_path, "moe.router.type=task_gate", "moe.router.top_k=3", "moe.router.task.adaptive_k=true",
                "train.eval_every=2", "train.max_steps=8")
     trainer = Trainer(cfg)
-    script, evaluate = iter([1.0, 0.5]), trainer.evaluate  # improving: k falls at step 4
-
-    def scripted_evaluate():
-        metrics, counts = evaluate()
-        loss = next(script, 0.4)
-        metrics.update({f"loss_{name}": loss for name in trainer.data.task_names})
-        return metrics, counts
-
-    monkeypatch.setattr(trainer, "evaluate", scripted_evaluate)
+    evaluate = trainer.evaluate
+    _script_validation_losses(monkeypatch, trainer, [[1.0] * 4, [0.5] * 4], then=[0.4] * 4)  # k falls at step 4
     result = trainer.run(until_step=4)
     assert trainer.model.moe_layers[0].router.task_top_k_X.tolist() == [2, 2, 2, 2]
     assert torch.equal(result.tokens_per_task_expert_LXE, evaluate()[1])
@@ -224,14 +215,6 @@ def test_frozen_routers_keep_their_expert_bias_and_task_k(tmp_path: Path, monkey
     Trainer(_cfg(tmp_path / "pre_k", *adaptive[:3], "train.max_steps=1")).run()
     tuned = Trainer(_cfg(tmp_path / "ft_k", *adaptive, f"finetune.init_from={tmp_path / 'pre_k'}",
                          "finetune.freeze=[routers]"))
-    script, evaluate = iter([1.0, 0.5, 0.2]), tuned.evaluate  # improving: k would fall
-
-    def scripted_evaluate():
-        metrics, counts = evaluate()
-        loss = next(script, 0.1)
-        metrics.update({f"loss_{name}": loss for name in tuned.data.task_names})
-        return metrics, counts
-
-    monkeypatch.setattr(tuned, "evaluate", scripted_evaluate)
+    _script_validation_losses(monkeypatch, tuned, [[1.0] * 4, [0.5] * 4, [0.2] * 4], then=[0.1] * 4)  # k would fall
     tuned.run()
     assert all(layer.router.task_top_k_X.tolist() == [3, 3, 3, 3] for layer in tuned.model.moe_layers)

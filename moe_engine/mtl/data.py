@@ -84,14 +84,19 @@ def load_task_data(path: str | os.PathLike[str]) -> MultiTaskData:
             outside the tasks of ``tasks.json``.
     """
     folder = Path(path)
-    tasks_file = folder / _TASKS_FILE
-    if not tasks_file.is_file():
-        raise FileNotFoundError(f"no {tasks_file}; {_LAYOUT}")
-    tasks = tuple(TaskSpec(**spec) for spec in json.loads(tasks_file.read_text()))
+    tasks = read_task_specs(folder)
     splits = {name: _load_split(folder, name) for name in _SPLITS}
     for name, split in splits.items():
         _check_values(split, tasks, f"{folder}/{name}")
     return MultiTaskData(train=splits["train"], test=splits["test"], tasks=tasks)
+
+
+def read_task_specs(path: str | os.PathLike[str]) -> tuple[TaskSpec, ...]:
+    """The TaskSpecs of a data folder's tasks.json, in task-index order (FileNotFoundError without one)."""
+    tasks_file = Path(path) / _TASKS_FILE
+    if not tasks_file.is_file():
+        raise FileNotFoundError(f"no {tasks_file}; {_LAYOUT}")
+    return tuple(TaskSpec(**spec) for spec in json.loads(tasks_file.read_text()))
 
 
 def select_tasks(data: MultiTaskData, names: Sequence[str], source: str) -> MultiTaskData:
