@@ -264,3 +264,165 @@ def test_a_failing_plot_keeps_the_figures(tmp_path: Path, monkeypatch: pytest.Mo
     assert report["complete"] is True and report["layer"] == [{"shape": "fake", "paths": {}}]
     assert report["plot"] is None and report["plot_error"] == "ImportError: No module named 'matplotlib'"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_peer_with_a_wrong_weight_gradient_is_not_timed(case) -> None:
+    # y and dx right, but one checked expert's w_out gets no gradient: the timed fwd+bwd would skip
+    # work, so it must be caught before it is timed.
+    frozen = case[1].checked_experts[-1]
+
+    def frozen_expert(problem, env) -> PeerRun:
+        from moe_engine.bench.problem import loop_moe_forward
+
+        w_out = problem.w_out_EDF
+        weights = (problem.router_weight_ED, problem.w_in_EHD, w_out)
+
+        def forward() -> torch.Tensor:
+            w_out_list = [w.detach() if e == frozen else w for e, w in enumerate(w_out.unbind(0))]
+            return loop_moe_forward(problem.x_TD, problem.router_weight_ED, problem.w_in_EHD, w_out_list, problem.shape.K)
+
+        return PeerRun(forward, list(weights), problem_weights=weights)
+
+    assert case[1].tokens_per_expert_E[frozen] > 0
+    entry = run_path(frozen_expert, *case)
+    agreement = entry["agreement"]
+    assert agreement["y"]["ok"] and agreement["dx"]["ok"]
+    assert agreement["weight_grads"]["router_weight_ED"]["ok"] and agreement["weight_grads"]["w_in_EHD"]["ok"]
+    assert not agreement["weight_grads"]["w_out_EDF"]["ok"]
+    assert entry["status"] == "disagrees" and entry["fwd_bwd_ms"] is None
+    # The honest loop's weight gradients agree, the router's included.
+    honest = run_path(build_torch_loop, *case)["agreement"]["weight_grads"]
+    assert all(honest[name]["ok"] and honest[name]["max_rel"] < 1e-5 for name in ("router_weight_ED", "w_in_EHD", "w_out_EDF"))
+
+
+def test_weight_gradients_are_checked_on_the_busiest_and_the_idlest_expert() -> None:
+    from moe_engine.bench.problem import checked_experts
+
+    assert checked_experts(torch.tensor([5, 9, 0, 3, 4])) == (1, 2)
+    assert checked_experts(torch.tensor([1, 2, 3, 4, 5, 6])) == (0, 3, 5)
+    problem = make_problem(TINY, "skewed", CPU, seed=1)
+    reference = compute_reference(problem)
+    counts = reference.tokens_per_expert_E
+    assert int(counts.argmax()) in reference.checked_experts and int(counts.argmin()) in reference.checked_experts
+    # The reference's expert gradients are those of the full fp32 loop on those experts.
+    x = problem.x_TD.detach().float().requires_grad_(True)
+    weights = [t.detach().float().requires_grad_(True) for t in (problem.router_weight_ED, problem.w_in_EHD, problem.w_out_EDF)]
+    from moe_engine.bench.problem import loop_moe_forward
+
+    y = loop_moe_forward(x, *weights, TINY.K)
+    d_router, d_in, d_out = torch.autograd.grad(y, weights, problem.grad_y_TD.float())
+    checked = list(reference.checked_experts)
+    torch.testing.assert_close(reference.grads["router_weight_ED"], d_router)
+    torch.testing.assert_close(reference.grads["w_in_EHD"], d_in[checked])
+    torch.testing.assert_close(reference.grads["w_out_EDF"], d_out[checked])
+
+
+def test_grouped_mm_peer_combines_without_an_fp32_copy_of_the_rows() -> None:
+    # A lean torch layer combines in bf16 (fp32 accumulation inside the batched matmul); an fp32 copy of
+    # the N expert-output rows would make the peer slower and its saved activations larger than it need be.
+    from moe_engine.bench.peers import grouped_mm_moe_forward
+    from moe_engine.bench.problem import weighted_combine
+    from moe_engine.kernels.torch_grouped_mm import grouped_mm_unsupported_reason
+
+    shape = Shape("lean", 64, 32, 16, 4, 2, "bfloat16")
+    problem = make_problem(shape, "balanced", CPU, seed=2)
+    N = shape.T * shape.K
+    # The combine: the fp32 per-token weighted sum, in the rows' dtype.
+    order = torch.randperm(N)
+    rows = torch.randn(N, shape.D)
+    weights = torch.rand(shape.T, shape.K)
+    want = torch.zeros(shape.T, shape.D).index_add(0, order // shape.K, rows * weights.reshape(-1)[order, None])
+    torch.testing.assert_close(weighted_combine(rows, order, weights), want, rtol=1e-5, atol=1e-5)
+    if grouped_mm_unsupported_reason(CPU, torch.bfloat16, (shape.D, shape.F, 2 * shape.F)) is not None:
+        pytest.skip("torch._grouped_mm does not take bf16 on this CPU build")
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        grouped_mm_moe_forward(problem.x_TD, problem.router_weight_ED, problem.w_in_EHD, problem.w_out_EDF, shape.K)
+    big_fp32 = [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.dim() == 2 and t.shape[0] >= N]
+    assert big_fp32 == []
+
+
+def test_router_paths_time_the_gating_alone_and_compare_by_expert() -> None:
+    # Sorting each token's choices by expert is for the comparison: inside run() it would be timed on
+    # both sides and pull ours' ratio towards 1.
+    from moe_engine.bench.micro import run_micro_path
+    from moe_engine.bench.router import router_paths
+
+    shape = Shape("gate", 64, 32, 16, 8, 3, "float32")
+    problem = make_problem(shape, "balanced", CPU, seed=3, with_experts=False)
+    for name, build in router_paths(problem).items():
+        path = build()
+        out = path.run()
+        assert path.canonical is not None
+        # Top-k order (largest weight first), not expert order: nothing after the gating ran.
+        assert bool((out["weights_TK"][:, :-1] >= out["weights_TK"][:, 1:]).all()), name
+        by_expert = path.canonical(out)["experts_TK"]
+        assert bool((by_expert[:, :-1] < by_expert[:, 1:]).all()), name
+    from moe_engine.bench.router import _by_expert
+    from moe_engine.bench.problem import softmax_topk
+
+    reference = _by_expert(*softmax_topk(problem.x_TD.detach(), problem.router_weight_ED.detach(), shape.K))
+    entry = run_micro_path(router_paths(problem)["torch"], reference, None, 1, 0.0,
+                           BenchOptions(CPU, (shape,), ("balanced",), (), TimingSettings(warmup=1, reps=2)))
+    assert entry["status"] == "ok" and entry["agreement"]["ok"] and entry["timed_runs"] == {"fwd": 2, "fwd_bwd": 2}
+
+
+def test_cuda_timer_takes_at_least_min_reps_runs_and_never_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CUDA timer's logic, with CUDA events played by the CPU clock: a 20 ms call within a 30 ms
+    # budget still gets min_reps timed runs (do_bench would time one), and the first (compiling) call
+    # is not among them.
+    import time
+
+    import moe_engine.bench.common as common
+
+    class ClockEvent:
+        def __init__(self, enable_timing: bool = False) -> None:
+            self.t = None
+
+        def record(self) -> None:
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end: "ClockEvent") -> float:
+            return (end.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", ClockEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(common, "L2_FLUSH_BYTES", 1024)
+    calls = []
+
+    def fn() -> None:
+        calls.append(1)
+        time.sleep(0.2 if len(calls) == 1 else 0.02)
+
+    timing = common._measure_cuda(fn, CPU, TimingSettings(warmup_ms=1.0, rep_ms=30.0, min_reps=4))
+    assert timing.reps == 4
+    assert 15 < timing.median_ms < 150 and timing.p80_ms < 150  # the 200 ms first call is not timed
+    assert len(calls) == 1 + 3 + 1 + 4  # untimed first, 3 to estimate, 1 warm-up, 4 timed
+
+
+def test_a_plot_cut_short_keeps_the_previous_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A time limit can kill the run while the PNG is written: the previous plot must survive whole.
+    from matplotlib.figure import Figure
+
+    from moe_engine.bench.common import plot_layer_tflops
+
+    records = [{"shape": "s", "dtype": "bfloat16", "routing": "balanced",
+                "paths": {"ours": {"fwd_bwd_tflops": 1.0, "notes": {}}}}]
+    png = tmp_path / "bench.png"
+    plot_layer_tflops(records, "first", png)
+    first = png.read_bytes()
+    assert first[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def killed(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", killed)
+    with pytest.raises(KeyboardInterrupt):
+        plot_layer_tflops(records, "second", png)
+    assert png.read_bytes() == first

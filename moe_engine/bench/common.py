@@ -1,8 +1,10 @@
 """What every benchmark shares: timing, output agreement, device and version facts, JSON, plot, table.
 
-Timing (`measure`): on CUDA `triton.testing.do_bench` (it calls the function once untimed, warms up,
-flushes L2 before every timed run, and we keep the median with the 20th and 80th percentiles);
-on CPU a `time.perf_counter` median over a few runs after at least one untimed warm-up call.
+Timing (`measure`): on CUDA, CUDA events around each run after one untimed call (compiles and
+autotuning happen there) and a warm-up, with L2 flushed before every timed run, as
+`triton.testing.do_bench` does, but with at least `min_reps` timed runs (do_bench takes as many as fit
+its budget, one for a 75 ms layer); we keep the median with the 20th and 80th percentiles. On CPU a
+`time.perf_counter` median over a few runs after at least one untimed warm-up call.
 Agreement (`compare`): the largest absolute difference, and that difference relative to the
 largest reference magnitude, over the tokens both sides must agree on.
 """
@@ -28,18 +30,23 @@ from typing import Any, Callable
 import torch
 
 SCHEMA = "moe_engine.bench/1"
+# What the CUDA timer writes over before every timed run so no input stays in L2 (H100: 50 MB of L2).
+L2_FLUSH_BYTES = 256 * 2**20
 # Relative tolerance of an output against the fp32 reference (max |out - ref| / max |ref|).
 TOLERANCES = types.MappingProxyType({torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2})
 
 
 @dataclass(frozen=True)
 class TimingSettings:
-    """CPU: `warmup` untimed calls (at least 1), then `reps` timed ones. CUDA: do_bench's budgets in ms."""
+    """CPU: `warmup` untimed calls (at least 1), then `reps` timed ones. CUDA: warm-up and timing budgets
+    in ms; the timed runs are as many as fit rep_ms, but at least min_reps and at most max_reps."""
 
     warmup: int = 1
     reps: int = 5
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
+    min_reps: int = 10
+    max_reps: int = 1000
 
 
 @dataclass(frozen=True)
@@ -59,16 +66,46 @@ class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
+    reps: int = 0
+
+
+def _summary(times_ms: list[float]) -> Timing:
+    times = sorted(times_ms)
+    pick = lambda q: times[min(len(times) - 1, int(q * (len(times) - 1) + 0.5))]  # noqa: E731
+    return Timing(statistics.median(times), pick(0.2), pick(0.8), len(times))
+
+
+def _measure_cuda(fn: Callable[[], Any], device: torch.device, settings: TimingSettings) -> Timing:
+    fn()  # untimed: compiles, autotunes, allocates
+    torch.cuda.synchronize(device)
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        flush.zero_()
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    estimate_ms = max(start.elapsed_time(end) / 3, 1e-3)
+    for _ in range(min(settings.max_reps, max(1, int(settings.warmup_ms / estimate_ms)))):
+        fn()
+    reps = min(settings.max_reps, max(settings.min_reps, int(settings.rep_ms / estimate_ms)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    return _summary([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
 def measure(fn: Callable[[], Any], device: torch.device, settings: TimingSettings) -> Timing:
-    """Time `fn` (never its first call) and return the median and the 20th/80th percentiles in ms."""
+    """Time `fn` (never its first call) and return the median, the 20th/80th percentiles in ms and the
+    number of timed runs."""
     if device.type == "cuda":
-        import triton.testing
-
-        q = triton.testing.do_bench(fn, warmup=settings.warmup_ms, rep=settings.rep_ms, quantiles=[0.5, 0.2, 0.8])
-        q = list(q) if isinstance(q, (list, tuple)) else [q, q, q]
-        return Timing(float(q[0]), float(q[1]), float(q[2]))
+        return _measure_cuda(fn, device, settings)
     for _ in range(max(1, settings.warmup)):
         fn()
     times = []
@@ -76,9 +113,7 @@ def measure(fn: Callable[[], Any], device: torch.device, settings: TimingSetting
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    pick = lambda q: times[min(len(times) - 1, int(q * (len(times) - 1) + 0.5))]  # noqa: E731
-    return Timing(statistics.median(times), pick(0.2), pick(0.8))
+    return _summary(times)
 
 
 def peak_memory_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
@@ -317,7 +352,10 @@ def plot_layer_tflops(records: list[dict[str, Any]], title: str, path: Path) -> 
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    # Written beside, then renamed: a run killed mid-write (a time limit) keeps the previous plot.
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, path)
 
 
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -12,6 +12,7 @@ that cannot run records why; one that fails records its error; the benchmark goe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -32,31 +33,62 @@ from moe_engine.bench.peers import BUILDERS, DISTRIBUTED_PEERS, PeerEnv, PeerRun
 from moe_engine.bench.problem import Problem, Reference, Shape, compute_reference, make_problem
 
 REFERENCE = "fp32 per-expert loop on the same dtype-rounded inputs and weights"
+# The paths the targets compare (ours against torch._grouped_mm) take the full --min-reps timed runs;
+# the loop-like peers (seconds a call at the big shapes) take at most LOOP_MIN_REPS.
+TARGET_PATHS = ("ours", "ours_recompute", "grouped_mm")
+LOOP_MIN_REPS = 3
 
 
 def empty_entry() -> dict[str, Any]:
     """One path's record; status: ok | skipped | error | disagrees (checked, not timed)."""
     return {
         "status": None, "fwd_ms": None, "fwd_bwd_ms": None, "fwd_ms_p20_p80": None, "fwd_bwd_ms_p20_p80": None,
-        "fwd_tflops": None, "fwd_bwd_tflops": None, "peak_mem_bytes": None, "agreement": None,
+        "fwd_tflops": None, "fwd_bwd_tflops": None, "timed_runs": None, "peak_mem_bytes": None, "agreement": None,
         "skip_reason": None, "error": None, "notes": {},
     }
+
+
+WEIGHT_NAMES = ("router_weight_ED", "w_in_EHD", "w_out_EDF")
+
+
+def weight_grad_agreement(grads: tuple[torch.Tensor | None, ...], reference: Reference, tol: float) -> dict[str, Any]:
+    """Each of a path's (router, w_in, w_out) gradients against the reference's: the router's whole,
+    the experts' on the reference's checked experts. Relative to the largest reference magnitude, as
+    for y; a missing gradient (the path never used that weight) disagrees."""
+    result: dict[str, Any] = {}
+    for name, grad in zip(WEIGHT_NAMES, grads):
+        ref = reference.grads[name]
+        if grad is None:
+            result[name] = {"ok": False, "error": "no gradient"}
+            continue
+        if name != "router_weight_ED":
+            grad = grad[list(reference.checked_experts)]
+        result[name] = compare(grad, ref, tol).to_json()
+    result["checked_experts"] = list(reference.checked_experts)
+    return result
 
 
 def check_agreement(
     run: PeerRun, problem: Problem, reference: Reference, ours: list[torch.Tensor] | None = None
 ) -> dict[str, Any]:
-    """Compare the path's y and dx with the reference over the non-tie tokens; this decides `ok`.
+    """Compare the path's y and dx with the reference over the non-tie tokens, and the gradients of its
+    router and expert weights where it keeps them in the problem's layouts; this decides `ok`.
 
     ours: our [y, dx] if ours ran first; the path is also compared with it ("vs_ours", for the
     record only). An empty list is filled with this path's [y, dx] instead.
     """
     tol = TOLERANCES[problem.dtype]
     y_TD = (run.check_forward or run.forward)()
-    (dx_TD,) = torch.autograd.grad(y_TD, [problem.x_TD], problem.grad_y_TD)
+    weights = run.problem_weights if reference.grads else None
+    dx_TD, *weight_grads = torch.autograd.grad(y_TD, [problem.x_TD, *(weights or ())], problem.grad_y_TD,
+                                               allow_unused=True)
     y = compare(y_TD, reference.y_TD, tol, reference.keep_T)
     dx = compare(dx_TD, reference.dx_TD, tol, reference.keep_T)
-    result = {"y": y.to_json(), "dx": dx.to_json(), "ok": y.ok and dx.ok, "reference": REFERENCE}
+    result = {"y": y.to_json(), "dx": dx.to_json(), "ok": y.ok and dx.ok, "reference": REFERENCE,
+              "weight_grads": None if weights is None else weight_grad_agreement(tuple(weight_grads), reference, tol)}
+    if result["weight_grads"] is not None:
+        result["ok"] = result["ok"] and all(result["weight_grads"][name]["ok"] for name in WEIGHT_NAMES)
+    del weight_grads
     if ours:
         result["vs_ours"] = {name: compare(mine, theirs, tol, reference.keep_T).to_json()
                              for name, mine, theirs in (("y", y_TD, ours[0]), ("dx", dx_TD, ours[1]))}
@@ -65,18 +97,22 @@ def check_agreement(
     return result
 
 
-def time_path(run: PeerRun, problem: Problem, opts: BenchOptions, entry: dict[str, Any]) -> None:
+def time_path(run: PeerRun, problem: Problem, opts: BenchOptions, entry: dict[str, Any], name: str = "ours") -> None:
     inputs = [problem.x_TD, *run.params]
 
     def fwd_bwd() -> None:
         torch.autograd.grad(run.forward(), inputs, problem.grad_y_TD, allow_unused=True)
 
-    fwd = measure(run.forward, opts.device, opts.timing)
-    both = measure(fwd_bwd, opts.device, opts.timing)
+    timing = opts.timing
+    if name not in TARGET_PATHS:
+        timing = dataclasses.replace(timing, min_reps=min(timing.min_reps, LOOP_MIN_REPS))
+    fwd = measure(run.forward, opts.device, timing)
+    both = measure(fwd_bwd, opts.device, timing)
     shape: Shape = problem.shape
     entry.update(
         fwd_ms=fwd.median_ms, fwd_bwd_ms=both.median_ms,
         fwd_ms_p20_p80=[fwd.p20_ms, fwd.p80_ms], fwd_bwd_ms_p20_p80=[both.p20_ms, both.p80_ms],
+        timed_runs={"fwd": fwd.reps, "fwd_bwd": both.reps},
         fwd_tflops=tflops(shape.flops_fwd, fwd.median_ms), fwd_bwd_tflops=tflops(shape.flops_fwd_bwd, both.median_ms),
         peak_mem_bytes=peak_memory_bytes(fwd_bwd, opts.device),
     )
@@ -84,9 +120,10 @@ def time_path(run: PeerRun, problem: Problem, opts: BenchOptions, entry: dict[st
 
 def run_path(
     build: Callable[[Problem, PeerEnv], PeerRun], problem: Problem, reference: Reference, env: PeerEnv,
-    opts: BenchOptions, ours: list[torch.Tensor] | None = None,
+    opts: BenchOptions, ours: list[torch.Tensor] | None = None, name: str = "ours",
 ) -> dict[str, Any]:
-    """Build, check and time one path; whatever goes wrong is recorded in the entry, never raised.
+    """Build, check and time one path (`name` in the report); whatever goes wrong is recorded in the
+    entry, never raised.
 
     ours: see `check_agreement`.
     """
@@ -99,7 +136,7 @@ def run_path(
         if not entry["agreement"]["ok"]:
             entry["status"] = "disagrees"
             return entry
-        time_path(run, problem, opts, entry)
+        time_path(run, problem, opts, entry, name)
         entry["status"] = "ok"
     except PeerSkipped as reason:
         entry.update(status="skipped", skip_reason=str(reason))
@@ -138,7 +175,7 @@ def bench_case(shape: Shape, routing: str, opts: BenchOptions, env: PeerEnv) -> 
     ours: list[torch.Tensor] = []  # ours fills it with its y and dx; the peers after it are compared with them
     for name in opts.peers:
         share = ours if name == "ours" or ours else None
-        record["paths"][name] = run_path(BUILDERS[name], problem, reference, env, opts, share)
+        record["paths"][name] = run_path(BUILDERS[name], problem, reference, env, opts, share, name)
     record["ours_speedup"] = speedups(record["paths"])
     del problem, reference, ours
     free_memory(opts.device)

@@ -29,11 +29,14 @@ from moe_engine.bench.peers import PeerSkipped
 
 @dataclass(frozen=True)
 class MicroPath:
-    """run() -> {name: tensor}. grad_output: the output fwd+bwd backpropagates (None: forward only)."""
+    """run() -> {name: tensor}. grad_output: the output fwd+bwd backpropagates (None: forward only).
+    canonical: maps run()'s outputs to the form they are compared in (e.g. each token's choices
+    sorted by expert), applied to the checked outputs only, never inside the timed runs."""
 
     run: Callable[[], dict[str, torch.Tensor]]
     grad_output: str | None = None
     grad_inputs: tuple[torch.Tensor, ...] = ()
+    canonical: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
 def check_outputs(
@@ -67,17 +70,19 @@ def run_micro_path(
     nbytes: int, copy_gbps: float, opts: BenchOptions,
 ) -> dict[str, Any]:
     """Build, check, time one path; GB/s counts the op's useful bytes over the forward median."""
-    entry: dict[str, Any] = {"status": None, "fwd_ms": None, "fwd_bwd_ms": None, "gbps": None,
+    entry: dict[str, Any] = {"status": None, "fwd_ms": None, "fwd_bwd_ms": None, "timed_runs": None, "gbps": None,
                              "copy_bw_fraction": None, "agreement": None, "skip_reason": None, "error": None}
     path = None
     try:
         path = build()
-        entry["agreement"] = check_outputs(path.run(), reference, keep_rows)
+        outputs = path.run()
+        entry["agreement"] = check_outputs(path.canonical(outputs) if path.canonical else outputs, reference, keep_rows)
+        del outputs
         if not entry["agreement"]["ok"]:
             entry["status"] = "disagrees"
             return entry
         fwd = measure(path.run, opts.device, opts.timing)
-        entry.update(fwd_ms=fwd.median_ms, gbps=gbps(nbytes, fwd.median_ms))
+        entry.update(fwd_ms=fwd.median_ms, gbps=gbps(nbytes, fwd.median_ms), timed_runs={"fwd": fwd.reps})
         entry["copy_bw_fraction"] = entry["gbps"] / copy_gbps if copy_gbps else None
         if path.grad_output is not None:
             out = path.run()[path.grad_output]
@@ -87,7 +92,8 @@ def run_micro_path(
             def fwd_bwd() -> None:
                 torch.autograd.grad(path.run()[path.grad_output], path.grad_inputs, grad, allow_unused=True)
 
-            entry["fwd_bwd_ms"] = measure(fwd_bwd, opts.device, opts.timing).median_ms
+            both = measure(fwd_bwd, opts.device, opts.timing)
+            entry["fwd_bwd_ms"], entry["timed_runs"]["fwd_bwd"] = both.median_ms, both.reps
         entry["status"] = "ok"
     except PeerSkipped as reason:
         entry.update(status="skipped", skip_reason=str(reason))

@@ -8,7 +8,7 @@ every path computes the same function:
   Triton kernels switch in through MOE_ENGINE_KERNELS. `ours_recompute`: the same with
   moe.recompute_experts (no h kept; the backward recomputes it), timed to price that memory.
 - `torch_loop`: the classic loop over experts (index-select, two matmuls, SwiGLU, index_add).
-- `grouped_mm`: argsort permute, two torch._grouped_mm calls, weighted index_add.
+- `grouped_mm`: argsort permute, two torch._grouped_mm calls, a batched-matmul weighted combine.
 - `deepspeed`: deepspeed.moe.layer.MoE at capacity factor 1.0 (drops tokens); its agreement is
   checked on the same module with `gate.drop_tokens = False`. `deepspeed_dropless`: the dropless layer
   timed too. DeepSpeed's top-2 samples its second expert (Gumbel) unless top2_2nd_expert_sampling=False,
@@ -65,12 +65,16 @@ class PeerEnv:
 @dataclass
 class PeerRun:
     """A built path. forward() -> y_TD. params: the weights fwd+bwd differentiates (x is added by the caller).
-    check_forward: the forward whose output is compared, when it is not `forward` itself."""
+    check_forward: the forward whose output is compared, when it is not `forward` itself.
+    problem_weights: the path's (router_weight_ED, w_in_EHD, w_out_EDF) in the problem's layouts, whose
+    gradients are checked against the reference's; None where the path keeps them otherwise (per-expert
+    modules), and then only y and dx are checked."""
 
     forward: Callable[[], torch.Tensor]
     params: list[torch.Tensor]
     notes: dict[str, Any] = field(default_factory=dict)
     check_forward: Callable[[], torch.Tensor] | None = None
+    problem_weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def _free_port() -> int:
@@ -141,21 +145,24 @@ def build_ours(problem: Problem, env: PeerEnv, recompute: bool = False) -> PeerR
     resolve = getattr(layer.experts, "resolve_impl", None)
     if resolve is not None:
         notes["experts_impl"] = resolve(problem.device, problem.dtype)
-    return PeerRun(lambda: layer(problem.x_TD).y, list(layer.parameters()), notes)
+    weights = (layer.router.weight, layer.experts.w_in, layer.experts.w_out)
+    return PeerRun(lambda: layer(problem.x_TD).y, list(layer.parameters()), notes, problem_weights=weights)
 
 
 def build_torch_loop(problem: Problem, env: PeerEnv) -> PeerRun:
     from moe_engine.bench.problem import loop_moe_forward
 
-    weights = [problem.router_weight_ED, problem.w_in_EHD, problem.w_out_EDF]
-    return PeerRun(lambda: loop_moe_forward(problem.x_TD, *weights, problem.shape.K), weights)
+    weights = (problem.router_weight_ED, problem.w_in_EHD, problem.w_out_EDF)
+    return PeerRun(lambda: loop_moe_forward(problem.x_TD, *weights, problem.shape.K), list(weights),
+                   problem_weights=weights)
 
 
 def grouped_mm_moe_forward(
     x_TD: torch.Tensor, router_weight_ED: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor, top_k: int
 ) -> torch.Tensor:
-    """Sort-based permute, torch._grouped_mm up and down projections, weighted index_add (fp32 sum)."""
-    from moe_engine.bench.problem import softmax_topk
+    """Sort-based permute, torch._grouped_mm up and down projections, then the rows back in token order
+    and each token's K rows weighted and summed by one batched matmul (`weighted_combine`)."""
+    from moe_engine.bench.problem import softmax_topk, weighted_combine
 
     weights_TK, experts_TK = softmax_topk(x_TD, router_weight_ED, top_k)
     flat_C = experts_TK.reshape(-1)
@@ -164,9 +171,7 @@ def grouped_mm_moe_forward(
     offsets_E = torch.cumsum(torch.bincount(flat_C, minlength=w_in_EHD.shape[0]), dim=0, dtype=torch.int32)
     h_NH = torch._grouped_mm(x_TD.index_select(0, token_N), w_in_EHD.transpose(-2, -1), offs=offsets_E)
     out_ND = torch._grouped_mm(swiglu(h_NH), w_out_EDF.transpose(-2, -1), offs=offsets_E)
-    weighted_ND = out_ND.float() * weights_TK.reshape(-1).index_select(0, order_N)[:, None]
-    y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device).index_add(0, token_N, weighted_ND)
-    return y_TD.to(x_TD.dtype)
+    return weighted_combine(out_ND, order_N, weights_TK)
 
 
 def build_grouped_mm(problem: Problem, env: PeerEnv) -> PeerRun:
@@ -176,8 +181,8 @@ def build_grouped_mm(problem: Problem, env: PeerEnv) -> PeerRun:
     reason = grouped_mm_unsupported_reason(problem.device, problem.dtype, (s.D, s.F, 2 * s.F))
     if reason is not None:
         raise PeerSkipped(reason)
-    weights = [problem.router_weight_ED, problem.w_in_EHD, problem.w_out_EDF]
-    return PeerRun(lambda: grouped_mm_moe_forward(problem.x_TD, *weights, s.K), weights)
+    weights = (problem.router_weight_ED, problem.w_in_EHD, problem.w_out_EDF)
+    return PeerRun(lambda: grouped_mm_moe_forward(problem.x_TD, *weights, s.K), list(weights), problem_weights=weights)
 
 
 class SwiGLUExpert(nn.Module):
@@ -385,7 +390,8 @@ def build_hf_experts(problem: Problem, env: PeerEnv, implementation: str) -> Pee
         weights_TK, experts_TK = softmax_topk(x_TD, router_weight_ED, s.K)
         return experts(x_TD, experts_TK, weights_TK)
 
-    return PeerRun(forward, [router_weight_ED, *experts.parameters()], notes)
+    return PeerRun(forward, [router_weight_ED, *experts.parameters()], notes,
+                   problem_weights=(router_weight_ED, experts.gate_up_proj, experts.down_proj))
 
 
 BUILDERS: types.MappingProxyType[str, Callable[[Problem, PeerEnv], PeerRun]] = types.MappingProxyType({

@@ -4,7 +4,8 @@ Three ops per case, on the routing of the layer benchmark's tokens (the same Pro
 - `expert_order`: experts_TK -> choice_N (choices sorted by expert, stable) and tokens_per_expert_E.
   Bytes: T*K int64 read, N + E int64 written.
 - `permute`: x_TD -> x_ND = x_TD[choice_N // K]. Bytes: N rows of D read and written, N indices read.
-- `unpermute`: y_ND -> y_TD[t] = sum_k w[t,k] y_ND[row of (t,k)] (fp32 sum). Bytes: N rows read,
+- `unpermute`: y_ND -> y_TD[t] = sum_k w[t,k] y_ND[row of (t,k)] (fp32 sum; torch: the rows back to token
+  order, then one batched matmul, `weighted_combine`). Bytes: N rows read,
   N indices and weights read, T rows written.
 GB/s = bytes / forward median; `copy_bw_fraction` compares it with this device's measured copy.
 fwd+bwd differentiates permute by x and unpermute by y_ND and the weights.
@@ -20,7 +21,7 @@ import torch
 
 from moe_engine.bench.common import BenchOptions
 from moe_engine.bench.micro import MicroPath, run_cases, run_op
-from moe_engine.bench.problem import Shape, make_problem, softmax_topk
+from moe_engine.bench.problem import Shape, make_problem, softmax_topk, weighted_combine
 
 
 def torch_expert_order(experts_TK: torch.Tensor, num_experts: int) -> dict[str, torch.Tensor]:
@@ -32,10 +33,13 @@ def torch_expert_order(experts_TK: torch.Tensor, num_experts: int) -> dict[str, 
 
 
 def torch_unpermute(y_ND: torch.Tensor, choice_N: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    top_k = weights_TK.shape[1]
-    weighted_ND = y_ND.float() * weights_TK.reshape(-1).index_select(0, choice_N)[:, None].float()
-    y_TD = torch.zeros(weights_TK.shape[0], y_ND.shape[1], dtype=torch.float32, device=y_ND.device)
-    return y_TD.index_add(0, choice_N // top_k, weighted_ND).to(y_ND.dtype)
+    """The lean torch combine (rows back to token order, one batched matmul), in y_ND's dtype."""
+    return weighted_combine(y_ND, choice_N, weights_TK)
+
+
+def reference_unpermute(y_ND: torch.Tensor, choice_N: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """The unpermute in fp32, rounded to y_ND's dtype once: what every path is compared with."""
+    return weighted_combine(y_ND.float(), choice_N, weights_TK.float()).to(y_ND.dtype)
 
 
 def bench_case(shape: Shape, routing: str, opts: BenchOptions, copy_gbps: float) -> dict[str, Any]:
@@ -81,7 +85,7 @@ def bench_case(shape: Shape, routing: str, opts: BenchOptions, copy_gbps: float)
         ),
         "unpermute": (
             {"ours": ours_unpermute, "torch": torch_unpermute_path},
-            {"y_TD": torch_unpermute(y_ND.detach(), choice_N, weights_TK.detach())}, (N * D + T * D) * elt + N * 12,
+            {"y_TD": reference_unpermute(y_ND.detach(), choice_N, weights_TK.detach())}, (N * D + T * D) * elt + N * 12,
             "N rows read, T rows written, choice_N and weights read",
         ),
     }

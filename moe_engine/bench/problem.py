@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -170,16 +171,33 @@ def swiglu(h_NH: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def weighted_combine(out_ND: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """y_TD[t] = sum_k weights_TK[t, k] * out_ND[row of choice t*K + k], in out_ND's dtype.
+
+    out_ND (N, D), N = T*K: the expert outputs in expert-sorted order; order_N (N,) int64: the flat
+    choice (t*K + k) each row holds (a permutation). The rows go back to token order, then one
+    batched matmul weights and sums each token's K rows (fp32 accumulation inside the matmul): the
+    lean torch combine, with no fp32 copy of the N rows.
+    """
+    T, K = weights_TK.shape
+    inverse_N = torch.empty_like(order_N)
+    inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+    out_TKD = out_ND.index_select(0, inverse_N).view(T, K, out_ND.shape[1])
+    return torch.bmm(weights_TK.to(out_ND.dtype).unsqueeze(1), out_TKD).squeeze(1)
+
+
 def loop_moe_forward(
-    x_TD: torch.Tensor, router_weight_ED: torch.Tensor, w_in_EHD: torch.Tensor, w_out_EDF: torch.Tensor, top_k: int
+    x_TD: torch.Tensor, router_weight_ED: torch.Tensor, w_in_EHD: Sequence[torch.Tensor],
+    w_out_EDF: Sequence[torch.Tensor], top_k: int,
 ) -> torch.Tensor:
     """The classic MoE layer: for each expert, index-select its rows, two matmuls, SwiGLU, index_add.
 
+    w_in_EHD / w_out_EDF: (E, 2F, D) / (E, D, F) tensors, or sequences of E per-expert matrices.
     Computes in the inputs' dtype, sums the K weighted contributions in fp32, returns x's dtype.
     """
     weights_TK, experts_TK = softmax_topk(x_TD, router_weight_ED, top_k)
     y_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
-    for e in range(w_in_EHD.shape[0]):
+    for e in range(len(w_in_EHD)):
         token_idx, choice_idx = torch.where(experts_TK == e)  # NOTE: device-to-host sync
         if token_idx.numel() == 0:
             continue
@@ -194,13 +212,18 @@ class Reference:
     """The fp32 per-expert loop on the problem's (dtype-rounded) values, computed once per case.
 
     y_TD, dx_TD: float32 output and input gradient. keep_T: (T,) bool, False for near-tie tokens.
-    tokens_per_expert_E: (E,) int64 rows each expert gets.
+    tokens_per_expert_E: (E,) int64 rows each expert gets. checked_experts: the experts whose weight
+    gradients are kept (the busiest, the least busy and a middle one: all E would double the
+    weights' memory in fp32); grads: float32 gradients {"router_weight_ED": (E, D), "w_in_EHD":
+    (len(checked), 2F, D), "w_out_EDF": (len(checked), D, F)}; empty when the problem has no experts.
     """
 
     y_TD: torch.Tensor
     dx_TD: torch.Tensor
     keep_T: torch.Tensor
     tokens_per_expert_E: torch.Tensor
+    checked_experts: tuple[int, ...] = ()
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def load_stats(self) -> dict[str, float | int]:
         counts = self.tokens_per_expert_E.float()
@@ -222,16 +245,34 @@ def near_tie_keep_mask(x_TD: torch.Tensor, router_weight_ED: torch.Tensor, top_k
     return gap > TIE_EPS * (1.0 + top[:, top_k - 1].abs())
 
 
+def checked_experts(counts_E: torch.Tensor) -> tuple[int, ...]:
+    """The experts whose weight gradients a benchmark checks: busiest, least busy, and E // 2 (distinct, sorted)."""
+    return tuple(sorted({int(counts_E.argmax()), int(counts_E.argmin()), counts_E.numel() // 2}))
+
+
 def compute_reference(problem: Problem) -> Reference:
-    """Run the loop in fp32 on copies of the problem's values; gradients for x only (weights frozen)."""
+    """Run the loop in fp32 on copies of the problem's values: y, and the gradients of x, of the
+    router weight and of the checked experts' weights (the other experts' weights stay frozen)."""
     K = problem.shape.K
     x = problem.x_TD.detach().float().requires_grad_(True)
-    weights = [t.detach().float() for t in (problem.router_weight_ED, problem.w_in_EHD, problem.w_out_EDF)]
-    y = loop_moe_forward(x, *weights, K)
-    (dx,) = torch.autograd.grad(y, [x], problem.grad_y_TD.float())
-    _, experts_TK = softmax_topk(x.detach(), weights[0], K)
+    router = problem.router_weight_ED.detach().float().requires_grad_(True)
+    with torch.no_grad():
+        _, experts_TK = softmax_topk(x, router, K)
     counts_E = torch.bincount(experts_TK.reshape(-1), minlength=problem.shape.E)
-    return Reference(y.detach(), dx, near_tie_keep_mask(x, weights[0], K), counts_E)
+    checked = checked_experts(counts_E)
+    w_in = list(problem.w_in_EHD.detach().float().unbind(0))
+    w_out = list(problem.w_out_EDF.detach().float().unbind(0))
+    for e in checked:
+        w_in[e], w_out[e] = w_in[e].clone().requires_grad_(True), w_out[e].clone().requires_grad_(True)
+    y = loop_moe_forward(x, router, w_in, w_out, K)
+    leaves = [x, router, *(w_in[e] for e in checked), *(w_out[e] for e in checked)]
+    dx, d_router, *d_experts = torch.autograd.grad(y, leaves, problem.grad_y_TD.float())
+    grads = {
+        "router_weight_ED": d_router,
+        "w_in_EHD": torch.stack(d_experts[: len(checked)]),
+        "w_out_EDF": torch.stack(d_experts[len(checked):]),
+    }
+    return Reference(y.detach(), dx, near_tie_keep_mask(x, router, K), counts_E, checked, grads)
 
 
 def expected_drop_fraction(counts_E: torch.Tensor, num_tokens: int, top_k: int, capacity_factor: float) -> float:

@@ -31,6 +31,17 @@ def _by_expert(weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> dict[str, 
     return {"experts_TK": experts_sorted, "weights_TK": weights_TK.gather(-1, order)}
 
 
+def _canonical(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`_by_expert` of a path's outputs: for the comparison only (a sort in the timed runs would be
+    timed on both sides and pull the ratio towards 1)."""
+    return _by_expert(outputs["weights_TK"], outputs["experts_TK"])
+
+
+def _path(run: Callable[[], tuple[torch.Tensor, torch.Tensor]], inputs: tuple[torch.Tensor, ...]) -> MicroPath:
+    """A gating path: run() -> (weights_TK, experts_TK), compared by expert, fwd+bwd through the weights."""
+    return MicroPath(lambda: dict(zip(("weights_TK", "experts_TK"), run())), "weights_TK", inputs, _canonical)
+
+
 def _topk_from_logits(logits_TE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     top_TK, experts_TK = torch.topk(logits_TE.softmax(dim=-1), top_k, dim=-1)
     return top_TK / top_TK.sum(dim=-1, keepdim=True), experts_TK
@@ -58,14 +69,14 @@ def router_paths(problem: Problem) -> dict[str, Callable[[], MicroPath]]:
         with torch.no_grad():
             router.weight.copy_(w)
 
-        def run() -> dict[str, torch.Tensor]:
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
             routing = router(x)
-            return _by_expert(routing.weights_TK, routing.experts_TK)
+            return routing.weights_TK, routing.experts_TK
 
-        return MicroPath(run, "weights_TK", (x, router.weight))
+        return _path(run, (x, router.weight))
 
     def torch_softmax_topk() -> MicroPath:
-        return MicroPath(lambda: _by_expert(*softmax_topk(x, w, s.K)), "weights_TK", (x, w))
+        return _path(lambda: softmax_topk(x, w, s.K), (x, w))
 
     return {"ours": ours, "torch": torch_softmax_topk}
 
@@ -74,14 +85,14 @@ def gating_paths(logits_TE: torch.Tensor, top_k: int) -> dict[str, Callable[[], 
     def ours() -> MicroPath:
         topk_gating = _kernel_topk_gating()
 
-        def run() -> dict[str, torch.Tensor]:
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
             gating = topk_gating(logits_TE, top_k)
-            return _by_expert(gating.weights_TK, gating.experts_TK)
+            return gating.weights_TK, gating.experts_TK
 
-        return MicroPath(run, "weights_TK", (logits_TE,))
+        return _path(run, (logits_TE,))
 
     def torch_softmax_topk() -> MicroPath:
-        return MicroPath(lambda: _by_expert(*_topk_from_logits(logits_TE, top_k)), "weights_TK", (logits_TE,))
+        return _path(lambda: _topk_from_logits(logits_TE, top_k), (logits_TE,))
 
     return {"ours": ours, "torch": torch_softmax_topk}
 

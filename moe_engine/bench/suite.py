@@ -35,6 +35,7 @@ from moe_engine.bench.common import (
     versions,
     write_json,
 )
+from moe_engine.bench.layer import LOOP_MIN_REPS
 from moe_engine.bench.peers import PEERS
 from moe_engine.bench.problem import DTYPES, ROUTINGS, find_shapes
 from moe_engine.kernels._triton import autotune_choices
@@ -59,7 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser, with_only: bool = True) -> No
     parser.add_argument("--dtype", choices=list(DTYPES), help="override every shape's dtype (default: bf16; quick: per shape)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
     parser.add_argument("--reps", type=int, help="CPU: timed repetitions per measurement (default 5, quick 3)")
-    parser.add_argument("--rep-ms", type=float, default=100.0, help="CUDA: do_bench time budget per measurement, ms")
+    parser.add_argument("--rep-ms", type=float, default=100.0,
+                        help="CUDA: time budget of the timed runs of one measurement, ms (default 100)")
+    parser.add_argument("--min-reps", type=int, default=10,
+                        help="CUDA: timed runs per measurement at least, whatever --rep-ms allows (default 10; "
+                             f"the loop-like layer peers take at most {LOOP_MIN_REPS})")
     parser.add_argument("--threads", type=int,
                         help="CPU: torch intra-op threads while benchmarking (default: 1 with --quick, which keeps "
                              "timings steady on busy cores; else torch's default)")
@@ -84,9 +89,12 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         raise ValueError(f"--reps {args.reps}: must be >= 1")
     if args.rep_ms <= 0:
         raise ValueError(f"--rep-ms {args.rep_ms}: must be > 0")
+    if args.min_reps < 1:
+        raise ValueError(f"--min-reps {args.min_reps}: must be >= 1")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads}: must be >= 1")
-    timing = TimingSettings(warmup=1, reps=args.reps or (3 if args.quick else 5), rep_ms=args.rep_ms)
+    timing = TimingSettings(warmup=1, reps=args.reps or (3 if args.quick else 5), rep_ms=args.rep_ms,
+                            min_reps=args.min_reps)
     return BenchOptions(
         device=resolve_device(args.device),
         shapes=tuple(find_shapes(args.shapes, args.quick, args.dtype)),
@@ -130,7 +138,9 @@ def measure_all(
         "settings": {
             "benchmarks": list(benchmarks), "quick": args.quick, "shapes": [s.name for s in opts.shapes],
             "routings": list(opts.routings), "peers": list(opts.peers), "seed": opts.seed,
-            "timer": ("triton.testing.do_bench: median, p20/p80, L2 flushed before each run" if opts.device.type == "cuda"
+            "timer": (f"CUDA events: median, p20/p80 of at least {opts.timing.min_reps} runs (loop-like layer peers "
+                      f"{min(opts.timing.min_reps, LOOP_MIN_REPS)}) within {opts.timing.rep_ms} ms, L2 flushed before each"
+                      if opts.device.type == "cuda"
                       else f"time.perf_counter: median of {opts.timing.reps} runs after {opts.timing.warmup} warm-up"),
             "rep_ms": opts.timing.rep_ms if opts.device.type == "cuda" else None,
             "cpu_threads": torch.get_num_threads() if opts.device.type == "cpu" else None,
