@@ -1,13 +1,16 @@
-"""The GPU figures of scripts/gpu_checks.sh in one process: `moe-engine bench`, then the dispatch overhead.
+"""The GPU figures of scripts/gpu_checks.sh in one process: the micro-benchmarks, the dispatch overhead, the layer.
 
     python scripts/gpu_figures.py OUT_DIR [--dispatch-shapes mixtral,olmoe,qwen3_30b_a3b] [bench options ...]
 
-Writes OUT_DIR/bench.json (+ bench.png) and OUT_DIR/dispatch.json; any other option goes to
-`moe-engine bench` (e.g. --shapes, --routing, --quick, --only). One process because Triton's autotuner
-remembers its choices per process only (the grouped GEMM's configs carry a pre-hook, so triton does
-not cache them on disk): the dispatch-overhead layers, of the benchmark's shapes, then run on the
-configs the benchmark tuned instead of tuning again, which a short GPU session cannot afford. Both
-JSON files are rewritten after every record, so a run cut short keeps what it measured.
+Writes, in this order, OUT_DIR/micro.json (`moe-engine bench --only router,permute`),
+OUT_DIR/dispatch.json (benchmarks/dispatch_overhead.py) and OUT_DIR/bench.json + bench.png
+(`moe-engine bench --only layer`); any other option goes to both `moe-engine bench` calls (e.g.
+--shapes, --routing, --peers, --quick). Cheapest first: a time limit that cuts the run short takes
+the layer's last shapes, not the router, permute and dispatch figures. One process because Triton's
+autotuner remembers its choices per process only (the grouped GEMM's configs carry a pre-hook, so
+triton does not cache them on disk): the layer benchmark then runs on the configs the dispatch
+overhead's layers tuned at its shapes instead of tuning them again, which a short GPU session cannot
+afford. Every JSON file is rewritten after every record, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -21,24 +24,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out_dir", type=Path, help="folder for bench.json, bench.png and dispatch.json")
+    parser.add_argument("out_dir", type=Path, help="folder for micro.json, dispatch.json, bench.json and bench.png")
     parser.add_argument("--dispatch-shapes", default=None,
                         help="shapes of benchmarks/dispatch_overhead.py (default: its own; 'none' skips it)")
     args, bench_args = parser.parse_known_args(argv)
+    if "--only" in bench_args or any(a.startswith("--only=") for a in bench_args):
+        parser.error("--only: this script runs router,permute then layer itself; run `moe-engine bench --only ...` instead")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import dispatch_overhead
 
     from moe_engine.bench.suite import main as bench
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    code = bench([*bench_args, "--out", str(args.out_dir / "bench.json")])
-    print(f"bench exit status {code}", flush=True)
-    if args.dispatch_shapes == "none":
-        return code
-    dispatch_args = [str(args.out_dir / "dispatch.json")]
-    if args.dispatch_shapes:
-        dispatch_args += ["--shapes", args.dispatch_shapes]
-    return dispatch_overhead.main(dispatch_args) or code
+    codes = [bench([*bench_args, "--only", "router,permute", "--out", str(args.out_dir / "micro.json")])]
+    print(f"micro-benchmarks exit status {codes[-1]}", flush=True)
+    if args.dispatch_shapes != "none":
+        dispatch_args = [str(args.out_dir / "dispatch.json")]
+        if args.dispatch_shapes:
+            dispatch_args += ["--shapes", args.dispatch_shapes]
+        codes.append(dispatch_overhead.main(dispatch_args))
+        print(f"dispatch overhead exit status {codes[-1]}", flush=True)
+    codes.append(bench([*bench_args, "--only", "layer", "--out", str(args.out_dir / "bench.json")]))
+    print(f"layer benchmark exit status {codes[-1]}", flush=True)
+    return next((code for code in codes if code), 0)
 
 
 if __name__ == "__main__":

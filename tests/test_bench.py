@@ -399,10 +399,15 @@ def test_cuda_timer_takes_at_least_min_reps_runs_and_never_the_first(monkeypatch
         calls.append(1)
         time.sleep(0.2 if len(calls) == 1 else 0.02)
 
-    timing = common._measure_cuda(fn, CPU, TimingSettings(warmup_ms=1.0, rep_ms=30.0, min_reps=4))
+    timing = common._measure_cuda(fn, CPU, TimingSettings(warmup_ms=0.0, rep_ms=30.0, min_reps=4))
     assert timing.reps == 4
     assert 15 < timing.median_ms < 150 and timing.p80_ms < 150  # the 200 ms first call is not timed
-    assert len(calls) == 1 + 3 + 1 + 4  # untimed first, 3 to estimate, 1 warm-up, 4 timed
+    assert len(calls) == 1 + 1 + 4  # untimed first, 1 to size the rest, no warm-up budget, 4 timed
+    # A fast call fills the budget instead, up to max_reps.
+    calls.clear()
+    fast = common._measure_cuda(lambda: calls.append(1), CPU, TimingSettings(warmup_ms=0.0, rep_ms=30.0, min_reps=4,
+                                                                               max_reps=50))
+    assert fast.reps == 50
 
 
 def test_a_plot_cut_short_keeps_the_previous_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from sklearn.datasets import load_digits
 
 from moe_engine.mtl.data import ResumableBatches, eval_batches, load_task_data, save_task_data, select_tasks
 from moe_engine.mtl.digits import (
@@ -28,6 +27,9 @@ def data() -> MultiTaskData:
 
 @pytest.fixture(scope="module")
 def sources() -> tuple[np.ndarray, np.ndarray]:
+    # Imported here: a machine without scikit-learn (the GPU image) still collects this module's GPU tests.
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     return (digits.images / 16.0).astype(np.float32), digits.target
 
@@ -53,6 +55,17 @@ def toy(n: int) -> Dataset:
 
 
 # --------------------------------------------------------------------- build_digits_tasks
+
+
+def test_shipped_digits_are_scikit_learns(sources) -> None:
+    # The package reads its own copy of scikit-learn's digits file (no scikit-learn at run time, e.g.
+    # on the GPU image); it must be the same images and classes, bit for bit.
+    from moe_engine.mtl.digits import load_digit_images
+
+    images, classes = load_digit_images()
+    assert images.dtype == np.float32 and classes.dtype == np.int64 and images.shape == (1797, 8, 8)
+    np.testing.assert_array_equal(images, sources[0])
+    np.testing.assert_array_equal(classes, sources[1])
 
 
 def test_schema_sizes_and_ranges(data: MultiTaskData) -> None:

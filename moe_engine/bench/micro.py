@@ -101,7 +101,7 @@ def run_micro_path(
         entry.update(status="error", error=describe_error(err))
     finally:
         del path
-        free_memory(opts.device)
+        free_memory(opts.device, collect=False)  # plain tensors and our ops: no cycles to collect
     return entry
 
 

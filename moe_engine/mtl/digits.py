@@ -1,6 +1,7 @@
 """Multi-task image classification built from scikit-learn's 8x8 digits (no download).
 
-``sklearn.datasets.load_digits()`` ships 1,797 images of 8x8 pixels with values 0..16. Every
+``sklearn.datasets.load_digits()``'s 1,797 images of 8x8 pixels with values 0..16 (read from this
+package's copy of scikit-learn's file, so scikit-learn need not be installed). Every
 example here is one ``(8, 12)`` float32 canvas (pixels / 16, so values lie in ``[0, 1]`` and
 are exact in float32) and belongs to one of these tasks:
 
@@ -25,6 +26,8 @@ bit-identical data, and a task's examples do not depend on which other tasks are
 
 from __future__ import annotations
 
+import gzip
+import importlib.resources
 from collections.abc import Sequence
 from types import MappingProxyType
 
@@ -57,11 +60,13 @@ _TRAIN, _TEST = 0, 1
 
 
 def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 1,797 digits: (N, 8, 8) float32 in [0, 1] and (N,) int64 classes."""
-    from sklearn.datasets import load_digits  # here, not at import: scikit-learn takes seconds to import
-
-    source = load_digits()
-    return (source.images / 16.0).astype(np.float32), source.target.astype(np.int64)  # k/16 is exact in float32
+    """The 1,797 digits scikit-learn ships, from this package's copy of its file (moe_engine/mtl/data,
+    so scikit-learn need not be installed): (N, 8, 8) float32 in [0, 1] and (N,) int64 classes."""
+    path = importlib.resources.files("moe_engine.mtl") / "data" / "digits.csv.gz"
+    with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as text:
+        rows = np.loadtxt(text, delimiter=",")  # (N, 65) float64: 64 pixels in 0..16, then the class
+    images = rows[:, :-1].reshape(-1, 8, 8)
+    return (images / 16.0).astype(np.float32), rows[:, -1].astype(np.int64)  # k/16 is exact in float32
 
 
 def place(digits: np.ndarray, offset: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Embedded generalist tasks built from scikit-learn's 8x8 digits and generated strings.
 
-No download: images come from ``sklearn.datasets.load_digits()`` (1,797 images, values
+No download: images are ``sklearn.datasets.load_digits()``'s (moe_engine.mtl.digits.load_digit_images; 1,797 images, values
 0..16, scaled to ``[0, 1]`` exactly in float32), texts are generated here. The tasks:
 
 ==================  ========  ===============  ====================================================

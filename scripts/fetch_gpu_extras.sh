@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Puts into ./.whl/extra the wheels scripts/gpu_checks.sh installs on the lent GPU only where the image
+# lacks them: pytest (to run the GPU tests at all) and matplotlib (bench.png, the trainer's routing
+# heatmaps, the profiler's plots), with what they need, for Python 3.12 on x86-64. Run it from the
+# project root on the CPU machine after ../shared/device/fetch-wheels.sh; carry .whl as before.
+# (scikit-learn is not among them: the digits ship with moe_engine, and scipy alone would take half
+# of the 64 MiB a device call may carry.)
+set -euo pipefail
+root=$(git rev-parse --show-toplevel)
+cd "$root"
+mkdir -p .whl/extra
+plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
+  -d .whl/extra pytest pluggy iniconfig packaging matplotlib contourpy cycler fonttools kiwisolver pyparsing pillow \
+  python-dateutil six
+ls -1 .whl/extra
+du -sh .whl
