@@ -307,6 +307,36 @@ def test_every_autotune_candidate(index):
                                expected_grad_x)
 
 
+def test_unpermute_backward_candidates_fit_registers_at_any_k():
+    # K = 8: every candidate's weight-gradient accumulator fits and all are kept. K = E = 64 (expert
+    # choice): none does (the first spilled on sm_90), so they are shrunk to fit; each still computes
+    # the right gradients.
+    import triton
+
+    from moe_engine.kernels.permute import _UNPERMUTE_BACKWARD_ELEMENTS_PER_THREAD as budget
+    from moe_engine.kernels.permute import _prune_unpermute_backward_configs as prune
+
+    candidates = [triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"])
+                  for c in _unpermute_backward_configs()]
+    assert prune(candidates, {}, BLOCK_K=8) == candidates
+    shrunk = prune(candidates, {}, BLOCK_K=64)
+    assert shrunk and len(shrunk) == len({(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_D"], c.num_warps) for c in shrunk})
+    for c in shrunk:
+        assert c.kwargs["BLOCK_T"] * 64 * c.kwargs["BLOCK_D"] / (32 * c.num_warps) <= budget
+    torch.manual_seed(7)
+    num_tokens, top_k, width = 5, 64, 72
+    experts_TK = torch.arange(top_k).repeat(num_tokens, 1)
+    choice_N, _ = expert_order_reference(experts_TK, top_k)
+    weights_TK, y_ND, grad_TD = torch.rand(num_tokens, top_k), torch.randn(choice_N.numel(), width), torch.randn(num_tokens, width)
+    y, w = y_ND.clone().requires_grad_(), weights_TK.clone().requires_grad_()
+    unpermute_reference(y, choice_N, w, num_tokens).backward(grad_TD)
+    for c in shrunk:
+        config = {**c.kwargs, "num_warps": c.num_warps}
+        grad_y, grad_w = unpermute_backward_triton(grad_TD, y_ND, choice_N, weights_TK, True, True, config)
+        torch.testing.assert_close(grad_y, y.grad)
+        torch.testing.assert_close(grad_w, w.grad)
+
+
 def test_launchers_reject_bad_shapes():
     x_TD, choice_N = torch.randn(4, 3), torch.arange(4)
     with pytest.raises(ValueError, match="experts_TK: expected a 2-D int32/int64"):

@@ -192,10 +192,44 @@ def _unpermute_backward_configs() -> list[dict[str, int]]:
     ]
 
 
+# fp32 elements per thread of the weight gradient's BLOCK_T x BLOCK_K x BLOCK_D accumulator (a y tile of
+# the same size is live beside it): at 32 the K = 8 candidates all fit; at K = 64 (expert choice, K = E
+# columns) every candidate is 4-16 times larger and the smallest spills 240 bytes on sm_90.
+_UNPERMUTE_BACKWARD_ELEMENTS_PER_THREAD = 32
+
+
+def _prune_unpermute_backward_configs(configs, named_args, **kwargs):
+    """The candidates whose accumulator fits; where none does (large K), each candidate with BLOCK_T, then
+    BLOCK_D (not below 32), halved until it fits."""
+    block_k = kwargs["BLOCK_K"]
+
+    def per_thread(block_t: int, block_d: int, num_warps: int) -> float:
+        return block_t * block_k * block_d / (32 * num_warps)
+
+    budget = _UNPERMUTE_BACKWARD_ELEMENTS_PER_THREAD
+    kept = [c for c in configs if per_thread(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_D"], c.num_warps) <= budget]
+    if kept:
+        return kept
+    shrunk = {}
+    for c in configs:
+        block_t, block_d = c.kwargs["BLOCK_T"], c.kwargs["BLOCK_D"]
+        while per_thread(block_t, block_d, c.num_warps) > budget and (block_t > 1 or block_d > 32):
+            if block_t > 1:
+                block_t //= 2
+            else:
+                block_d //= 2
+        shrunk.setdefault((block_t, block_d, c.num_warps), triton.Config(
+            {**c.kwargs, "BLOCK_T": block_t, "BLOCK_D": block_d}, num_warps=c.num_warps, num_stages=c.num_stages,
+            pre_hook=c.pre_hook,
+        ))
+    return list(shrunk.values())
+
+
 # Shapes: grad_y_TD (T, D), row stride stride_g; y_ND (N, D), row stride stride_y; row_of_choice_C
 # (C,) int32; weights_C (C,); grad_y_ND (N, D), row stride stride_gy; grad_weights_C (C,).
 # Grid: (cdiv(T, BLOCK_T),). BLOCK_K = next_pow2(K).
-@_autotune("unpermute_backward", _unpermute_backward_configs(), key=["D", "top_k"])
+@_autotune("unpermute_backward", _unpermute_backward_configs(), key=["D", "top_k"],
+           prune=_prune_unpermute_backward_configs)
 def _unpermute_backward_kernel(grad_y_TD_ptr, y_ND_ptr, row_of_choice_C_ptr, weights_C_ptr, grad_y_ND_ptr,
                                grad_weights_C_ptr, T, D, top_k, stride_g, stride_y, stride_gy,
                                NEED_GRAD_Y: tl.constexpr, NEED_GRAD_W: tl.constexpr, ACC_FP64: tl.constexpr,
