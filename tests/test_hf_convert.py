@@ -136,6 +136,28 @@ def test_padding_mask_matches_transformers(tmp_path):
     torch.testing.assert_close(ours[keep], ref[keep], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "olmoe"])
+def test_padding_is_not_routed_and_the_balance_loss_is_transformers(family):
+    # transformers leaves padding out of its balance loss (attention_mask); we route only the real
+    # tokens, so with one MoE layer the two losses agree, and what sits in the padding changes nothing.
+    hf = _hf_model(family, num_hidden_layers=1)
+    model, _ = import_hf(hf)
+    model.eval()
+    ids = torch.randint(1, VOCAB, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1, 5:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, labels=labels, output_router_logits=True).aux_loss
+        ours = model(ids, attention_mask_BS=mask, labels_BS=labels)
+        repadded = model(ids.masked_fill(mask == 0, 5), attention_mask_BS=mask, labels_BS=labels)
+    assert all(r.experts_TK.shape[0] == int(mask.sum()) for r in ours.routings)
+    torch.testing.assert_close(ours.aux_loss, (want * hf.config.router_aux_loss_coef).float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(repadded.aux_loss, ours.aux_loss, atol=0, rtol=0)
+    torch.testing.assert_close(repadded.logits[mask.bool()], ours.logits[mask.bool()], atol=0, rtol=0)
+
+
 def test_sliding_window_matches_transformers():
     ids = torch.randint(0, VOCAB, (2, 8))
     hf = _hf_model("mixtral", sliding_window=3)

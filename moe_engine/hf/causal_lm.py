@@ -26,6 +26,7 @@ from moe_engine.config import MoEConfig
 from moe_engine.experts import MLP, GroupedExperts
 from moe_engine.hf.config import MoECausalLMConfig
 from moe_engine.layer import MoELayer
+from moe_engine.mtl.moe_attention import unpadded_tokens
 from moe_engine.parallel import TokenDispatcher
 from moe_engine.recompute import run_block
 from moe_engine.routing import Routing
@@ -175,9 +176,15 @@ class DecoderLayer(nn.Module):
         self.jitter = cfg.router_jitter_noise
 
     def forward(
-        self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: dict[int | None, torch.Tensor | None]
+        self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: dict[int | None, torch.Tensor | None],
+        token_R: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Routing | None, torch.Tensor | None]:
-        """-> (x_BSD, the MoE layer's routing or None, its weighted aux loss or None)."""
+        """-> (x_BSD, the MoE layer's routing or None, its weighted aux loss or None).
+
+        token_R (R,) int64: the flat (B*S) indices of the real tokens, in order, when some are padding:
+        only those are routed (the routing covers them alone, the balance loss counts them alone, and
+        under expert parallelism no padding row is exchanged); a padding position gets no MoE output.
+        None: every token is real."""
         x_BSD = x_BSD + self.attn(self.input_norm(x_BSD), cos, sin, masks[self.window])
         h_BSD = self.post_attn_norm(x_BSD)
         if not self.is_moe:
@@ -185,8 +192,14 @@ class DecoderLayer(nn.Module):
         if self.training and self.jitter > 0:
             # Mixtral's jitter: multiplicative noise on what both the router and the experts read.
             h_BSD = h_BSD * torch.empty_like(h_BSD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        out = self.mlp(h_BSD)
-        return x_BSD + out.y, out.routing, out.aux_loss
+        if token_R is None:
+            out = self.mlp(h_BSD)
+            return x_BSD + out.y, out.routing, out.aux_loss
+        B, S, D = h_BSD.shape
+        h_TD = h_BSD.reshape(B * S, D)
+        out = self.mlp(h_TD.index_select(0, token_R))
+        y_BSD = h_TD.new_zeros(B * S, D).index_copy(0, token_R, out.y.to(h_TD.dtype)).view(B, S, D)
+        return x_BSD + y_BSD, out.routing, out.aux_loss
 
 
 @dataclass(frozen=True)
@@ -253,7 +266,8 @@ class MoECausalLM(nn.Module):
         labels_BS: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids_BS (B, S) int64. attention_mask_BS (B, S): 1 for tokens, 0 for padding (padded
-        positions' logits are meaningless). position_ids_BS (B, S): default 0..S-1 in every row, as
+        positions' logits are meaningless; padding is not routed, so the routings and the balance
+        loss cover the real tokens only, as transformers' balance loss with an attention mask). position_ids_BS (B, S): default 0..S-1 in every row, as
         Hugging Face's forward without a cache. labels_BS (B, S) int64: the token ids to predict,
         shifted inside (position s predicts labels[s + 1]), -100 where ignored."""
         if input_ids_BS.dim() != 2:
@@ -268,11 +282,14 @@ class MoECausalLM(nn.Module):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask_BS.shape)}: expected {(B, S)}")
         windows = {layer.window for layer in self.layers}
         masks = {w: attention_mask(B, S, w, attention_mask_BS, device) for w in windows}
+        token_R = None
+        if attention_mask_BS is not None and not bool(attention_mask_BS.all()):
+            token_R = unpadded_tokens(attention_mask_BS == 0)
         aux_loss = x_BSD.new_zeros((), dtype=torch.float32)
         routings = []
         for layer in self.layers:
             x_BSD, routing, layer_aux = run_block(
-                layer, x_BSD, cos, sin, masks, checkpointed=self.config.activation_checkpointing
+                layer, x_BSD, cos, sin, masks, token_R, checkpointed=self.config.activation_checkpointing
             )
             if routing is not None:
                 routings.append(routing)

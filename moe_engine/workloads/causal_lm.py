@@ -12,8 +12,8 @@ builds it fresh and then calls `load_initial_weights`, which gives every expert-
 experts. Data: text (moe_engine.workloads.text_data), rows of model.max_text_len tokens. Each task
 of data.tasks is a language-modelling task whose loss is its mean next-token cross-entropy over the
 tokens it predicts (padding ignored): `forward_step` returns per-task sums and predicted-token
-counts, so the trainer's per-task mean is a token mean. Padding passes through the MoE layers (and
-counts in their balance loss) but in no task's loss or routing statistics. Evaluation reports each
+counts, so the trainer's per-task mean is a token mean. Padding is not routed (MoECausalLM routes the
+real tokens only), so it counts in no balance loss, expert-bias update, task loss or routing statistic. Evaluation reports each
 task's loss and perplexity (exp of the token-mean loss; lower is better).
 
 Config: finetune.init_from (the source), data.path / data.tasks / data.tokenizer / data.packing
@@ -30,7 +30,7 @@ import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,6 @@ from moe_engine.parallel import TokenDispatcher
 from moe_engine.parallel.groups import ParallelGroups
 from moe_engine.parallel.runtime import DistributedRun, all_reduce_sum, rank_slice
 from moe_engine.parallel.sharding import load_canonical_state
-from moe_engine.routing import Routing
 from moe_engine.workloads.base import StepForward, Workload, count_routed_choices
 from moe_engine.workloads.text_data import TextData, build_tokenizer, load_text_data
 
@@ -159,16 +158,6 @@ class _Rows:
     counts_T: torch.Tensor
     present: list[int]
     num_tokens: int
-
-
-def _real_tokens(routings: Sequence[Routing], keep_T: torch.Tensor | None) -> tuple[Routing, ...]:
-    """Routings of the real tokens only (padding is routed too, but is no task's)."""
-    if keep_T is None:
-        return tuple(routings)
-    return tuple(
-        dataclasses.replace(r, weights_TK=r.weights_TK[keep_T], experts_TK=r.experts_TK[keep_T], scores_TE=r.scores_TE[keep_T])
-        for r in routings
-    )
 
 
 class CausalLMWorkload(Workload):
@@ -301,7 +290,7 @@ class CausalLMWorkload(Workload):
         if rows.keep_T is not None:
             task_ids_T = task_ids_T[rows.keep_T]
         return StepForward(
-            loss_sums, rows.counts_T, out.aux_loss, _real_tokens(out.routings, rows.keep_T), task_ids_T, rows.num_tokens,
+            loss_sums, rows.counts_T, out.aux_loss, out.routings, task_ids_T, rows.num_tokens,
             # Every logit depends on every MoE layer's all-to-all: a zero that reaches all of them.
             anchor=0.0 * (out.logits.float().sum() + out.aux_loss),
         )
@@ -324,7 +313,7 @@ class CausalLMWorkload(Workload):
             task_ids_T = rows.task_B.repeat_interleave(rows.ids_BS.shape[1])
             if rows.keep_T is not None:
                 task_ids_T = task_ids_T[rows.keep_T]
-            count_routed_choices(_real_tokens(out.routings, rows.keep_T), task_ids_T, num_tasks, num_experts, counts_LXE)
+            count_routed_choices(out.routings, task_ids_T, num_tasks, num_experts, counts_LXE)
         loss_sum, tokens = all_reduce_sum(sums, run).cpu()
         counts_LXE = all_reduce_sum(counts_LXE, run).cpu()
         metrics = {}
