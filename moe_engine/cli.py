@@ -194,17 +194,15 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"finetune.freeze=[{args.freeze}]")
     cfg = load_config(args.config, overrides)
     try:
+        # Before the Trainer, which may clear the run directory (--overwrite), and before any training:
+        # a bad file would otherwise fail only after the run. The run's tasks are data.tasks, in order.
+        baselines = read_baselines(args.baselines, cfg.data.tasks) if args.baselines else None
         trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     except TRAINER_SETUP_ERRORS as err:
         print(f"moe-engine {args.command}: error: {err}", file=sys.stderr)
         return 2
     main_rank = trainer.run_info.is_main  # under a launcher, rank 0 speaks for the job
     try:
-        try:  # before any training: a bad file would otherwise fail only after the run
-            baselines = read_baselines(args.baselines, trainer.task_names) if args.baselines else None
-        except (FileNotFoundError, ValueError) as err:
-            print(f"moe-engine {args.command}: error: {err}", file=sys.stderr)
-            return 2
         if trainer.step and main_rank:
             print(f"resuming from {trainer.last_checkpoint} at step {trainer.step}", file=sys.stderr)
         try:

@@ -172,6 +172,7 @@ class Trainer:
             needs_groups=cfg.parallel.dispatcher == "all_to_all",
         )
         self._check_even_slices()
+        self._overwrite_old_run = False
         resume_path = self._resume_path(resume, overwrite)
         if cfg.train.num_threads is not None:
             torch.set_num_threads(cfg.train.num_threads)
@@ -227,6 +228,7 @@ class Trainer:
             self._load_state(state)
         if state is not None:
             self.last_checkpoint = resume_path
+        self._clear_overwritten_run()  # the first write to the run directory: every check has passed
         # Rank 0 writes the logs; the other ranks compute the same (all-reduced) numbers.
         self.logger = MetricsLogger(
             self.out_dir, csv_files=cfg.logging.csv and self.run_info.is_main,
@@ -302,10 +304,17 @@ class Trainer:
                 f"train.out_dir = {str(self.out_dir)!r} already holds checkpoints (newest: {existing.name}); "
                 "pass --resume to continue that run, --overwrite to start over, or --set train.out_dir=... for a new one"
             )
-        if existing is not None and self.run_info.is_main:
-            shutil.rmtree(self.checkpoints.directory)  # the logs go when MetricsLogger starts fresh
-        barrier(self.run_info)  # nobody looks at the directory again before rank 0 has cleared it
+        # --overwrite: the old run's checkpoints go only once every setup check has passed
+        # (`_clear_overwritten_run`), so a mistake in the new settings loses nothing.
+        self._overwrite_old_run = existing is not None
         return None
+
+    def _clear_overwritten_run(self) -> None:
+        """Delete the checkpoints an --overwrite run replaces (its logs go when MetricsLogger starts
+        fresh): the last step of setup, after everything that can refuse the new settings."""
+        if self._overwrite_old_run and self.run_info.is_main:
+            shutil.rmtree(self.checkpoints.directory)
+        barrier(self.run_info)  # nobody looks at the directory again before rank 0 has cleared it
 
     def _param_groups(self) -> list[dict[str, Any]]:
         # Weight decay on matrices only: norms, biases, embeddings and positions stay undecayed.

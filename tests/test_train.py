@@ -243,6 +243,24 @@ def test_overwrite_starts_over(make_cfg: MakeConfig) -> None:
     assert without_timing(read_rows(again.out_dir / "train.csv")) == first_rows[:2]
 
 
+@pytest.mark.parametrize("mistake", [
+    ["--set", "model.patch_size=5"],                     # refused while the workload builds
+    ["--set", "finetune.init_from=/nonexistent"],        # refused while the weights load
+    ["--baselines", "nonexistent.json"],                 # refused before the Trainer
+])
+def test_overwrite_with_a_mistake_keeps_the_old_run(
+    make_cfg: MakeConfig, mistake: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --overwrite must delete nothing until the new settings have passed every check.
+    first = Trainer(make_cfg("run", "train.max_steps=2", "train.checkpoint_every=2"))
+    first.run()
+    sets = [a for o in [*TINY, f"train.out_dir={first.out_dir}"] for a in ("--set", o)]
+    assert cli.main(["train", *sets, *mistake, "--overwrite"]) == 2
+    assert "error: " in capsys.readouterr().err
+    assert checkpoint_names(first) == ["step_00000002.pt"]
+    assert steps_of(first.out_dir / "train.csv") == [1, 2]
+
+
 def test_resume_auto_without_checkpoints_starts_fresh(make_cfg: MakeConfig) -> None:
     trainer = Trainer(make_cfg("run", "train.max_steps=2"), resume="auto")
     assert trainer.step == 0 and trainer.last_checkpoint is None
