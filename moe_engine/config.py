@@ -455,6 +455,21 @@ class MTLConfig:
         unknown = sorted(set(self.weighting_options) - set(allowed))
         if unknown:
             _fail("mtl.weighting_options", self.weighting_options, f"{unknown} unknown for {self.weighting!r}; its options: {', '.join(allowed) or 'none'}")
+        self._check_option_values()
+
+    def _check_option_values(self) -> None:
+        """Build the method once, so its own checks of the option values run with the config (not
+        when training starts), reported under their full keys."""
+        from moe_engine.mtl.weighting import build_weighting
+
+        try:
+            build_weighting(self.weighting, 2, **self.weighting_options)
+        except ValueError as err:
+            # The method's messages start "<option> = <value>: expected ..." (mtl.weighting.base).
+            message = str(err)
+            key = next((k for k in self.weighting_options if message.startswith(f"{k} = ")), None)
+            where = f"mtl.weighting_options.{message}" if key else f"mtl.weighting_options = {self.weighting_options!r}: {message}"
+            raise ConfigError(f"{where} (mtl.weighting = {self.weighting!r})") from err
 
     def needs_gram(self) -> bool:
         """Whether the method weighs the tasks from the Gram matrix of their gradients."""

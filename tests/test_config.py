@@ -175,6 +175,16 @@ ERROR_CASES = {
         ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]", "model.block_task_embed=true"],
         ["model.block_task_embed", "True", "'multitask' only, not 'generalist'"],
     ),
+    "dwa temperature 0": (
+        ["mtl.weighting=dwa", "mtl.weighting_options.temperature=0"],
+        ["mtl.weighting_options.temperature = 0", "> 0", "mtl.weighting = 'dwa'"],
+    ),
+    "cagrad c < 0": (["mtl.weighting=cagrad", "mtl.weighting_options.c=-3"], ["mtl.weighting_options.c = -3", ">= 0"]),
+    "cagrad c not a number": (["mtl.weighting=cagrad", "mtl.weighting_options.c=abc"], ["mtl.weighting_options.c = 'abc'", "number"]),
+    # needs_gram() builds the method inside Config's check of grad_accum_steps: a ConfigError, not a ValueError.
+    "cagrad c not a number, accumulating": (
+        ["mtl.weighting=cagrad", "mtl.weighting_options.c=abc", "train.grad_accum_steps=2"], ["mtl.weighting_options.c = 'abc'"],
+    ),
     "fixed splits on the generalist": (
         ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]",
          "moe.router.capacity_factor=1.0", "parallel.fixed_splits=true"],
