@@ -613,8 +613,11 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return build_dataclass(Config, data)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (None: the embedded defaults), apply overrides, validate everything."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, values: dict[str, Any] | None = None
+) -> Config:
+    """Load a YAML config (None: the embedded defaults), apply overrides (`a.b.c=YAML` strings), then
+    `values` ({"a.b.c": value}, taken as given: what command-line options set), validate everything."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -626,4 +629,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"--config {str(path)!r}: not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"--config {str(path)!r}: must hold a mapping of sections, got {type(data).__name__}")
-    return config_from_dict(apply_overrides(data, overrides or []))
+    return config_from_dict(apply_overrides(data, overrides or [], values))

@@ -117,21 +117,43 @@ def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` strings to nested plain data; values are parsed as YAML scalars."""
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], values: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings to nested plain data, values parsed as YAML scalars, then
+    `values` ({"a.b.c": value}) as given: a command-line option's path or name is taken literally,
+    since YAML would cut it at " #" or read a folder named 2024 as a number."""
     data = _deep_copy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. moe.num_experts=16")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        _set_dotted(data, key, _parse_value(item, raw), f"--set {item!r}")
+    for key, value in (values or {}).items():
+        _set_dotted(data, key, value, f"{key} = {value!r}")
     return data
+
+
+def _parse_value(item: str, raw: str) -> Any:
+    """The YAML value of one --set item; malformed YAML is a ConfigError naming the item."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem}); quote it, or close its brackets") from err
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, what: str) -> None:
+    """data[a][b][c] = value for key "a.b.c", making missing sections; `what` names the setting in errors."""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what}: {part!r} is a value, not a section")
+    node[parts[-1]] = value
 
 
 def _deep_copy(data: Any) -> Any:

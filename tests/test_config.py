@@ -305,3 +305,60 @@ def test_cli_config_prints_the_resolved_yaml(capsys: pytest.CaptureFixture[str])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["moe"]["num_experts"] == 16
     assert printed == load_config(None, ["moe.num_experts=16"]).to_dict()
+
+
+@pytest.mark.parametrize("value", ["[digit,", "{a: 1", "'open"])
+def test_cli_malformed_yaml_in_a_set_value_is_one_line(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["config", "--set", f"data.tasks={value}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moe-engine config: config error: --set ") and repr(f"data.tasks={value}") in err
+    assert "not valid YAML" in err and err.count("\n") == 1
+
+
+class _Refused(ValueError):
+    """What the stand-in Trainer raises once it has recorded its config."""
+
+
+@pytest.fixture
+def seen_configs(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
+    """The configs the CLI builds Trainers from; the stand-in Trainer then refuses (exit 2), so nothing trains."""
+    import moe_engine.train
+
+    seen: list[Config] = []
+
+    def trainer(cfg: Config, **_: object) -> None:
+        seen.append(cfg)
+        raise _Refused("stand-in")
+
+    monkeypatch.setattr(moe_engine.train, "Trainer", trainer)
+    return seen
+
+
+@pytest.mark.parametrize("path", ["2024", "runs/a #1", "x: y"])
+def test_cli_paths_are_taken_literally_not_as_yaml(path: str, seen_configs: list[Config]) -> None:
+    # A number-like folder, " #" (a YAML comment) and ": " (a YAML mapping) stay part of the path.
+    args = ["finetune", "--from", path, "--freeze", "experts, routers", "--deepspeed_config", f"{path}.json"]
+    assert cli.main(args) == 2
+    (cfg,) = seen_configs
+    assert cfg.finetune.init_from == path and cfg.parallel.deepspeed_config == f"{path}.json"
+    assert cfg.finetune.freeze == ["experts", "routers"]
+
+
+def test_cli_baselines_run_directories_are_taken_literally(seen_configs: list[Config]) -> None:
+    assert cli.main(["baselines", "--set", "train.out_dir='runs/a #1'"]) == 2
+    (cfg,) = seen_configs
+    assert cfg.train.out_dir == "runs/a #1/single_digit" and cfg.data.tasks == ["digit"]
+
+
+def test_cli_profile_out_is_taken_literally(monkeypatch: pytest.MonkeyPatch) -> None:
+    import moe_engine.profiling
+
+    seen: list[Config] = []
+
+    def profile_training(cfg: Config, **_: object) -> None:
+        seen.append(cfg)
+        raise FileNotFoundError("stand-in")
+
+    monkeypatch.setattr(moe_engine.profiling, "profile_training", profile_training)
+    assert cli.main(["profile", "--out", "2024 #1"]) == 2
+    assert seen[0].train.out_dir == "2024 #1/run"
