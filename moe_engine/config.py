@@ -48,12 +48,13 @@ def _check_positive(section: str, **values: float) -> None:
 
 @dataclass
 class TaskRoutingConfig:
-    """Settings of the task-conditional routers (moe_engine.mtl); plain top-k routers ignore them.
+    """Settings of the task-conditional routers (moe_engine.mtl).
 
-    Which fields a router reads: task_gate (M3ViT) gate_mode, noise; mod_squad score_epsilon,
-    mi_loss_coef; attribute (Conditional MoE) noise, num_attributes, attribute_dim,
-    attribute_with_tokens; dselect_k dselect_gate, gamma, entropy_coef; task_level task_level_gate.
-    mi_loss_coef also applies to task_gate.
+    Which fields a router reads: task_gate (M3ViT) gate_mode, noise, mi_loss_coef; mod_squad
+    score_epsilon, noise, mi_loss_coef (its gates are always per task); attribute (Conditional MoE)
+    noise (fixed), num_attributes, attribute_dim, attribute_with_tokens; dselect_k dselect_gate,
+    gamma, entropy_coef; task_level task_level_gate. RouterConfig refuses gate_mode, noise and
+    mi_loss_coef changed from their defaults for a router that does not read them.
     """
 
     # "per_task": one gate per task (M3ViT, Mod-Squad); "concat": one gate over [token ; one-hot task].
@@ -199,6 +200,30 @@ class RouterConfig:
             _fail("moe.router.task.adaptive_k_min", self.task.adaptive_k_min, f"must be <= moe.router.top_k ({self.top_k})")
         if self.task.noise == "learned" and self.type not in ("task_gate", "mod_squad"):
             _fail("moe.router.task.noise", "learned", "allowed with task_gate or mod_squad only (noisy_topk always has it)")
+        self._check_unread_options()
+
+    def _check_unread_options(self) -> None:
+        """Options the chosen router never reads (moe_engine.routers.build_any_router, routing.build_router),
+        refused when changed from their defaults: a setting that does nothing would pass silently."""
+        # DSelect-k (its own entropy term) and task_level (none) have no balance loss; 0 is accepted
+        # like the z-loss's 0, to say "no balance loss" explicitly (configs/dselect_k.yaml does).
+        if self.type in ("dselect_k", "task_level") and self.aux_loss_coef not in (0.0, _AUX_LOSS_COEF_DEFAULT):
+            _fail("moe.router.aux_loss_coef", self.aux_loss_coef, f"{self.type!r} has no balance loss (read by softmax_topk, "
+                  "sigmoid_topk, noisy_topk, task_gate, mod_squad and attribute): use 0")
+        if self.task.noise == "fixed" and self.type not in ("task_gate", "mod_squad", "attribute"):
+            _fail("moe.router.task.noise", "fixed", f"read by task_gate, mod_squad and attribute only, not {self.type!r}: "
+                  "use none" + (" (noisy_topk has its own learned noise)" if self.type == "noisy_topk" else ""))
+        if self.task.mi_loss_coef > 0 and self.type not in ("task_gate", "mod_squad"):
+            _fail("moe.router.task.mi_loss_coef", self.task.mi_loss_coef, f"the mutual-information loss is read by "
+                  f"task_gate and mod_squad only, not {self.type!r}: use 0")
+        # Mod-Squad's gates are per task by construction (routers.py builds them so).
+        if self.task.gate_mode != "per_task" and self.type != "task_gate":
+            _fail("moe.router.task.gate_mode", self.task.gate_mode, f"read by task_gate only ({self.type!r} "
+                  f"{'always has one gate per task' if self.type == 'mod_squad' else 'has no task gates'}): use per_task")
+        # expert_choice refuses it in _check_expert_choice (its capacity is never null).
+        if self.drop_policy != "position" and self.capacity_factor is None and self.type != "expert_choice":
+            _fail("moe.router.drop_policy", self.drop_policy, "orders the drops of an over-full expert, and dropless "
+                  "routing (moe.router.capacity_factor = null) drops nothing: set a capacity_factor, or use position")
 
 
 @dataclass

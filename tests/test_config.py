@@ -175,6 +175,30 @@ ERROR_CASES = {
         ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]", "model.block_task_embed=true"],
         ["model.block_task_embed", "True", "'multitask' only, not 'generalist'"],
     ),
+    "balance loss on task_level": (
+        ["moe.router.type=task_level", "moe.router.renormalize=false", "moe.router.aux_loss_coef=0.5"],
+        ["moe.router.aux_loss_coef = 0.5", "'task_level' has no balance loss", "task_gate", "use 0"],
+    ),
+    "balance loss on dselect_k": (
+        ["moe.router.type=dselect_k", "moe.router.aux_loss_coef=0.5"], ["moe.router.aux_loss_coef = 0.5", "'dselect_k' has no balance loss"],
+    ),
+    "fixed noise on softmax_topk": (
+        ["moe.router.task.noise=fixed"], ["moe.router.task.noise = 'fixed'", "task_gate, mod_squad and attribute only", "'softmax_topk'"],
+    ),
+    "fixed noise on noisy_topk": (["moe.router.type=noisy_topk", "moe.router.task.noise=fixed"], ["moe.router.task.noise", "its own learned noise"]),
+    "mi loss on the attribute router": (
+        ["moe.router.type=attribute", "moe.router.task.mi_loss_coef=0.05"],
+        ["moe.router.task.mi_loss_coef = 0.05", "task_gate and mod_squad only, not 'attribute'", "use 0"],
+    ),
+    "mi loss on softmax_topk": (["moe.router.task.mi_loss_coef=0.05"], ["moe.router.task.mi_loss_coef = 0.05", "not 'softmax_topk'"]),
+    "concat gate on mod_squad": (
+        ["moe.router.type=mod_squad", "moe.router.task.gate_mode=concat"],
+        ["moe.router.task.gate_mode = 'concat'", "task_gate only", "one gate per task", "use per_task"],
+    ),
+    "concat gate on softmax_topk": (["moe.router.task.gate_mode=concat"], ["moe.router.task.gate_mode = 'concat'", "task_gate only"]),
+    "score drops without a capacity": (
+        ["moe.router.drop_policy=score"], ["moe.router.drop_policy = 'score'", "moe.router.capacity_factor = null", "drops nothing"],
+    ),
     "dwa temperature 0": (
         ["mtl.weighting=dwa", "mtl.weighting_options.temperature=0"],
         ["mtl.weighting_options.temperature = 0", "> 0", "mtl.weighting = 'dwa'"],
