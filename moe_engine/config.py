@@ -319,6 +319,11 @@ class ModelConfig:
             _fail("model.dropout", self.dropout, "must be in [0, 1)")
         if self.share_routing and not self.moe_attention:
             _fail("model.share_routing", True, "needs model.moe_attention = true (the routing it shares is the attention's)")
+        # causal_lm takes its layers from the pre-trained model (Config refuses a changed num_layers there).
+        if self.architecture != "causal_lm" and self.num_layers < self.moe_every:
+            _fail("model.num_layers", self.num_layers, f"with model.moe_every = {self.moe_every} no block has an MoE FFN "
+                  "(block i has one when (i + 1) % moe_every == 0), so every moe.* setting would do nothing: use "
+                  f"model.num_layers >= {self.moe_every}, or a model.moe_every <= {self.num_layers}")
         if self.block_task_embed and self.architecture != "multitask":
             _fail("model.block_task_embed", True, f"allowed with model.architecture = 'multitask' only, not {self.architecture!r}")
 

@@ -199,6 +199,13 @@ ERROR_CASES = {
     "score drops without a capacity": (
         ["moe.router.drop_policy=score"], ["moe.router.drop_policy = 'score'", "moe.router.capacity_factor = null", "drops nothing"],
     ),
+    "no MoE layer": (
+        ["model.num_layers=1"], ["model.num_layers = 1", "model.moe_every = 2 no block has an MoE FFN", "model.num_layers >= 2", "model.moe_every <= 1"],
+    ),
+    "no MoE layer, generalist": (
+        ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]", "model.num_layers=2", "model.moe_every=3"],
+        ["model.num_layers = 2", "model.moe_every = 3"],
+    ),
     "dwa temperature 0": (
         ["mtl.weighting=dwa", "mtl.weighting_options.temperature=0"],
         ["mtl.weighting_options.temperature = 0", "> 0", "mtl.weighting = 'dwa'"],
