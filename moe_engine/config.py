@@ -578,6 +578,14 @@ class LoggingConfig:
         _check_positive("logging", log_every=self.log_every)
 
 
+# What model.architecture = 'causal_lm' does not read: the pre-trained model defines them.
+_CAUSAL_LM_UNREAD_MODEL = (
+    "d_model", "num_layers", "num_heads", "ffn_hidden", "moe_every", "patch_size", "moe_attention", "share_routing",
+    "block_task_embed", "dropout",
+)
+_CAUSAL_LM_UNREAD_MOE = ("ffn_hidden", "activation", "num_shared_experts", "shared_expert_gate")
+
+
 @dataclass
 class Config:
     """One run: every section, each validated on construction."""
@@ -602,6 +610,8 @@ class Config:
         if self.model.architecture == "causal_lm" and self.finetune.init_from is None:
             _fail("finetune.init_from", None, "model.architecture = 'causal_lm' fine-tunes a model: give its file or folder "
                   "(moe-engine finetune --from MODEL, e.g. the output of moe-engine convert --from-hf)")
+        if self.model.architecture == "causal_lm":
+            self._check_causal_lm_unread()
         ep = self.parallel.expert_parallel_size
         if self.moe.num_experts % ep:
             _fail("parallel.expert_parallel_size", ep, f"must divide moe.num_experts ({self.moe.num_experts})")
@@ -628,6 +638,24 @@ class Config:
         if self.parallel.fixed_splits and self.model.architecture == "generalist":
             _fail("parallel.fixed_splits", True, "needs the same token count on every rank, which the generalist's "
                   "text (its rows' lengths differ by rank) does not give: use false")
+
+    def _check_causal_lm_unread(self) -> None:
+        """causal_lm builds the pre-trained model's own architecture (moe_engine.workloads.causal_lm):
+        a model.* or moe.* width or structure setting changed from its default would be ignored, so
+        it is refused (moe.router: by the workload, which names the model's file)."""
+        changed = [
+            f"{section}.{f.name}"
+            for section, obj, names in (("model", self.model, _CAUSAL_LM_UNREAD_MODEL), ("moe", self.moe, _CAUSAL_LM_UNREAD_MOE))
+            for f in dataclasses.fields(obj)
+            if f.name in names and getattr(obj, f.name) != f.default
+        ]
+        if changed:
+            section, name = changed[0].split(".")
+            value = getattr(getattr(self, section), name)
+            _fail(changed[0], value, (f"(and {', '.join(changed[1:])}) " if changed[1:] else "")
+                  + "model.architecture = 'causal_lm' takes the model's widths and structure from the pre-trained model "
+                  "(finetune.init_from): leave it at its default; causal_lm reads model.max_text_len, "
+                  "model.activation_checkpointing, moe.num_experts, moe.experts_impl and moe.recompute_experts")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -206,6 +206,18 @@ ERROR_CASES = {
         ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]", "model.num_layers=2", "model.moe_every=3"],
         ["model.num_layers = 2", "model.moe_every = 3"],
     ),
+    "causal_lm width": (
+        ["model.architecture=causal_lm", "data.name=text", "data.path=d", "finetune.init_from=m", "model.d_model=32", "moe.activation=gelu"],
+        ["model.d_model = 32", "(and moe.activation)", "takes the model's widths and structure from the pre-trained model", "moe.experts_impl"],
+    ),
+    "causal_lm shared experts": (
+        ["model.architecture=causal_lm", "data.name=text", "data.path=d", "finetune.init_from=m", "moe.num_shared_experts=1"],
+        ["moe.num_shared_experts = 1", "causal_lm"],
+    ),
+    "causal_lm moe attention": (
+        ["model.architecture=causal_lm", "data.name=text", "data.path=d", "finetune.init_from=m", "model.moe_attention=true"],
+        ["model.moe_attention = True"],
+    ),
     "dwa temperature 0": (
         ["mtl.weighting=dwa", "mtl.weighting_options.temperature=0"],
         ["mtl.weighting_options.temperature = 0", "> 0", "mtl.weighting = 'dwa'"],
@@ -393,3 +405,10 @@ def test_cli_profile_out_is_taken_literally(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(moe_engine.profiling, "profile_training", profile_training)
     assert cli.main(["profile", "--out", "2024 #1"]) == 2
     assert seen[0].train.out_dir == "2024 #1/run"
+
+
+def test_causal_lm_accepts_what_it_reads() -> None:
+    load_config(None, [
+        "model.architecture=causal_lm", "data.name=text", "data.path=d", "finetune.init_from=m", "moe.num_experts=4",
+        "moe.experts_impl=loop", "moe.recompute_experts=true", "model.activation_checkpointing=true", "model.max_text_len=64",
+    ])
