@@ -46,6 +46,7 @@ from moe_engine.parallel.runtime import (
     all_reduce_sum,
     barrier,
     bind_local_device,
+    check_backend,
     clip_gradients,
     expert_parameters,
     gather_objects,
@@ -161,6 +162,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_checkpoints)
         device_type = "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
         use_deepspeed = cfg.parallel.deepspeed_config is not None
+        check_backend(cfg.parallel.backend, device_type)  # before any process group: a line, not torch's traceback
         bind_local_device(device_type)  # before any process group, model or kernel
         if use_deepspeed:
             read_deepspeed_json(cfg.parallel.deepspeed_config)  # a missing or broken file, before joining a job

@@ -218,6 +218,7 @@ ERROR_CASES = {
         ["model.architecture=causal_lm", "data.name=text", "data.path=d", "finetune.init_from=m", "model.moe_attention=true"],
         ["model.moe_attention = True"],
     ),
+    "nccl on the CPU": (["train.device=cpu", "parallel.backend=nccl"], ["parallel.backend = 'nccl'", "NCCL needs CUDA", "'gloo'"]),
     "dwa temperature 0": (
         ["mtl.weighting=dwa", "mtl.weighting_options.temperature=0"],
         ["mtl.weighting_options.temperature = 0", "> 0", "mtl.weighting = 'dwa'"],

@@ -261,6 +261,19 @@ def test_overwrite_with_a_mistake_keeps_the_old_run(
     assert steps_of(first.out_dir / "train.csv") == [1, 2]
 
 
+def test_nccl_without_cuda_is_one_line(
+    make_cfg: MakeConfig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # train.device = 'auto' on a machine without CUDA: only the Trainer knows the run is on the CPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out_dir = make_cfg("run").train.out_dir
+    sets = [a for o in [*TINY, f"train.out_dir={out_dir}", "parallel.dispatcher=all_to_all", "parallel.backend=nccl"]
+            for a in ("--set", o)]
+    assert cli.main(["train", *sets]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moe-engine train: error: parallel.backend = 'nccl': NCCL needs CUDA") and err.count("\n") == 1
+
+
 def test_resume_auto_without_checkpoints_starts_fresh(make_cfg: MakeConfig) -> None:
     trainer = Trainer(make_cfg("run", "train.max_steps=2"), resume="auto")
     assert trainer.step == 0 and trainer.last_checkpoint is None
