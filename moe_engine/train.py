@@ -374,7 +374,13 @@ class Trainer:
     def _load_weighting_state(self, state: dict[str, Any] | None) -> None:
         if state is None:  # a checkpoint from before loss weighting: the method starts fresh
             return
-        self.weighting.load_state_dict(state["method"])
+        try:
+            self.weighting.load_state_dict(state["method"])
+        except RuntimeError as err:  # same method (config_mismatches checks it), options that change its state (imtl mode)
+            raise CheckpointMismatchError(
+                f"mtl.weighting_options = {self.cfg.mtl.weighting_options!r}: the checkpoint's {self.cfg.mtl.weighting!r} "
+                f"state does not fit these options; resume with the run's own options ({err})"
+            ) from err
         if self.weighting_optimizer is not None and state["optimizer"] is not None:
             self.weighting_optimizer.load_state_dict(state["optimizer"])
 

@@ -203,6 +203,25 @@ def test_resume_with_other_d_model_is_refused(make_cfg: MakeConfig, saved_run: C
     assert not (Path(cfg.train.out_dir) / "config.yaml").exists()
 
 
+def test_resume_with_other_weighting_is_refused(make_cfg: MakeConfig, saved_run: Config) -> None:
+    with pytest.raises(CheckpointMismatchError, match=r"mtl\.weighting: checkpoint has 'equal', config has 'dwa'"):
+        Trainer(make_cfg("saved", "train.max_steps=4", "mtl.weighting=dwa"), resume="auto")
+
+
+def test_resume_with_weighting_options_that_change_its_state_is_refused(make_cfg: MakeConfig) -> None:
+    Trainer(make_cfg("imtl", "train.max_steps=2", "train.checkpoint_every=2", "mtl.weighting=imtl")).run()
+    with pytest.raises(CheckpointMismatchError, match=r"mtl\.weighting_options = \{'mode': 'gradient'\}"):
+        Trainer(make_cfg("imtl", "train.max_steps=4", "mtl.weighting=imtl", "mtl.weighting_options.mode=gradient"), resume="auto")
+
+
+def test_checkpoint_from_before_loss_weighting_reads_as_equal() -> None:
+    from moe_engine.checkpoint import config_mismatches
+
+    current = load_config(None, []).to_dict()
+    older = {k: v for k, v in current.items() if k != "mtl"}
+    assert config_mismatches(older, current) == []
+
+
 def test_cli_mismatch_exits_2(saved_run: Config, capsys: pytest.CaptureFixture[str]) -> None:
     sets = [a for o in [*TINY, f"train.out_dir={saved_run.train.out_dir}", "moe.num_experts=8"] for a in ("--set", o)]
     assert cli.main(["train", *sets, "--resume"]) == 2
