@@ -404,11 +404,20 @@ class DataConfig:
                     _fail(f"data.{name}", value, f"{self.name} data is always mixed by task size in every batch; this needs data.name = 'generalist'")
         if self.mixing == "fixed" and not self.mixing_weights:
             _fail("data.mixing_weights", self.mixing_weights, "data.mixing = 'fixed' needs a weight per task, e.g. {digit: 2.0, caption: 1.0}")
+        # The mixer (moe_engine.mtl.generalist.mixing) refuses these too, but only when training starts.
+        if self.mixing_weights is not None and self.mixing != "fixed":
+            _fail("data.mixing_weights", self.mixing_weights, f"read by data.mixing = 'fixed' only, and data.mixing = "
+                  f"{self.mixing!r}: set data.mixing = fixed, or data.mixing_weights = null")
+        if self.mixing_temperature != 2.0 and self.mixing != "temperature":
+            _fail("data.mixing_temperature", self.mixing_temperature, f"read by data.mixing = 'temperature' only, and "
+                  f"data.mixing = {self.mixing!r}: set data.mixing = temperature, or leave it at 2.0")
         if self.mixing_weights is not None:
             unknown = sorted(set(self.mixing_weights) - set(self.tasks))
             missing = sorted(set(self.tasks) - set(self.mixing_weights))
             if unknown or missing or any(w < 0 for w in self.mixing_weights.values()):
                 _fail("data.mixing_weights", self.mixing_weights, f"needs one weight >= 0 per task of data.tasks {self.tasks} (unknown: {unknown}, missing: {missing})")
+            if not any(w > 0 for w in self.mixing_weights.values()):
+                _fail("data.mixing_weights", self.mixing_weights, "every weight is 0, so no task would be drawn: give at least one task a weight > 0")
         if not self.tasks:
             _fail("data.tasks", self.tasks, "must name at least one task")
         if len(set(self.tasks)) != len(self.tasks):

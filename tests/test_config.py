@@ -219,6 +219,16 @@ ERROR_CASES = {
         ["model.moe_attention = True"],
     ),
     "nccl on the CPU": (["train.device=cpu", "parallel.backend=nccl"], ["parallel.backend = 'nccl'", "NCCL needs CUDA", "'gloo'"]),
+    "mixing weights with temperature mixing": (
+        ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]", "data.mixing=temperature", "data.mixing_weights={digit: 5, caption: 1}"],
+        ["data.mixing_weights = {'digit': 5.0, 'caption': 1.0}", "data.mixing = 'fixed' only", "data.mixing = 'temperature'"],
+    ),
+    "all-zero fixed mixing weights": (
+        ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]", "data.mixing=fixed", "data.mixing_weights={digit: 0, caption: 0}"], ["data.mixing_weights", "every weight is 0"],
+    ),
+    "mixing temperature with size mixing": (
+        ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]", "data.mixing_temperature=4"], ["data.mixing_temperature = 4.0", "data.mixing = 'temperature' only", "'size'"],
+    ),
     "dwa temperature 0": (
         ["mtl.weighting=dwa", "mtl.weighting_options.temperature=0"],
         ["mtl.weighting_options.temperature = 0", "> 0", "mtl.weighting = 'dwa'"],
