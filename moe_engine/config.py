@@ -358,6 +358,11 @@ class ParallelConfig:
             _fail("parallel.expert_parallel_size", self.expert_parallel_size, "must be >= 1")
         if self.a2a_chunks < 1:
             _fail("parallel.a2a_chunks", self.a2a_chunks, "must be >= 1")
+        if self.dispatcher == "local":  # only the all-to-all dispatcher reads these (moe_engine.train)
+            for name, default in (("fixed_splits", False), ("a2a_chunks", 1), ("weights_to_experts", True)):
+                if getattr(self, name) != default:
+                    _fail(f"parallel.{name}", getattr(self, name), "read by parallel.dispatcher = 'all_to_all' only: "
+                          f"set it, or leave this at {default!r}")
         if self.expert_parallel_size > 1 and self.dispatcher != "all_to_all":
             _fail("parallel.expert_parallel_size", self.expert_parallel_size, "needs parallel.dispatcher = 'all_to_all'")
 
@@ -404,6 +409,11 @@ class DataConfig:
                     _fail(f"data.{name}", value, f"{self.name} data is always mixed by task size in every batch; this needs data.name = 'generalist'")
         if self.mixing == "fixed" and not self.mixing_weights:
             _fail("data.mixing_weights", self.mixing_weights, "data.mixing = 'fixed' needs a weight per task, e.g. {digit: 2.0, caption: 1.0}")
+        if self.name != "text":
+            for name, value, default in (("tokenizer", self.tokenizer, None), ("packing", self.packing, True)):
+                if value != default:
+                    _fail(f"data.{name}", value, f"read by data.name = 'text' (causal_lm) only; {self.name} data has its "
+                          f"own tokens: leave it at {default!r}")
         # The mixer (moe_engine.mtl.generalist.mixing) refuses these too, but only when training starts.
         if self.mixing_weights is not None and self.mixing != "fixed":
             _fail("data.mixing_weights", self.mixing_weights, f"read by data.mixing = 'fixed' only, and data.mixing = "
@@ -494,15 +504,19 @@ class MTLConfig:
         unknown = sorted(set(self.weighting_options) - set(allowed))
         if unknown:
             _fail("mtl.weighting_options", self.weighting_options, f"{unknown} unknown for {self.weighting!r}; its options: {', '.join(allowed) or 'none'}")
-        self._check_option_values()
+        method = self._check_option_values()
+        # The trainer builds an optimizer for the method's own parameters only when it has some.
+        if self.weighting_lr is not None and not any(p.requires_grad for p in method.parameters()):
+            _fail("mtl.weighting_lr", self.weighting_lr, f"mtl.weighting = {self.weighting!r} (with these options) has no "
+                  "parameters of its own to learn (uncertainty, gradnorm and imtl's hybrid and loss modes do): use null")
 
-    def _check_option_values(self) -> None:
+    def _check_option_values(self) -> Any:
         """Build the method once, so its own checks of the option values run with the config (not
-        when training starts), reported under their full keys."""
+        when training starts), reported under their full keys; returns it."""
         from moe_engine.mtl.weighting import build_weighting
 
         try:
-            build_weighting(self.weighting, 2, **self.weighting_options)
+            return build_weighting(self.weighting, 2, **self.weighting_options)
         except ValueError as err:
             # The method's messages start "<option> = <value>: expected ..." (mtl.weighting.base).
             message = str(err)
@@ -566,6 +580,8 @@ class TrainConfig:
             checkpoint_every=self.checkpoint_every, keep_checkpoints=self.keep_checkpoints,
             grad_accum_steps=self.grad_accum_steps,
         )
+        if not self.out_dir.strip():
+            _fail("train.out_dir", self.out_dir, "must name a folder (empty would write the run into the current directory)")
         if self.num_threads is not None and self.num_threads < 1:
             _fail("train.num_threads", self.num_threads, "must be >= 1, or null for torch's default")
 

@@ -61,6 +61,8 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
                 return _coerce(path, value, arg)
             except ConfigError:
                 pass
+        if float in args and _is_non_finite(value):  # a number, so "must be a number" would mislead
+            _fail(path, value, "must be a finite number" + (", or null" if type(None) in args else ""))
         _fail(path, value, f"must be {_type_name(tp)}")
     if origin is dict:
         if not isinstance(value, dict):
@@ -100,6 +102,16 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             _fail(path, value, "must be a string")
         return value
     raise TypeError(f"config field {path} has an unsupported annotation {tp!r}")
+
+
+def _is_non_finite(value: Any) -> bool:
+    """Whether `value` reads as a number (as _coerce's float does) that is NaN or infinite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return False
+    try:
+        return not math.isfinite(float(value))
+    except ValueError:
+        return False
 
 
 def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

@@ -229,6 +229,20 @@ ERROR_CASES = {
     "mixing temperature with size mixing": (
         ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]", "data.mixing_temperature=4"], ["data.mixing_temperature = 4.0", "data.mixing = 'temperature' only", "'size'"],
     ),
+    "empty out_dir": (["train.out_dir="], ["train.out_dir = ''", "must name a folder"]),
+    "blank out_dir": (["train.out_dir='  '"], ["train.out_dir = '  '", "must name a folder"]),
+    "tokenizer with digits": (["data.tokenizer=bytes"], ["data.tokenizer = 'bytes'", "data.name = 'text' (causal_lm) only", "None"]),
+    "packing with digits": (["data.packing=false"], ["data.packing = False", "data.name = 'text'", "True"]),
+    "fixed splits with the local dispatcher": (
+        ["moe.router.capacity_factor=1.0", "parallel.fixed_splits=true"],
+        ["parallel.fixed_splits = True", "parallel.dispatcher = 'all_to_all' only", "False"],
+    ),
+    "a2a chunks with the local dispatcher": (["parallel.a2a_chunks=2"], ["parallel.a2a_chunks = 2", "'all_to_all' only", "1"]),
+    "weights on return with the local dispatcher": (["parallel.weights_to_experts=false"], ["parallel.weights_to_experts = False", "'all_to_all' only"]),
+    "weighting_lr with equal": (["mtl.weighting_lr=0.01"], ["mtl.weighting_lr = 0.01", "'equal'", "no parameters of its own", "use null"]),
+    "weighting_lr with imtl's gradient mode": (
+        ["mtl.weighting=imtl", "mtl.weighting_options.mode=gradient", "mtl.weighting_lr=0.01"], ["mtl.weighting_lr = 0.01", "'imtl'"],
+    ),
     "dwa temperature 0": (
         ["mtl.weighting=dwa", "mtl.weighting_options.temperature=0"],
         ["mtl.weighting_options.temperature = 0", "> 0", "mtl.weighting = 'dwa'"],
@@ -241,7 +255,7 @@ ERROR_CASES = {
     ),
     "fixed splits on the generalist": (
         ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]",
-         "moe.router.capacity_factor=1.0", "parallel.fixed_splits=true"],
+         "moe.router.capacity_factor=1.0", "parallel.dispatcher=all_to_all", "parallel.fixed_splits=true"],
         ["parallel.fixed_splits", "True", "same token count on every rank", "use false"],
     ),
 }
@@ -423,3 +437,15 @@ def test_causal_lm_accepts_what_it_reads() -> None:
         "model.architecture=causal_lm", "data.name=text", "data.path=d", "finetune.init_from=m", "moe.num_experts=4",
         "moe.experts_impl=loop", "moe.recompute_experts=true", "model.activation_checkpointing=true", "model.max_text_len=64",
     ])
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", "inf", "nan"])
+def test_a_non_finite_optional_number_says_finite(value: str) -> None:
+    # optim.grad_clip is "a number or null": the reason to give is "finite", not "a number".
+    with pytest.raises(ConfigError, match=r"^optim\.grad_clip = .*: must be a finite number, or null$"):
+        load_config(None, [f"optim.grad_clip={value}"])
+
+
+def test_weighting_lr_and_all_to_all_options_stay_accepted_where_read() -> None:
+    load_config(None, ["mtl.weighting=uncertainty", "mtl.weighting_lr=0.01"])
+    load_config(None, ["parallel.dispatcher=all_to_all", "parallel.a2a_chunks=2", "parallel.weights_to_experts=false"])
