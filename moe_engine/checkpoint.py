@@ -52,7 +52,11 @@ STRUCTURAL_FIELDS = (
     "moe.router.type",
     "moe.router.top_k",
     "data.tasks",
+    # The loss weighting's own state (DWA's loss history, UW's variances, ...) is the method's.
+    "mtl.weighting",
 )
+# What a field missing from an older checkpoint's config meant: before loss weighting, "equal".
+_OLDER_DEFAULTS = {"mtl.weighting": "equal"}
 
 
 class CheckpointMismatchError(ValueError):
@@ -89,11 +93,14 @@ def _lookup(config: dict[str, Any], dotted: str) -> Any:
 
 def config_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'field: checkpoint has X, config has Y' for each structural field that differs."""
-    return [
-        f"{name}: checkpoint has {_lookup(saved, name)!r}, config has {_lookup(current, name)!r}"
-        for name in STRUCTURAL_FIELDS
-        if _lookup(saved, name) != _lookup(current, name)
-    ]
+    problems = []
+    for name in STRUCTURAL_FIELDS:
+        had = _lookup(saved, name)
+        if had == "<missing>":
+            had = _OLDER_DEFAULTS.get(name, had)
+        if had != _lookup(current, name):
+            problems.append(f"{name}: checkpoint has {had!r}, config has {_lookup(current, name)!r}")
+    return problems
 
 
 def checkpoint_task_order(state: dict[str, Any]) -> list[str]:

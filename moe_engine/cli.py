@@ -185,26 +185,25 @@ def _train(args: argparse.Namespace) -> int:
     from moe_engine.parallel.runtime import shutdown_distributed
     from moe_engine.train import TRAINER_SETUP_ERRORS, NonFiniteLossError, Trainer, TrainingInterrupted
 
-    overrides = list(args.overrides)
+    # Paths and names from options, taken literally (not as YAML); they win over --set as before.
+    values: dict[str, Any] = {}
     if args.deepspeed_config:
-        overrides.append(f"parallel.deepspeed_config={args.deepspeed_config}")
+        values["parallel.deepspeed_config"] = args.deepspeed_config
     if getattr(args, "init_from", None):
-        overrides.append(f"finetune.init_from={args.init_from}")
+        values["finetune.init_from"] = args.init_from
     if getattr(args, "freeze", None):
-        overrides.append(f"finetune.freeze=[{args.freeze}]")
-    cfg = load_config(args.config, overrides)
+        values["finetune.freeze"] = [group.strip() for group in args.freeze.split(",")]
+    cfg = load_config(args.config, args.overrides, values)
     try:
+        # Before the Trainer, which may clear the run directory (--overwrite), and before any training:
+        # a bad file would otherwise fail only after the run. The run's tasks are data.tasks, in order.
+        baselines = read_baselines(args.baselines, cfg.data.tasks) if args.baselines else None
         trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     except TRAINER_SETUP_ERRORS as err:
         print(f"moe-engine {args.command}: error: {err}", file=sys.stderr)
         return 2
     main_rank = trainer.run_info.is_main  # under a launcher, rank 0 speaks for the job
     try:
-        try:  # before any training: a bad file would otherwise fail only after the run
-            baselines = read_baselines(args.baselines, trainer.task_names) if args.baselines else None
-        except (FileNotFoundError, ValueError) as err:
-            print(f"moe-engine {args.command}: error: {err}", file=sys.stderr)
-            return 2
         if trainer.step and main_rank:
             print(f"resuming from {trainer.last_checkpoint} at step {trainer.step}", file=sys.stderr)
         try:
@@ -250,11 +249,10 @@ def _baselines(args: argparse.Namespace) -> int:
     for i, task in enumerate(cfg.data.tasks):
         run_dir = Path(cfg.train.out_dir) / f"single_{task}"
         print(f"[{i + 1}/{len(cfg.data.tasks)}] {task} alone -> {run_dir}", file=sys.stderr)
-        overrides = [*args.overrides, f"data.tasks=[{task}]", f"train.out_dir={run_dir}"]
+        values: dict[str, Any] = {"data.tasks": [task], "train.out_dir": str(run_dir)}  # literal, not YAML
         if cfg.data.mixing_weights is not None:
-            overrides.append("data.mixing_weights=null")
-            overrides.append("data.mixing=size")
-        single_cfg = load_config(args.config, overrides)
+            values.update({"data.mixing_weights": None, "data.mixing": "size"})
+        single_cfg = load_config(args.config, args.overrides, values)
         try:
             trainer = Trainer(single_cfg, overwrite=True)
         except TRAINER_SETUP_ERRORS as err:

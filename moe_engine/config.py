@@ -48,12 +48,13 @@ def _check_positive(section: str, **values: float) -> None:
 
 @dataclass
 class TaskRoutingConfig:
-    """Settings of the task-conditional routers (moe_engine.mtl); plain top-k routers ignore them.
+    """Settings of the task-conditional routers (moe_engine.mtl).
 
-    Which fields a router reads: task_gate (M3ViT) gate_mode, noise; mod_squad score_epsilon,
-    mi_loss_coef; attribute (Conditional MoE) noise, num_attributes, attribute_dim,
-    attribute_with_tokens; dselect_k dselect_gate, gamma, entropy_coef; task_level task_level_gate.
-    mi_loss_coef also applies to task_gate.
+    Which fields a router reads: task_gate (M3ViT) gate_mode, noise, mi_loss_coef; mod_squad
+    score_epsilon, noise, mi_loss_coef (its gates are always per task); attribute (Conditional MoE)
+    noise (fixed), num_attributes, attribute_dim, attribute_with_tokens; dselect_k dselect_gate,
+    gamma, entropy_coef; task_level task_level_gate. RouterConfig refuses gate_mode, noise and
+    mi_loss_coef changed from their defaults for a router that does not read them.
     """
 
     # "per_task": one gate per task (M3ViT, Mod-Squad); "concat": one gate over [token ; one-hot task].
@@ -199,6 +200,30 @@ class RouterConfig:
             _fail("moe.router.task.adaptive_k_min", self.task.adaptive_k_min, f"must be <= moe.router.top_k ({self.top_k})")
         if self.task.noise == "learned" and self.type not in ("task_gate", "mod_squad"):
             _fail("moe.router.task.noise", "learned", "allowed with task_gate or mod_squad only (noisy_topk always has it)")
+        self._check_unread_options()
+
+    def _check_unread_options(self) -> None:
+        """Options the chosen router never reads (moe_engine.routers.build_any_router, routing.build_router),
+        refused when changed from their defaults: a setting that does nothing would pass silently."""
+        # DSelect-k (its own entropy term) and task_level (none) have no balance loss; 0 is accepted
+        # like the z-loss's 0, to say "no balance loss" explicitly (configs/dselect_k.yaml does).
+        if self.type in ("dselect_k", "task_level") and self.aux_loss_coef not in (0.0, _AUX_LOSS_COEF_DEFAULT):
+            _fail("moe.router.aux_loss_coef", self.aux_loss_coef, f"{self.type!r} has no balance loss (read by softmax_topk, "
+                  "sigmoid_topk, noisy_topk, task_gate, mod_squad and attribute): use 0")
+        if self.task.noise == "fixed" and self.type not in ("task_gate", "mod_squad", "attribute"):
+            _fail("moe.router.task.noise", "fixed", f"read by task_gate, mod_squad and attribute only, not {self.type!r}: "
+                  "use none" + (" (noisy_topk has its own learned noise)" if self.type == "noisy_topk" else ""))
+        if self.task.mi_loss_coef > 0 and self.type not in ("task_gate", "mod_squad"):
+            _fail("moe.router.task.mi_loss_coef", self.task.mi_loss_coef, f"the mutual-information loss is read by "
+                  f"task_gate and mod_squad only, not {self.type!r}: use 0")
+        # Mod-Squad's gates are per task by construction (routers.py builds them so).
+        if self.task.gate_mode != "per_task" and self.type != "task_gate":
+            _fail("moe.router.task.gate_mode", self.task.gate_mode, f"read by task_gate only ({self.type!r} "
+                  f"{'always has one gate per task' if self.type == 'mod_squad' else 'has no task gates'}): use per_task")
+        # expert_choice refuses it in _check_expert_choice (its capacity is never null).
+        if self.drop_policy != "position" and self.capacity_factor is None and self.type != "expert_choice":
+            _fail("moe.router.drop_policy", self.drop_policy, "orders the drops of an over-full expert, and dropless "
+                  "routing (moe.router.capacity_factor = null) drops nothing: set a capacity_factor, or use position")
 
 
 @dataclass
@@ -294,6 +319,11 @@ class ModelConfig:
             _fail("model.dropout", self.dropout, "must be in [0, 1)")
         if self.share_routing and not self.moe_attention:
             _fail("model.share_routing", True, "needs model.moe_attention = true (the routing it shares is the attention's)")
+        # causal_lm takes its layers from the pre-trained model (Config refuses a changed num_layers there).
+        if self.architecture != "causal_lm" and self.num_layers < self.moe_every:
+            _fail("model.num_layers", self.num_layers, f"with model.moe_every = {self.moe_every} no block has an MoE FFN "
+                  "(block i has one when (i + 1) % moe_every == 0), so every moe.* setting would do nothing: use "
+                  f"model.num_layers >= {self.moe_every}, or a model.moe_every <= {self.num_layers}")
         if self.block_task_embed and self.architecture != "multitask":
             _fail("model.block_task_embed", True, f"allowed with model.architecture = 'multitask' only, not {self.architecture!r}")
 
@@ -328,6 +358,11 @@ class ParallelConfig:
             _fail("parallel.expert_parallel_size", self.expert_parallel_size, "must be >= 1")
         if self.a2a_chunks < 1:
             _fail("parallel.a2a_chunks", self.a2a_chunks, "must be >= 1")
+        if self.dispatcher == "local":  # only the all-to-all dispatcher reads these (moe_engine.train)
+            for name, default in (("fixed_splits", False), ("a2a_chunks", 1), ("weights_to_experts", True)):
+                if getattr(self, name) != default:
+                    _fail(f"parallel.{name}", getattr(self, name), "read by parallel.dispatcher = 'all_to_all' only: "
+                          f"set it, or leave this at {default!r}")
         if self.expert_parallel_size > 1 and self.dispatcher != "all_to_all":
             _fail("parallel.expert_parallel_size", self.expert_parallel_size, "needs parallel.dispatcher = 'all_to_all'")
 
@@ -374,11 +409,25 @@ class DataConfig:
                     _fail(f"data.{name}", value, f"{self.name} data is always mixed by task size in every batch; this needs data.name = 'generalist'")
         if self.mixing == "fixed" and not self.mixing_weights:
             _fail("data.mixing_weights", self.mixing_weights, "data.mixing = 'fixed' needs a weight per task, e.g. {digit: 2.0, caption: 1.0}")
+        if self.name != "text":
+            for name, value, default in (("tokenizer", self.tokenizer, None), ("packing", self.packing, True)):
+                if value != default:
+                    _fail(f"data.{name}", value, f"read by data.name = 'text' (causal_lm) only; {self.name} data has its "
+                          f"own tokens: leave it at {default!r}")
+        # The mixer (moe_engine.mtl.generalist.mixing) refuses these too, but only when training starts.
+        if self.mixing_weights is not None and self.mixing != "fixed":
+            _fail("data.mixing_weights", self.mixing_weights, f"read by data.mixing = 'fixed' only, and data.mixing = "
+                  f"{self.mixing!r}: set data.mixing = fixed, or data.mixing_weights = null")
+        if self.mixing_temperature != 2.0 and self.mixing != "temperature":
+            _fail("data.mixing_temperature", self.mixing_temperature, f"read by data.mixing = 'temperature' only, and "
+                  f"data.mixing = {self.mixing!r}: set data.mixing = temperature, or leave it at 2.0")
         if self.mixing_weights is not None:
             unknown = sorted(set(self.mixing_weights) - set(self.tasks))
             missing = sorted(set(self.tasks) - set(self.mixing_weights))
             if unknown or missing or any(w < 0 for w in self.mixing_weights.values()):
                 _fail("data.mixing_weights", self.mixing_weights, f"needs one weight >= 0 per task of data.tasks {self.tasks} (unknown: {unknown}, missing: {missing})")
+            if not any(w > 0 for w in self.mixing_weights.values()):
+                _fail("data.mixing_weights", self.mixing_weights, "every weight is 0, so no task would be drawn: give at least one task a weight > 0")
         if not self.tasks:
             _fail("data.tasks", self.tasks, "must name at least one task")
         if len(set(self.tasks)) != len(self.tasks):
@@ -455,6 +504,25 @@ class MTLConfig:
         unknown = sorted(set(self.weighting_options) - set(allowed))
         if unknown:
             _fail("mtl.weighting_options", self.weighting_options, f"{unknown} unknown for {self.weighting!r}; its options: {', '.join(allowed) or 'none'}")
+        method = self._check_option_values()
+        # The trainer builds an optimizer for the method's own parameters only when it has some.
+        if self.weighting_lr is not None and not any(p.requires_grad for p in method.parameters()):
+            _fail("mtl.weighting_lr", self.weighting_lr, f"mtl.weighting = {self.weighting!r} (with these options) has no "
+                  "parameters of its own to learn (uncertainty, gradnorm and imtl's hybrid and loss modes do): use null")
+
+    def _check_option_values(self) -> Any:
+        """Build the method once, so its own checks of the option values run with the config (not
+        when training starts), reported under their full keys; returns it."""
+        from moe_engine.mtl.weighting import build_weighting
+
+        try:
+            return build_weighting(self.weighting, 2, **self.weighting_options)
+        except ValueError as err:
+            # The method's messages start "<option> = <value>: expected ..." (mtl.weighting.base).
+            message = str(err)
+            key = next((k for k in self.weighting_options if message.startswith(f"{k} = ")), None)
+            where = f"mtl.weighting_options.{message}" if key else f"mtl.weighting_options = {self.weighting_options!r}: {message}"
+            raise ConfigError(f"{where} (mtl.weighting = {self.weighting!r})") from err
 
     def needs_gram(self) -> bool:
         """Whether the method weighs the tasks from the Gram matrix of their gradients."""
@@ -512,6 +580,8 @@ class TrainConfig:
             checkpoint_every=self.checkpoint_every, keep_checkpoints=self.keep_checkpoints,
             grad_accum_steps=self.grad_accum_steps,
         )
+        if not self.out_dir.strip():
+            _fail("train.out_dir", self.out_dir, "must name a folder (empty would write the run into the current directory)")
         if self.num_threads is not None and self.num_threads < 1:
             _fail("train.num_threads", self.num_threads, "must be >= 1, or null for torch's default")
 
@@ -531,6 +601,14 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         _check_choices(self, "logging")
         _check_positive("logging", log_every=self.log_every)
+
+
+# What model.architecture = 'causal_lm' does not read: the pre-trained model defines them.
+_CAUSAL_LM_UNREAD_MODEL = (
+    "d_model", "num_layers", "num_heads", "ffn_hidden", "moe_every", "patch_size", "moe_attention", "share_routing",
+    "block_task_embed", "dropout",
+)
+_CAUSAL_LM_UNREAD_MOE = ("ffn_hidden", "activation", "num_shared_experts", "shared_expert_gate")
 
 
 @dataclass
@@ -557,6 +635,8 @@ class Config:
         if self.model.architecture == "causal_lm" and self.finetune.init_from is None:
             _fail("finetune.init_from", None, "model.architecture = 'causal_lm' fine-tunes a model: give its file or folder "
                   "(moe-engine finetune --from MODEL, e.g. the output of moe-engine convert --from-hf)")
+        if self.model.architecture == "causal_lm":
+            self._check_causal_lm_unread()
         ep = self.parallel.expert_parallel_size
         if self.moe.num_experts % ep:
             _fail("parallel.expert_parallel_size", ep, f"must divide moe.num_experts ({self.moe.num_experts})")
@@ -574,6 +654,9 @@ class Config:
         dropless = self.moe.router.capacity_factor is None and self.moe.router.type != "expert_choice"
         if self.parallel.fixed_splits and dropless:
             _fail("parallel.fixed_splits", True, "needs moe.router.capacity_factor (dropless routing has no fixed splits)")
+        if self.parallel.backend == "nccl" and self.train.device == "cpu":  # train.device = 'auto': the Trainer checks
+            _fail("parallel.backend", "nccl", "NCCL needs CUDA and train.device = 'cpu'; allowed on CPU: 'gloo', or 'auto' "
+                  "(gloo on CPU, nccl on CUDA)")
         if "experts" in self.finetune.freeze and self.parallel.deepspeed_config is not None and self.parallel.expert_parallel_size > 1:
             # ZeRO builds its expert-data-parallel reduction from the optimizer's MoE param group,
             # which frozen experts leave empty (DeepSpeed asserts deep inside its optimizer).
@@ -583,6 +666,24 @@ class Config:
         if self.parallel.fixed_splits and self.model.architecture == "generalist":
             _fail("parallel.fixed_splits", True, "needs the same token count on every rank, which the generalist's "
                   "text (its rows' lengths differ by rank) does not give: use false")
+
+    def _check_causal_lm_unread(self) -> None:
+        """causal_lm builds the pre-trained model's own architecture (moe_engine.workloads.causal_lm):
+        a model.* or moe.* width or structure setting changed from its default would be ignored, so
+        it is refused (moe.router: by the workload, which names the model's file)."""
+        changed = [
+            f"{section}.{f.name}"
+            for section, obj, names in (("model", self.model, _CAUSAL_LM_UNREAD_MODEL), ("moe", self.moe, _CAUSAL_LM_UNREAD_MOE))
+            for f in dataclasses.fields(obj)
+            if f.name in names and getattr(obj, f.name) != f.default
+        ]
+        if changed:
+            section, name = changed[0].split(".")
+            value = getattr(getattr(self, section), name)
+            _fail(changed[0], value, (f"(and {', '.join(changed[1:])}) " if changed[1:] else "")
+                  + "model.architecture = 'causal_lm' takes the model's widths and structure from the pre-trained model "
+                  "(finetune.init_from): leave it at its default; causal_lm reads model.max_text_len, "
+                  "model.activation_checkpointing, moe.num_experts, moe.experts_impl and moe.recompute_experts")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -598,8 +699,11 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return build_dataclass(Config, data)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (None: the embedded defaults), apply overrides, validate everything."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, values: dict[str, Any] | None = None
+) -> Config:
+    """Load a YAML config (None: the embedded defaults), apply overrides (`a.b.c=YAML` strings), then
+    `values` ({"a.b.c": value}, taken as given: what command-line options set), validate everything."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -611,4 +715,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"--config {str(path)!r}: not valid YAML: {err}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"--config {str(path)!r}: must hold a mapping of sections, got {type(data).__name__}")
-    return config_from_dict(apply_overrides(data, overrides or []))
+    return config_from_dict(apply_overrides(data, overrides or [], values))

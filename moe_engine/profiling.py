@@ -378,7 +378,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out)
     try:
-        cfg = load_config(args.config, [*args.overrides, f"train.out_dir={out_dir / 'run'}"])
+        cfg = load_config(args.config, args.overrides, {"train.out_dir": str(out_dir / "run")})  # the path literally
         result = profile_training(cfg, steps=args.steps, warmup=args.warmup, out_dir=out_dir, top_ops=args.top_ops)
     except (ConfigError, FileNotFoundError, ProfileSetupError) as err:
         print(f"moe-engine profile: error: {err}", file=sys.stderr)

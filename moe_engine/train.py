@@ -46,6 +46,7 @@ from moe_engine.parallel.runtime import (
     all_reduce_sum,
     barrier,
     bind_local_device,
+    check_backend,
     clip_gradients,
     expert_parameters,
     gather_objects,
@@ -161,6 +162,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.train.keep_checkpoints)
         device_type = "cuda" if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()) else "cpu"
         use_deepspeed = cfg.parallel.deepspeed_config is not None
+        check_backend(cfg.parallel.backend, device_type)  # before any process group: a line, not torch's traceback
         bind_local_device(device_type)  # before any process group, model or kernel
         if use_deepspeed:
             read_deepspeed_json(cfg.parallel.deepspeed_config)  # a missing or broken file, before joining a job
@@ -172,6 +174,7 @@ class Trainer:
             needs_groups=cfg.parallel.dispatcher == "all_to_all",
         )
         self._check_even_slices()
+        self._overwrite_old_run = False
         resume_path = self._resume_path(resume, overwrite)
         if cfg.train.num_threads is not None:
             torch.set_num_threads(cfg.train.num_threads)
@@ -227,6 +230,7 @@ class Trainer:
             self._load_state(state)
         if state is not None:
             self.last_checkpoint = resume_path
+        self._clear_overwritten_run()  # the first write to the run directory: every check has passed
         # Rank 0 writes the logs; the other ranks compute the same (all-reduced) numbers.
         self.logger = MetricsLogger(
             self.out_dir, csv_files=cfg.logging.csv and self.run_info.is_main,
@@ -302,10 +306,17 @@ class Trainer:
                 f"train.out_dir = {str(self.out_dir)!r} already holds checkpoints (newest: {existing.name}); "
                 "pass --resume to continue that run, --overwrite to start over, or --set train.out_dir=... for a new one"
             )
-        if existing is not None and self.run_info.is_main:
-            shutil.rmtree(self.checkpoints.directory)  # the logs go when MetricsLogger starts fresh
-        barrier(self.run_info)  # nobody looks at the directory again before rank 0 has cleared it
+        # --overwrite: the old run's checkpoints go only once every setup check has passed
+        # (`_clear_overwritten_run`), so a mistake in the new settings loses nothing.
+        self._overwrite_old_run = existing is not None
         return None
+
+    def _clear_overwritten_run(self) -> None:
+        """Delete the checkpoints an --overwrite run replaces (its logs go when MetricsLogger starts
+        fresh): the last step of setup, after everything that can refuse the new settings."""
+        if self._overwrite_old_run and self.run_info.is_main:
+            shutil.rmtree(self.checkpoints.directory)
+        barrier(self.run_info)  # nobody looks at the directory again before rank 0 has cleared it
 
     def _param_groups(self) -> list[dict[str, Any]]:
         # Weight decay on matrices only: norms, biases, embeddings and positions stay undecayed.
@@ -363,7 +374,13 @@ class Trainer:
     def _load_weighting_state(self, state: dict[str, Any] | None) -> None:
         if state is None:  # a checkpoint from before loss weighting: the method starts fresh
             return
-        self.weighting.load_state_dict(state["method"])
+        try:
+            self.weighting.load_state_dict(state["method"])
+        except RuntimeError as err:  # same method (config_mismatches checks it), options that change its state (imtl mode)
+            raise CheckpointMismatchError(
+                f"mtl.weighting_options = {self.cfg.mtl.weighting_options!r}: the checkpoint's {self.cfg.mtl.weighting!r} "
+                f"state does not fit these options; resume with the run's own options ({err})"
+            ) from err
         if self.weighting_optimizer is not None and state["optimizer"] is not None:
             self.weighting_optimizer.load_state_dict(state["optimizer"])
 

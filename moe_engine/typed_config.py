@@ -61,6 +61,8 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
                 return _coerce(path, value, arg)
             except ConfigError:
                 pass
+        if float in args and _is_non_finite(value):  # a number, so "must be a number" would mislead
+            _fail(path, value, "must be a finite number" + (", or null" if type(None) in args else ""))
         _fail(path, value, f"must be {_type_name(tp)}")
     if origin is dict:
         if not isinstance(value, dict):
@@ -102,6 +104,16 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"config field {path} has an unsupported annotation {tp!r}")
 
 
+def _is_non_finite(value: Any) -> bool:
+    """Whether `value` reads as a number (as _coerce's float does) that is NaN or infinite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return False
+    try:
+        return not math.isfinite(float(value))
+    except ValueError:
+        return False
+
+
 def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """cls(**data) with every value coerced to its field's annotation; errors name `prefix`.key."""
     hints = typing.get_type_hints(cls)
@@ -117,21 +129,43 @@ def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` strings to nested plain data; values are parsed as YAML scalars."""
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], values: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings to nested plain data, values parsed as YAML scalars, then
+    `values` ({"a.b.c": value}) as given: a command-line option's path or name is taken literally,
+    since YAML would cut it at " #" or read a folder named 2024 as a number."""
     data = _deep_copy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. moe.num_experts=16")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        _set_dotted(data, key, _parse_value(item, raw), f"--set {item!r}")
+    for key, value in (values or {}).items():
+        _set_dotted(data, key, value, f"{key} = {value!r}")
     return data
+
+
+def _parse_value(item: str, raw: str) -> Any:
+    """The YAML value of one --set item; malformed YAML is a ConfigError naming the item."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem}); quote it, or close its brackets") from err
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, what: str) -> None:
+    """data[a][b][c] = value for key "a.b.c", making missing sections; `what` names the setting in errors."""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what}: {part!r} is a value, not a section")
+    node[parts[-1]] = value
 
 
 def _deep_copy(data: Any) -> Any:

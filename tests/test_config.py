@@ -175,9 +175,87 @@ ERROR_CASES = {
         ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]", "model.block_task_embed=true"],
         ["model.block_task_embed", "True", "'multitask' only, not 'generalist'"],
     ),
+    "balance loss on task_level": (
+        ["moe.router.type=task_level", "moe.router.renormalize=false", "moe.router.aux_loss_coef=0.5"],
+        ["moe.router.aux_loss_coef = 0.5", "'task_level' has no balance loss", "task_gate", "use 0"],
+    ),
+    "balance loss on dselect_k": (
+        ["moe.router.type=dselect_k", "moe.router.aux_loss_coef=0.5"], ["moe.router.aux_loss_coef = 0.5", "'dselect_k' has no balance loss"],
+    ),
+    "fixed noise on softmax_topk": (
+        ["moe.router.task.noise=fixed"], ["moe.router.task.noise = 'fixed'", "task_gate, mod_squad and attribute only", "'softmax_topk'"],
+    ),
+    "fixed noise on noisy_topk": (["moe.router.type=noisy_topk", "moe.router.task.noise=fixed"], ["moe.router.task.noise", "its own learned noise"]),
+    "mi loss on the attribute router": (
+        ["moe.router.type=attribute", "moe.router.task.mi_loss_coef=0.05"],
+        ["moe.router.task.mi_loss_coef = 0.05", "task_gate and mod_squad only, not 'attribute'", "use 0"],
+    ),
+    "mi loss on softmax_topk": (["moe.router.task.mi_loss_coef=0.05"], ["moe.router.task.mi_loss_coef = 0.05", "not 'softmax_topk'"]),
+    "concat gate on mod_squad": (
+        ["moe.router.type=mod_squad", "moe.router.task.gate_mode=concat"],
+        ["moe.router.task.gate_mode = 'concat'", "task_gate only", "one gate per task", "use per_task"],
+    ),
+    "concat gate on softmax_topk": (["moe.router.task.gate_mode=concat"], ["moe.router.task.gate_mode = 'concat'", "task_gate only"]),
+    "score drops without a capacity": (
+        ["moe.router.drop_policy=score"], ["moe.router.drop_policy = 'score'", "moe.router.capacity_factor = null", "drops nothing"],
+    ),
+    "no MoE layer": (
+        ["model.num_layers=1"], ["model.num_layers = 1", "model.moe_every = 2 no block has an MoE FFN", "model.num_layers >= 2", "model.moe_every <= 1"],
+    ),
+    "no MoE layer, generalist": (
+        ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]", "model.num_layers=2", "model.moe_every=3"],
+        ["model.num_layers = 2", "model.moe_every = 3"],
+    ),
+    "causal_lm width": (
+        ["model.architecture=causal_lm", "data.name=text", "data.path=d", "finetune.init_from=m", "model.d_model=32", "moe.activation=gelu"],
+        ["model.d_model = 32", "(and moe.activation)", "takes the model's widths and structure from the pre-trained model", "moe.experts_impl"],
+    ),
+    "causal_lm shared experts": (
+        ["model.architecture=causal_lm", "data.name=text", "data.path=d", "finetune.init_from=m", "moe.num_shared_experts=1"],
+        ["moe.num_shared_experts = 1", "causal_lm"],
+    ),
+    "causal_lm moe attention": (
+        ["model.architecture=causal_lm", "data.name=text", "data.path=d", "finetune.init_from=m", "model.moe_attention=true"],
+        ["model.moe_attention = True"],
+    ),
+    "nccl on the CPU": (["train.device=cpu", "parallel.backend=nccl"], ["parallel.backend = 'nccl'", "NCCL needs CUDA", "'gloo'"]),
+    "mixing weights with temperature mixing": (
+        ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]", "data.mixing=temperature", "data.mixing_weights={digit: 5, caption: 1}"],
+        ["data.mixing_weights = {'digit': 5.0, 'caption': 1.0}", "data.mixing = 'fixed' only", "data.mixing = 'temperature'"],
+    ),
+    "all-zero fixed mixing weights": (
+        ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]", "data.mixing=fixed", "data.mixing_weights={digit: 0, caption: 0}"], ["data.mixing_weights", "every weight is 0"],
+    ),
+    "mixing temperature with size mixing": (
+        ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]", "data.mixing_temperature=4"], ["data.mixing_temperature = 4.0", "data.mixing = 'temperature' only", "'size'"],
+    ),
+    "empty out_dir": (["train.out_dir="], ["train.out_dir = ''", "must name a folder"]),
+    "blank out_dir": (["train.out_dir='  '"], ["train.out_dir = '  '", "must name a folder"]),
+    "tokenizer with digits": (["data.tokenizer=bytes"], ["data.tokenizer = 'bytes'", "data.name = 'text' (causal_lm) only", "None"]),
+    "packing with digits": (["data.packing=false"], ["data.packing = False", "data.name = 'text'", "True"]),
+    "fixed splits with the local dispatcher": (
+        ["moe.router.capacity_factor=1.0", "parallel.fixed_splits=true"],
+        ["parallel.fixed_splits = True", "parallel.dispatcher = 'all_to_all' only", "False"],
+    ),
+    "a2a chunks with the local dispatcher": (["parallel.a2a_chunks=2"], ["parallel.a2a_chunks = 2", "'all_to_all' only", "1"]),
+    "weights on return with the local dispatcher": (["parallel.weights_to_experts=false"], ["parallel.weights_to_experts = False", "'all_to_all' only"]),
+    "weighting_lr with equal": (["mtl.weighting_lr=0.01"], ["mtl.weighting_lr = 0.01", "'equal'", "no parameters of its own", "use null"]),
+    "weighting_lr with imtl's gradient mode": (
+        ["mtl.weighting=imtl", "mtl.weighting_options.mode=gradient", "mtl.weighting_lr=0.01"], ["mtl.weighting_lr = 0.01", "'imtl'"],
+    ),
+    "dwa temperature 0": (
+        ["mtl.weighting=dwa", "mtl.weighting_options.temperature=0"],
+        ["mtl.weighting_options.temperature = 0", "> 0", "mtl.weighting = 'dwa'"],
+    ),
+    "cagrad c < 0": (["mtl.weighting=cagrad", "mtl.weighting_options.c=-3"], ["mtl.weighting_options.c = -3", ">= 0"]),
+    "cagrad c not a number": (["mtl.weighting=cagrad", "mtl.weighting_options.c=abc"], ["mtl.weighting_options.c = 'abc'", "number"]),
+    # needs_gram() builds the method inside Config's check of grad_accum_steps: a ConfigError, not a ValueError.
+    "cagrad c not a number, accumulating": (
+        ["mtl.weighting=cagrad", "mtl.weighting_options.c=abc", "train.grad_accum_steps=2"], ["mtl.weighting_options.c = 'abc'"],
+    ),
     "fixed splits on the generalist": (
         ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]",
-         "moe.router.capacity_factor=1.0", "parallel.fixed_splits=true"],
+         "moe.router.capacity_factor=1.0", "parallel.dispatcher=all_to_all", "parallel.fixed_splits=true"],
         ["parallel.fixed_splits", "True", "same token count on every rank", "use false"],
     ),
 }
@@ -295,3 +373,79 @@ def test_cli_config_prints_the_resolved_yaml(capsys: pytest.CaptureFixture[str])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["moe"]["num_experts"] == 16
     assert printed == load_config(None, ["moe.num_experts=16"]).to_dict()
+
+
+@pytest.mark.parametrize("value", ["[digit,", "{a: 1", "'open"])
+def test_cli_malformed_yaml_in_a_set_value_is_one_line(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["config", "--set", f"data.tasks={value}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moe-engine config: config error: --set ") and repr(f"data.tasks={value}") in err
+    assert "not valid YAML" in err and err.count("\n") == 1
+
+
+class _Refused(ValueError):
+    """What the stand-in Trainer raises once it has recorded its config."""
+
+
+@pytest.fixture
+def seen_configs(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
+    """The configs the CLI builds Trainers from; the stand-in Trainer then refuses (exit 2), so nothing trains."""
+    import moe_engine.train
+
+    seen: list[Config] = []
+
+    def trainer(cfg: Config, **_: object) -> None:
+        seen.append(cfg)
+        raise _Refused("stand-in")
+
+    monkeypatch.setattr(moe_engine.train, "Trainer", trainer)
+    return seen
+
+
+@pytest.mark.parametrize("path", ["2024", "runs/a #1", "x: y"])
+def test_cli_paths_are_taken_literally_not_as_yaml(path: str, seen_configs: list[Config]) -> None:
+    # A number-like folder, " #" (a YAML comment) and ": " (a YAML mapping) stay part of the path.
+    args = ["finetune", "--from", path, "--freeze", "experts, routers", "--deepspeed_config", f"{path}.json"]
+    assert cli.main(args) == 2
+    (cfg,) = seen_configs
+    assert cfg.finetune.init_from == path and cfg.parallel.deepspeed_config == f"{path}.json"
+    assert cfg.finetune.freeze == ["experts", "routers"]
+
+
+def test_cli_baselines_run_directories_are_taken_literally(seen_configs: list[Config]) -> None:
+    assert cli.main(["baselines", "--set", "train.out_dir='runs/a #1'"]) == 2
+    (cfg,) = seen_configs
+    assert cfg.train.out_dir == "runs/a #1/single_digit" and cfg.data.tasks == ["digit"]
+
+
+def test_cli_profile_out_is_taken_literally(monkeypatch: pytest.MonkeyPatch) -> None:
+    import moe_engine.profiling
+
+    seen: list[Config] = []
+
+    def profile_training(cfg: Config, **_: object) -> None:
+        seen.append(cfg)
+        raise FileNotFoundError("stand-in")
+
+    monkeypatch.setattr(moe_engine.profiling, "profile_training", profile_training)
+    assert cli.main(["profile", "--out", "2024 #1"]) == 2
+    assert seen[0].train.out_dir == "2024 #1/run"
+
+
+def test_causal_lm_accepts_what_it_reads() -> None:
+    load_config(None, [
+        "model.architecture=causal_lm", "data.name=text", "data.path=d", "finetune.init_from=m", "moe.num_experts=4",
+        "moe.experts_impl=loop", "moe.recompute_experts=true", "model.activation_checkpointing=true", "model.max_text_len=64",
+    ])
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", "inf", "nan"])
+def test_a_non_finite_optional_number_says_finite(value: str) -> None:
+    # optim.grad_clip is "a number or null": the reason to give is "finite", not "a number".
+    with pytest.raises(ConfigError, match=r"^optim\.grad_clip = .*: must be a finite number, or null$"):
+        load_config(None, [f"optim.grad_clip={value}"])
+
+
+def test_weighting_lr_and_all_to_all_options_stay_accepted_where_read() -> None:
+    load_config(None, ["mtl.weighting=uncertainty", "mtl.weighting_lr=0.01"])
+    load_config(None, ["parallel.dispatcher=all_to_all", "parallel.a2a_chunks=2", "parallel.weights_to_experts=false"])

@@ -203,6 +203,25 @@ def test_resume_with_other_d_model_is_refused(make_cfg: MakeConfig, saved_run: C
     assert not (Path(cfg.train.out_dir) / "config.yaml").exists()
 
 
+def test_resume_with_other_weighting_is_refused(make_cfg: MakeConfig, saved_run: Config) -> None:
+    with pytest.raises(CheckpointMismatchError, match=r"mtl\.weighting: checkpoint has 'equal', config has 'dwa'"):
+        Trainer(make_cfg("saved", "train.max_steps=4", "mtl.weighting=dwa"), resume="auto")
+
+
+def test_resume_with_weighting_options_that_change_its_state_is_refused(make_cfg: MakeConfig) -> None:
+    Trainer(make_cfg("imtl", "train.max_steps=2", "train.checkpoint_every=2", "mtl.weighting=imtl")).run()
+    with pytest.raises(CheckpointMismatchError, match=r"mtl\.weighting_options = \{'mode': 'gradient'\}"):
+        Trainer(make_cfg("imtl", "train.max_steps=4", "mtl.weighting=imtl", "mtl.weighting_options.mode=gradient"), resume="auto")
+
+
+def test_checkpoint_from_before_loss_weighting_reads_as_equal() -> None:
+    from moe_engine.checkpoint import config_mismatches
+
+    current = load_config(None, []).to_dict()
+    older = {k: v for k, v in current.items() if k != "mtl"}
+    assert config_mismatches(older, current) == []
+
+
 def test_cli_mismatch_exits_2(saved_run: Config, capsys: pytest.CaptureFixture[str]) -> None:
     sets = [a for o in [*TINY, f"train.out_dir={saved_run.train.out_dir}", "moe.num_experts=8"] for a in ("--set", o)]
     assert cli.main(["train", *sets, "--resume"]) == 2
@@ -241,6 +260,37 @@ def test_overwrite_starts_over(make_cfg: MakeConfig) -> None:
     assert checkpoint_names(again) == ["step_00000002.pt"]
     # The same seed gives the same first two steps as the run it replaced.
     assert without_timing(read_rows(again.out_dir / "train.csv")) == first_rows[:2]
+
+
+@pytest.mark.parametrize("mistake", [
+    ["--set", "model.patch_size=5"],                     # refused while the workload builds
+    ["--set", "finetune.init_from=/nonexistent"],        # refused while the weights load
+    ["--baselines", "nonexistent.json"],                 # refused before the Trainer
+])
+def test_overwrite_with_a_mistake_keeps_the_old_run(
+    make_cfg: MakeConfig, mistake: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --overwrite must delete nothing until the new settings have passed every check.
+    first = Trainer(make_cfg("run", "train.max_steps=2", "train.checkpoint_every=2"))
+    first.run()
+    sets = [a for o in [*TINY, f"train.out_dir={first.out_dir}"] for a in ("--set", o)]
+    assert cli.main(["train", *sets, *mistake, "--overwrite"]) == 2
+    assert "error: " in capsys.readouterr().err
+    assert checkpoint_names(first) == ["step_00000002.pt"]
+    assert steps_of(first.out_dir / "train.csv") == [1, 2]
+
+
+def test_nccl_without_cuda_is_one_line(
+    make_cfg: MakeConfig, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # train.device = 'auto' on a machine without CUDA: only the Trainer knows the run is on the CPU.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out_dir = make_cfg("run").train.out_dir
+    sets = [a for o in [*TINY, f"train.out_dir={out_dir}", "parallel.dispatcher=all_to_all", "parallel.backend=nccl"]
+            for a in ("--set", o)]
+    assert cli.main(["train", *sets]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moe-engine train: error: parallel.backend = 'nccl': NCCL needs CUDA") and err.count("\n") == 1
 
 
 def test_resume_auto_without_checkpoints_starts_fresh(make_cfg: MakeConfig) -> None:

@@ -214,7 +214,8 @@ def moe_config_from_megatron(config: TransformerConfig, *, experts_impl: str = "
             aux_loss_coef=float(coeff) if kind != "none" else 0.0,
             z_loss_coef=float(config.moe_z_loss_coeff or 0.0),
             capacity_factor=config.moe_expert_capacity_factor,
-            drop_policy="score",
+            # Megatron's "probs" drops by score; dropless (no capacity) drops nothing, so the default.
+            drop_policy="score" if config.moe_expert_capacity_factor is not None else "position",
             expert_bias_rate=config.moe_router_bias_update_rate if config.moe_router_enable_expert_bias else 0.0,
             n_groups=config.moe_router_num_groups if grouped else 1,
             topk_groups=config.moe_router_group_topk if grouped else 1,

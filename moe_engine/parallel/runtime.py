@@ -70,6 +70,14 @@ def gather_objects(obj: Any, run: DistributedRun) -> list[Any]:
     return gathered
 
 
+def check_backend(backend: str, device_type: str) -> None:
+    """ValueError naming parallel.backend when it cannot run on `device_type` ("cpu" or "cuda"):
+    NCCL moves CUDA tensors only (torch would fail inside init_process_group or the first collective)."""
+    if backend == "nccl" and device_type != "cuda":
+        raise ValueError(f"parallel.backend = 'nccl': NCCL needs CUDA and this run is on {device_type} (train.device); "
+                         "allowed on CPU: 'gloo', or 'auto' (gloo on CPU, nccl on CUDA)")
+
+
 def init_distributed(backend: str, device_type: str, ep_size: int, num_experts: int, needs_groups: bool) -> DistributedRun:
     """Join the launcher's process group (env:// rendezvous) and build the EP/EDP/DP groups.
 

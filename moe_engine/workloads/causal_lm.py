@@ -20,7 +20,8 @@ Config: finetune.init_from (the source), data.path / data.tasks / data.tokenizer
 (moe_engine.workloads.text_data), model.max_text_len (tokens per row), data.batch_size and
 data.eval_batch_size (rows), moe.num_experts (must be the model's), moe.experts_impl (the expert
 GEMM), moe.recompute_experts and model.activation_checkpointing. Everything else about the model (widths, router, top-k, balance-loss coefficient, dropout)
-is the pre-trained model's own; a moe.router setting other than its default is refused.
+is the pre-trained model's own; a moe.router setting other than its default is refused here, a
+changed model.* or moe.* width or structure setting by moe_engine.config (Config).
 """
 
 from __future__ import annotations
