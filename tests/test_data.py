@@ -317,3 +317,14 @@ def test_eval_batches_cover_split_once_in_order() -> None:
     assert got[0]["pixels"].shape == (10, 8, 12)
     with pytest.raises(ValueError, match="got 0"):
         eval_batches(toy(5), 0)
+
+
+def test_select_tasks_in_another_order_renumbers_the_rows(data: MultiTaskData) -> None:
+    # The same tasks reversed: each row must carry its task's new id, or it trains as another task.
+    names = list(reversed(data.task_names))
+    chosen = select_tasks(data, names, "memory")
+    old, new = dict(data.train[:]), dict(chosen.train[:])
+    n = len(names)
+    for t_new in range(n):
+        assert torch.equal(torch.as_tensor(new["label"])[torch.as_tensor(new["task"]) == t_new],
+                           torch.as_tensor(old["label"])[torch.as_tensor(old["task"]) == n - 1 - t_new])

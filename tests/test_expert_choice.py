@@ -126,3 +126,12 @@ def test_config_builds_it_and_refuses_what_it_does_not_have():
     assert load_config(None, ["moe.router.type=expert_choice", *fixed]).parallel.fixed_splits
     with pytest.raises(ValueError, match=r"top_k = 5: must be in \[1, num_experts = 4\]"):
         ExpertChoiceRouter(8, 4, 5)
+
+
+def test_ties_go_to_the_lower_token() -> None:
+    # 20 identical tokens: every expert takes tokens 0..4 (a stable sort; an unstable one reorders
+    # ties from about 17 elements on CPU).
+    router = ExpertChoiceRouter(4, 4, 1)
+    out = router(torch.ones(20, 4))
+    assert out.capacity == 5
+    assert torch.equal(out.experts_TK[:5], torch.arange(4).expand(5, 4)) and bool((out.experts_TK[5:] == -1).all())

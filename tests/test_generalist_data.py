@@ -613,3 +613,19 @@ def test_slice_for_rank():
 def test_task_record_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         make_task().name = "other"
+
+
+def test_a_tasks_rows_do_not_depend_on_the_task_order() -> None:
+    # Each task's example order is keyed by its name, not its position: reordering (or adding) tasks
+    # keeps every task's data order.
+    from moe_engine.mtl.generalist import GeneralistTask, MixedBatches, task_split
+
+    def task(name: str) -> GeneralistTask:
+        return GeneralistTask(name=name, kind="classification", modality="text", targets=("a", "b"), metric="accuracy",
+                              higher_is_better=True, chance=0.5, description="t")
+
+    train = {n: task_split(task(n), [f"row {i}" for i in range(10)], np.arange(10) % 2) for n in ("a", "b")}
+    one = MixedBatches(train, ("a", "b"), 4, {"a": 1.0, "b": 0.0}, batching="per_task", seed=3)
+    other = MixedBatches(train, ("b", "a"), 4, {"a": 1.0, "b": 0.0}, batching="per_task", seed=3)
+    for _ in range(3):
+        assert next(one)["a"]["text"] == next(other)["a"]["text"]

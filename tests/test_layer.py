@@ -378,3 +378,21 @@ def test_tokens_per_expert_counts():
     assert torch.equal(out.tokens_per_expert_E, expected)
     assert out.tokens_per_expert_E.shape == (num_experts,)
     assert int(out.tokens_per_expert_E.sum()) == num_tokens * top_k
+
+
+def test_shared_expert_gate_bias_is_used() -> None:
+    # A gate built with a bias (e.g. by a user, from_config builds none) must apply it.
+    from torch import nn
+
+    from moe_engine.experts import MLP, GroupedExperts
+    from moe_engine.routing.router import TopKRouter
+
+    torch.manual_seed(0)
+    router, experts, shared = TopKRouter(8, 4, 2), GroupedExperts(4, 8, 16), MLP(8, 16)
+    gate = nn.Linear(8, 1, bias=True)
+    with torch.no_grad():
+        gate.bias.fill_(2.0)
+    x = torch.randn(6, 8)
+    y = MoELayer(router, experts, shared_experts=shared, shared_expert_gate=gate)(x).y
+    y0 = MoELayer(router, experts)(x).y
+    torch.testing.assert_close(y - y0, torch.sigmoid(gate(x)) * shared(x), rtol=1e-5, atol=1e-5)

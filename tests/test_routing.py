@@ -527,3 +527,16 @@ def test_choices_dropped_before_stay_dropped_and_take_no_slot(policy: str) -> No
     # Only one choice per expert survives, and the -1 never claimed expert 1's (the last expert's) slot.
     kept = experts[experts >= 0]
     assert torch.bincount(kept, minlength=2).tolist() == [1, 1]
+
+
+def test_aux_terms_are_detached_for_telemetry() -> None:
+    # Logged terms kept across steps must not hold each step's autograd graph.
+    from moe_engine.routing import RoutingContext
+    from moe_engine.routing.router import TopKRouter
+
+    ctx = RoutingContext(sequence_ids_T=torch.arange(16) // 4)
+    for aux_loss_type in ("switch", "seq_switch"):
+        router = TopKRouter(8, 4, 2, aux_loss_type=aux_loss_type, z_loss_coef=1e-3)
+        out = router(torch.randn(16, 8), ctx)
+        assert out.aux_loss.requires_grad and out.aux_terms
+        assert not any(v.requires_grad for v in out.aux_terms.values()), aux_loss_type

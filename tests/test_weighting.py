@@ -832,3 +832,43 @@ def test_every_method_on_cuda(name):
     gpu.after_optimizer_step()
     assert weights.device.type == "cuda" and losses_gpu.grad.device.type == "cuda"
     torch.testing.assert_close(weights.cpu(), expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------- GradNorm's targets, exactly (mutation-found gaps)
+
+
+def test_gradnorm_alpha_sets_the_target():
+    # The weights' gradient of GradNorm's L1 loss is a sign times G_t; with unequal gradient norms
+    # alpha decides the signs: G = (0.75, 1.25), mean 1; r = (0.8, 1.2); targets r^1.5 = (0.716, 1.315).
+    w = build_weighting("gradnorm", 2)
+    present = torch.tensor([True, True])
+    w.observe(torch.tensor([1.0, 1.0]), present)
+    gram = torch.diag(torch.tensor([0.75**2, 1.25**2]))
+    loss, _ = w.combine(torch.tensor([0.8, 1.2], requires_grad=True), present, gram, global_losses_T=torch.tensor([0.8, 1.2]))
+    loss.backward()
+    assert w.weights_T.grad.tolist() == pytest.approx([0.75, -1.25])
+
+
+def test_gradnorm_leaves_an_absent_task_out_of_its_means():
+    # Task 2 absent from the step: the mean gradient norm and the mean loss ratio are over tasks 0 and 1.
+    w = build_weighting("gradnorm", 3)
+    w.observe(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([True, True, True]))
+    present = torch.tensor([True, True, False])
+    gram = torch.diag(torch.tensor([0.75**2, 1.25**2, 0.0]))
+    loss, _ = w.combine(torch.tensor([0.8, 1.2, 0.0], requires_grad=True), present, gram,
+                        global_losses_T=torch.tensor([0.8, 1.2, 0.0]))
+    loss.backward()
+    assert w.weights_T.grad.tolist() == pytest.approx([0.75, -1.25, 0.0])
+
+
+def test_gradnorm_after_step_clamps_and_sums_to_the_task_count():
+    # A negative weight would make the model maximise that task's loss; all weights sum to T, the
+    # absent task's kept as it was.
+    w = build_weighting("gradnorm", 3)
+    present = torch.tensor([True, True, False])
+    w.combine(torch.ones(3, requires_grad=True), present, torch.eye(3))
+    with torch.no_grad():
+        w.weights_T.copy_(torch.tensor([-0.5, 2.0, 0.5]))
+    w.after_optimizer_step()
+    v = w.weights_T.detach()
+    assert v[0] > 0 and v[2].item() == 0.5 and v.sum().item() == pytest.approx(3.0)
