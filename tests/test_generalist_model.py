@@ -59,7 +59,8 @@ def configs(
         d_model=16, num_layers=2, num_heads=2, ffn_hidden=24, moe_every=2, patch_size=2,
         moe_attention=moe_attention, share_routing=share_routing, dropout=dropout,
     )
-    task = TaskRoutingConfig(noise="fixed")
+    # Fixed noise where the router reads it (task gates, attribute routing); the config refuses it elsewhere.
+    task = TaskRoutingConfig(noise="fixed" if router in ("task_gate", "mod_squad", "attribute") else "none")
     moe = MoEConfig(
         num_experts=4, ffn_hidden=12,
         router=RouterConfig(

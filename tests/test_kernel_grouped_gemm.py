@@ -385,3 +385,34 @@ def test_tma_candidates_are_opt_in_and_need_a_descriptor(monkeypatch):
     monkeypatch.setenv(GEMM_TMA_ENV_VAR, "yes")
     with pytest.raises(ValueError, match="MOE_ENGINE_GEMM_TMA='yes': allowed: 0 .* or 1"):
         gemm_tma_enabled()
+
+
+def test_weight_offsets_past_int32_are_int64(tmp_path):
+    # A weight whose expert slice spans more than 2^31 elements (w_in (E, 2F, D) as a view of (2F, E, D)
+    # storage, so the o stride is E * D): int32 offsets wrapped and read outside the tensor (a segfault
+    # under the interpreter). 8 GiB of storage is reserved but only the slice's pages are touched; in a
+    # child process, so a crash is a failure here, not the end of the test run.
+    script = tmp_path / "wide_stride.py"
+    script.write_text(
+        "import os\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import torch\n"
+        "from moe_engine.kernels.grouped_gemm import _launch_gemm, grouped_linear_loop\n"
+        "F, D, rows, o_stride = 128, 8, 16, 2**24  # (2F - 1) * o_stride > 2^31\n"
+        "storage = torch.empty((2 * F - 1) * o_stride + D, dtype=torch.bfloat16)\n"
+        "w_in = storage.as_strided((1, 2 * F, D), (D, o_stride, 1))\n"
+        "torch.manual_seed(0)\n"
+        "w_in.copy_((torch.randn(1, 2 * F, D) * D**-0.5).bfloat16())\n"
+        "x, tokens = torch.randn(rows, D).bfloat16(), torch.tensor([rows])\n"
+        "act, h = x.new_empty(rows, F), x.new_empty(rows, 2 * F)\n"
+        "_launch_gemm(x, w_in.transpose(1, 2), tokens, None, act, F, 'swiglu', h=h, store_h=True)\n"
+        "torch.testing.assert_close(h.float(), grouped_linear_loop(x.float(), w_in.float(), tokens), atol=2e-2, rtol=2e-2)\n"
+        "print('ok')\n"
+    )
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])

@@ -392,3 +392,23 @@ def test_update_expert_bias_needs_the_bias():
         TopKRouter(4, 4, 1).update_expert_bias(torch.zeros(4), 0.01)
     with pytest.raises(ValueError, match=r"\(3,\): expected \(4,\)"):
         TopKRouter(4, 4, 1, expert_bias=True).update_expert_bias(torch.zeros(3), 0.01)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_group_scores_and_expert_bias_by_hand(impl):
+    # Independent of the reference: values worked out by hand. Group score = the sum of its top two
+    # (DeepSeek-V3), not its best expert; the expert bias chooses, the weights stay unbiased.
+    from moe_engine.kernels.router import topk_gating_reference, topk_gating_triton
+
+    gating = topk_gating_reference if impl == "reference" else topk_gating_triton
+    logit = lambda p: torch.logit(torch.tensor([p], dtype=torch.float32))  # noqa: E731
+    # Groups of 2: (0.9, 0.1) sums 1.0 with the best single expert; (0.6, 0.6) sums 1.2 and wins.
+    logits = torch.cat([logit(p) for p in (0.9, 0.1, 0.6, 0.6, 0.5, 0.5, 0.2, 0.2)])[None]
+    out = gating(logits, 2, score_function="sigmoid", n_groups=4, topk_groups=1)
+    assert sorted(out.experts_TK[0].tolist()) == [2, 3]
+    torch.testing.assert_close(out.weights_TK[0], torch.tensor([0.5, 0.5]))
+    # Bias +1 on expert 2 makes it the first choice; its weight is its own score, renormalised.
+    logits = torch.cat([logit(p) for p in (0.8, 0.7, 0.3, 0.2)])[None]
+    out = gating(logits, 2, score_function="sigmoid", expert_bias_E=torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    assert out.experts_TK[0].tolist() == [2, 0]
+    torch.testing.assert_close(out.weights_TK[0], torch.tensor([0.3 / 1.1, 0.8 / 1.1]))

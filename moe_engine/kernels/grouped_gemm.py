@@ -255,8 +255,11 @@ if TRITON_AVAILABLE:
         else:
             src = rows.to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = x_ptr + src[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        b_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + cols[None, :] * stride_wo
+        # Offsets in int64: a weight whose expert slice spans 2^31 elements or more (E not outermost:
+        # w[:, o, k] = storage[o, e, k], say) would wrap in int32. 1-D vectors, so next to nothing.
+        offs_k64 = offs_k.to(tl.int64)
+        a_ptrs = x_ptr + src[:, None] * stride_xm + offs_k64[None, :] * stride_xk
+        b_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_k64[:, None] * stride_wk + cols.to(tl.int64)[None, :] * stride_wo
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K_DIM, BLOCK_K):
@@ -280,7 +283,8 @@ if TRITON_AVAILABLE:
                     else:
                         b_up = w_desc.load([e, k0, O + pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
                 else:
-                    b_up = tl.load(b_ptrs + O * stride_wo, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                    b_up = tl.load(b_ptrs + tl.cast(O, tl.int64) * stride_wo, mask=k_ok[:, None] & col_ok[None, :],
+                                   other=0.0)
                 acc_up = _dot(a, b_up, acc_up, UPCAST_DOT, IEEE_DOT)
             a_ptrs += BLOCK_K * stride_xk
             b_ptrs += BLOCK_K * stride_wk
@@ -382,9 +386,10 @@ if TRITON_AVAILABLE:
                 dy_src = tl.load(dy_gather_ptr + rows, mask=r_ok, other=0).to(tl.int64)
             else:
                 dy_src = rows.to(tl.int64)
-            dy_ptrs = dy_ptr + dy_src[:, None] * stride_dym + offs_o[None, :] * stride_dyo
+            # Column offsets in int64: a column-major dy or x of N rows wraps int32 at N * width >= 2^31.
+            dy_ptrs = dy_ptr + dy_src[:, None] * stride_dym + offs_o.to(tl.int64)[None, :] * stride_dyo
             dy = tl.load(dy_ptrs, mask=r_ok[:, None] & o_ok[None, :], other=0.0)
-            x = tl.load(x_ptr + src[:, None] * stride_xm + offs_i[None, :] * stride_xi,
+            x = tl.load(x_ptr + src[:, None] * stride_xm + offs_i.to(tl.int64)[None, :] * stride_xi,
                         mask=r_ok[:, None] & i_ok[None, :], other=0.0)
             acc = _dot(tl.trans(dy), x, acc, UPCAST_DOT, IEEE_DOT)
         dw_ptrs = dw_ptr + e.to(tl.int64) * stride_we + offs_o[:, None] * stride_wo + offs_i[None, :] * stride_wi
