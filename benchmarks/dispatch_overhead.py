@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--shapes", default=None, help=f"comma-separated of {', '.join(SHAPES)} (default: GPU shapes on CUDA, tiny on CPU)")
     parser.add_argument("--dispatchers", default="local,all_to_all")
-    parser.add_argument("--reps", type=int, default=5, help="timed calls on CPU (CUDA: do_bench's budget)")
+    parser.add_argument("--reps", type=int, default=5,
+                        help="timed calls on CPU (CUDA: at least 10, as many as fit 100 ms; see moe_engine.bench.common)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]

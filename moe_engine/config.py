@@ -404,7 +404,8 @@ class DataConfig:
         _check_choices(self, "data")
         _check_positive("data", mixing_temperature=self.mixing_temperature)
         if self.name in ("digits", "text"):
-            for name, value, default in (("mixing", self.mixing, "size"), ("batching", self.batching, "mixed"), ("mixing_weights", self.mixing_weights, None)):
+            for name, value, default in (("mixing", self.mixing, "size"), ("batching", self.batching, "mixed"),
+                                         ("mixing_weights", self.mixing_weights, None), ("mixing_temperature", self.mixing_temperature, 2.0)):
                 if value != default:
                     _fail(f"data.{name}", value, f"{self.name} data is always mixed by task size in every batch; this needs data.name = 'generalist'")
         if self.mixing == "fixed" and not self.mixing_weights:

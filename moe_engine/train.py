@@ -371,15 +371,17 @@ class Trainer:
         optimizer = self.weighting_optimizer
         return {"method": self.weighting.state_dict(), "optimizer": optimizer.state_dict() if optimizer is not None else None}
 
-    def _load_weighting_state(self, state: dict[str, Any] | None) -> None:
+    def _load_weighting_state(self, state: dict[str, Any] | None, saved_options: Any = None) -> None:
+        """saved_options: the checkpoint's mtl.weighting_options (for the error), if its config has them."""
         if state is None:  # a checkpoint from before loss weighting: the method starts fresh
             return
         try:
             self.weighting.load_state_dict(state["method"])
         except RuntimeError as err:  # same method (config_mismatches checks it), options that change its state (imtl mode)
+            own = f" ({saved_options!r})" if saved_options is not None else ""
             raise CheckpointMismatchError(
                 f"mtl.weighting_options = {self.cfg.mtl.weighting_options!r}: the checkpoint's {self.cfg.mtl.weighting!r} "
-                f"state does not fit these options; resume with the run's own options ({err})"
+                f"state does not fit these options; resume with the run's own options{own} ({err})"
             ) from err
         if self.weighting_optimizer is not None and state["optimizer"] is not None:
             self.weighting_optimizer.load_state_dict(state["optimizer"])
@@ -418,7 +420,8 @@ class Trainer:
             raise CheckpointMismatchError(f"the checkpoint's data position does not fit this config: {err}") from err
         self._load_rng_state(state)
         self.monitor.load_state_dict(state.get("routing"))
-        self._load_weighting_state(state.get("weighting"))
+        saved_options = state.get("config", {}).get("mtl", {}).get("weighting_options")
+        self._load_weighting_state(state.get("weighting"), saved_options)
         self.step = state["step"]
 
     def _rng_states(self) -> list[dict[str, Any]]:

@@ -8,11 +8,14 @@
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
+# Pinned, so the folder holds one wheel per package (two versions of one would stop the install).
+rm -rf .whl/extra
 mkdir -p .whl/extra
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
-  -d .whl/extra pytest pluggy iniconfig packaging matplotlib contourpy cycler fonttools kiwisolver pyparsing pillow \
-  python-dateutil six
+  -d .whl/extra pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 packaging==26.4 \
+  matplotlib==3.11.2 contourpy==1.4.0 cycler==0.12.1 fonttools==4.68.0 kiwisolver==1.5.1 pyparsing==3.3.3 \
+  pillow==13.0.0 python-dateutil==4.0.0 six==1.17.0
 ls -1 .whl/extra
 du -sh .whl

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,17 +38,30 @@ def main(argv: list[str] | None = None) -> int:
     from moe_engine.bench.suite import main as bench
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    codes = [bench([*bench_args, "--only", "router,permute", "--out", str(args.out_dir / "micro.json")])]
-    print(f"micro-benchmarks exit status {codes[-1]}", flush=True)
+    codes = [_stage("micro-benchmarks", lambda: bench([*bench_args, "--only", "router,permute", "--out",
+                                                       str(args.out_dir / "micro.json")]))]
     if args.dispatch_shapes != "none":
         dispatch_args = [str(args.out_dir / "dispatch.json")]
         if args.dispatch_shapes:
             dispatch_args += ["--shapes", args.dispatch_shapes]
-        codes.append(dispatch_overhead.main(dispatch_args))
-        print(f"dispatch overhead exit status {codes[-1]}", flush=True)
-    codes.append(bench([*bench_args, "--only", "layer", "--out", str(args.out_dir / "bench.json")]))
-    print(f"layer benchmark exit status {codes[-1]}", flush=True)
+        codes.append(_stage("dispatch overhead", lambda: dispatch_overhead.main(dispatch_args)))
+    codes.append(_stage("layer benchmark", lambda: bench([*bench_args, "--only", "layer", "--out",
+                                                          str(args.out_dir / "bench.json")])))
     return next((code for code in codes if code), 0)
+
+
+def _stage(name: str, run: Callable[[], int | None]) -> int:
+    """run() -> its exit status; whatever it raises (an out-of-memory error, a SystemExit from an
+    argument parser) is printed and counts as status 1, so the later stages still run."""
+    try:
+        code = run() or 0
+    except BaseException as err:  # noqa: BLE001 - a failed stage must not cost the others their figures
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        traceback.print_exc()
+        code = err.code if isinstance(err, SystemExit) and isinstance(err.code, int) and err.code else 1
+    print(f"{name} exit status {code}", flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 # Distribution name in a wheel's file name -> the module it provides.
 MODULES = {
-    "pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig", "packaging": "packaging",
+    "pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig", "pygments": "pygments", "packaging": "packaging",
     "matplotlib": "matplotlib", "contourpy": "contourpy", "cycler": "cycler", "fonttools": "fontTools",
     "kiwisolver": "kiwisolver", "pyparsing": "pyparsing", "pillow": "PIL", "python_dateutil": "dateutil", "six": "six",
 }

@@ -229,6 +229,7 @@ ERROR_CASES = {
     "mixing temperature with size mixing": (
         ["model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption]", "data.mixing_temperature=4"], ["data.mixing_temperature = 4.0", "data.mixing = 'temperature' only", "'size'"],
     ),
+    "mixing temperature with digits": (["data.mixing_temperature=3"], ["data.mixing_temperature = 3.0", "needs data.name = 'generalist'"]),
     "empty out_dir": (["train.out_dir="], ["train.out_dir = ''", "must name a folder"]),
     "blank out_dir": (["train.out_dir='  '"], ["train.out_dir = '  '", "must name a folder"]),
     "tokenizer with digits": (["data.tokenizer=bytes"], ["data.tokenizer = 'bytes'", "data.name = 'text' (causal_lm) only", "None"]),

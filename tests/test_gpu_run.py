@@ -41,9 +41,9 @@ def test_gpu_tests_are_collected_without_optional_packages(tmp_path: Path) -> No
 
 def test_extras_are_installed_only_where_the_import_fails(tmp_path: Path) -> None:
     for name in ("pytest-9.2.0-py3-none-any.whl", "pillow-13.0.0-cp312-cp312-manylinux_2_28_x86_64.whl",
-                 "moe_engine_absent_pkg-1.0-py3-none-any.whl"):
+                 "pygments-2.21.0-py3-none-any.whl", "moe_engine_absent_pkg-1.0-py3-none-any.whl"):
         (tmp_path / name).write_bytes(b"")
-    # pytest runs this test; pillow is there for matplotlib (module PIL, not "pillow").
+    # pytest (and pygments, which it imports) run this test; pillow is there for matplotlib (module PIL).
     assert [w.name for w in missing_wheels(tmp_path)] == ["moe_engine_absent_pkg-1.0-py3-none-any.whl"]
 
 
@@ -71,3 +71,29 @@ def test_gpu_figures_writes_micro_dispatch_then_layer(tmp_path: Path) -> None:
 @pytest.mark.parametrize("script", ["gpu_checks.sh", "fetch_gpu_extras.sh"])
 def test_gpu_scripts_parse(script: str) -> None:
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)], capture_output=True).returncode == 0
+
+
+def test_a_failing_stage_costs_the_others_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    # The dispatch overhead running out of memory (say) must not cost the layer benchmark its figures.
+    import gpu_figures
+
+    ran = []
+
+    def fake_bench(argv):
+        ran.append(argv[argv.index("--only") + 1])
+        return 0
+
+    def broken_dispatch(argv):
+        raise SystemExit(2)
+
+    import moe_engine.bench.suite as suite
+
+    monkeypatch.setattr(suite, "main", fake_bench)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import dispatch_overhead
+
+    monkeypatch.setattr(dispatch_overhead, "main", broken_dispatch)
+    assert gpu_figures.main([str(tmp_path), "--quick"]) == 2
+    assert ran == ["router,permute", "layer"]
+    out = capsys.readouterr().out
+    assert "dispatch overhead exit status 2" in out and "layer benchmark exit status 0" in out

@@ -1,4 +1,4 @@
-"""Permute/unpermute micro-benchmark: moe_engine.kernels.permute against torch argsort/index_select/index_add.
+"""Permute/unpermute micro-benchmark: moe_engine.kernels.permute against torch argsort/index_select/bmm.
 
 Three ops per case, on the routing of the layer benchmark's tokens (the same Problem):
 - `expert_order`: experts_TK -> choice_N (choices sorted by expert, stable) and tokens_per_expert_E.

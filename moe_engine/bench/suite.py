@@ -35,7 +35,7 @@ from moe_engine.bench.common import (
     versions,
     write_json,
 )
-from moe_engine.bench.layer import LOOP_MIN_REPS
+from moe_engine.bench.layer import LOOP_MIN_REPS, LOOP_PATHS
 from moe_engine.bench.peers import PEERS
 from moe_engine.bench.problem import DTYPES, ROUTINGS, find_shapes
 from moe_engine.kernels._triton import autotune_choices
@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser, with_only: bool = True) -> No
                         help="CUDA: time budget of the timed runs of one measurement, ms (default 100)")
     parser.add_argument("--min-reps", type=int, default=10,
                         help="CUDA: timed runs per measurement at least, whatever --rep-ms allows (default 10; "
-                             f"the loop-like layer peers take at most {LOOP_MIN_REPS})")
+                             f"the loop-like layer peers {', '.join(LOOP_PATHS)} take at most {LOOP_MIN_REPS})")
     parser.add_argument("--threads", type=int,
                         help="CPU: torch intra-op threads while benchmarking (default: 1 with --quick, which keeps "
                              "timings steady on busy cores; else torch's default)")
@@ -138,7 +138,7 @@ def measure_all(
         "settings": {
             "benchmarks": list(benchmarks), "quick": args.quick, "shapes": [s.name for s in opts.shapes],
             "routings": list(opts.routings), "peers": list(opts.peers), "seed": opts.seed,
-            "timer": (f"CUDA events: median, p20/p80 of at least {opts.timing.min_reps} runs (loop-like layer peers "
+            "timer": (f"CUDA events: median, p20/p80 of at least {opts.timing.min_reps} runs ({', '.join(LOOP_PATHS)}: "
                       f"{min(opts.timing.min_reps, LOOP_MIN_REPS)}) within {opts.timing.rep_ms} ms, L2 flushed before each"
                       if opts.device.type == "cuda"
                       else f"time.perf_counter: median of {opts.timing.reps} runs after {opts.timing.warmup} warm-up"),
