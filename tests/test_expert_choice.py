@@ -128,7 +128,7 @@ def test_config_builds_it_and_refuses_what_it_does_not_have():
         ExpertChoiceRouter(8, 4, 5)
 
 
-def test_ties_go_to_the_lower_token() -> None:
+def test_ties_go_to_the_lower_token_among_many() -> None:
     # 20 identical tokens: every expert takes tokens 0..4 (a stable sort; an unstable one reorders
     # ties from about 17 elements on CPU).
     router = ExpertChoiceRouter(4, 4, 1)
