@@ -8,6 +8,9 @@
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
+exclude="$(git rev-parse --git-path info/exclude)"  # .whl/ stays out of git, as fetch-wheels.sh keeps it
+mkdir -p "$(dirname "$exclude")"
+grep -qxF '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
 # Pinned, so the folder holds one wheel per package (two versions of one would stop the install).
 rm -rf .whl/extra
 mkdir -p .whl/extra
