@@ -44,7 +44,7 @@ if grep -q "PASSED $TMA_TEST" "$OUT/gpu_tests.txt"; then
 elif grep -q "FAILED $TMA_TEST" "$OUT/gpu_tests.txt"; then
     echo "TMA weight-load candidates: off (their GPU test failed)" >> "$OUT/env.txt"
 else
-    echo "TMA weight-load candidates: off (their GPU test did not run: time limit or collection)" >> "$OUT/env.txt"
+    echo "TMA weight-load candidates: off (their GPU test did not run: skipped, a time limit or a collection error)" >> "$OUT/env.txt"
 fi
 # 2. The benchmark autotunes every kernel over all its candidates: ~1000 compiles at these shapes, minutes
 # in one process. Compile what fits first on all cores into the Triton cache the benchmark then reads.
