@@ -28,15 +28,10 @@ from moe_engine.metrics import MetricsLogger
 from moe_engine.parallel.telemetry import TrafficMeter
 from moe_engine.train import Trainer
 
-# The tiny classifier run of tests/test_train.py.
-TINY = [
-    "model.d_model=16", "model.num_layers=2", "model.num_heads=2", "model.ffn_hidden=16", "model.dropout=0.0",
-    "moe.num_experts=4", "moe.ffn_hidden=16",
-    "data.batch_size=16", "data.eval_batch_size=128", "data.pairs_per_task=200", "data.eval_fraction=0.2",
-    "optim.warmup_steps=3",
-    "train.max_steps=8", "train.eval_every=4", "train.checkpoint_every=4", "train.num_threads=1",
-    "logging.log_every=1", "logging.progress_bar=false", "logging.tensorboard=false",
-]
+# The tiny classifier run of tests/test_train.py, and the tiny generalist run (MoE attention on) of
+# tests/test_generalist_train.py.
+from test_generalist_train import TINY as GENERALIST  # noqa: E402
+from test_train import TINY  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -140,17 +135,6 @@ def test_a_tied_checkpoint_with_its_own_output_projection_is_refused() -> None:
     assert err.value.unexpected == ["lm_head.weight"]
 
 
-# The tiny generalist run of tests/test_generalist_train.py (MoE attention on).
-GENERALIST = [
-    "model.architecture=generalist", "data.name=generalist", "data.tasks=[digit,caption,sum,text_parity]",
-    "model.d_model=16", "model.num_layers=2", "model.num_heads=2", "model.ffn_hidden=16", "model.dropout=0.0",
-    "model.moe_attention=true", "model.share_routing=true", "model.max_text_len=16",
-    "moe.num_experts=4", "moe.ffn_hidden=16", "moe.router.type=attribute", "moe.router.aux_loss_coef=0.0",
-    "optim.warmup_steps=0", "optim.schedule=constant",
-    "data.batch_size=16", "data.eval_batch_size=64", "data.pairs_per_task=60", "data.eval_fraction=0.2",
-    "train.max_steps=4", "train.eval_every=1000", "train.checkpoint_every=2", "train.num_threads=1",
-    "logging.log_every=1", "logging.progress_bar=false", "logging.tensorboard=false",
-]
 
 
 # Beside tests/test_generalist_train.py:
