@@ -95,11 +95,11 @@ def config_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     """'field: checkpoint has X, config has Y' for each structural field that differs."""
     problems = []
     for name in STRUCTURAL_FIELDS:
-        had = _lookup(saved, name)
+        had, has = _lookup(saved, name), _lookup(current, name)
         if had == "<missing>":
             had = _OLDER_DEFAULTS.get(name, had)
-        if had != _lookup(current, name):
-            problems.append(f"{name}: checkpoint has {had!r}, config has {_lookup(current, name)!r}")
+        if had != has:
+            problems.append(f"{name}: checkpoint has {had!r}, config has {has!r}")
     return problems
 
 

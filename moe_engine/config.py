@@ -655,9 +655,13 @@ class Config:
         dropless = self.moe.router.capacity_factor is None and self.moe.router.type != "expert_choice"
         if self.parallel.fixed_splits and dropless:
             _fail("parallel.fixed_splits", True, "needs moe.router.capacity_factor (dropless routing has no fixed splits)")
-        if self.parallel.backend == "nccl" and self.train.device == "cpu":  # train.device = 'auto': the Trainer checks
-            _fail("parallel.backend", "nccl", "NCCL needs CUDA and train.device = 'cpu'; allowed on CPU: 'gloo', or 'auto' "
-                  "(gloo on CPU, nccl on CUDA)")
+        if self.train.device == "cpu":  # train.device = 'auto': the Trainer checks, once it knows the device
+            from moe_engine.parallel.runtime import check_backend  # the rule's one home
+
+            try:
+                check_backend(self.parallel.backend, "cpu")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if "experts" in self.finetune.freeze and self.parallel.deepspeed_config is not None and self.parallel.expert_parallel_size > 1:
             # ZeRO builds its expert-data-parallel reduction from the optimizer's MoE param group,
             # which frozen experts leave empty (DeepSpeed asserts deep inside its optimizer).
