@@ -568,6 +568,29 @@ def test_resume_is_bit_exact(data, batching):
         MixedBatches(data.train, names, 22, probs, batching=batching, seed=5).load_state_dict(state)
 
 
+def test_resume_from_a_state_at_the_end_of_an_epoch():
+    # 6 rows, batches of 3: after two batches the position is 6 = the task's size (the next batch starts
+    # epoch 1). That state is valid and resumes the same stream.
+    train = {"rows": numbered_text_split(make_task(name="rows"), 6)}
+    stream = MixedBatches(train, ["rows"], 3, {"rows": 1.0}, seed=7)
+    next(stream), next(stream)
+    state = stream.state_dict()
+    assert state["positions"] == [6] and state["epochs"] == [0]
+    fresh = MixedBatches(train, ["rows"], 3, {"rows": 1.0}, seed=7)
+    fresh.load_state_dict(state)
+    assert [row_ids(next(fresh)["rows"]) for _ in range(4)] == [row_ids(next(stream)["rows"]) for _ in range(4)]
+
+
+def test_probabilities_are_normalised_here():
+    # {a: 3, b: 1} draws as {a: 0.75, b: 0.25}: the same stream, the same state.
+    names = ("a", "b")
+    train = {n: numbered_text_split(make_task(name=n), 8) for n in names}
+    raw = MixedBatches(train, names, 5, {"a": 3.0, "b": 1.0}, seed=2)
+    unit = MixedBatches(train, names, 5, {"a": 0.75, "b": 0.25}, seed=2)
+    assert raw.state_dict()["probabilities"] == [0.75, 0.25]
+    assert all(_same_batches(next(raw), next(unit)) for _ in range(10))
+
+
 def test_mixed_batches_rejects_bad_arguments(data):
     probs = {"digit": 1.0}
     with pytest.raises(ValueError, match=r"no train split for task\(s\) \['nope'\]"):

@@ -304,6 +304,18 @@ def test_shared_bottom_width_is_the_closest_in_parameters(d_in, num_tasks, num_e
     assert width == shared_bottom_width(d_in, num_tasks, tower_hidden, target)
 
 
+@pytest.mark.parametrize("d_in, num_tasks, tower_hidden", [(2, 1, 1), (5, 2, 3), (1, 3, 2)])
+def test_shared_bottom_width_against_every_width_ties_to_the_smaller(d_in, num_tasks, tower_hidden):
+    """shared_bottom_width = argmin over w >= 1 of (|count(w) - target|, w) for every target up to 300:
+    targets halfway between two widths' counts (d_in=2: counts 4w + 3, target 45 between 43 and 47)
+    go to the smaller width, and targets below count(1) give width 1."""
+    counts = {w: shared_bottom_parameter_count(d_in, num_tasks, w, tower_hidden) for w in range(1, 120)}
+    for target in range(1, 300):
+        expected = min(counts, key=lambda w: (abs(counts[w] - target), w))
+        assert shared_bottom_width(d_in, num_tasks, tower_hidden, target) == expected, target
+    assert shared_bottom_width(2, 1, 1, 45) == 10
+
+
 def test_shared_bottom_feeds_every_tower_the_same_features():
     bottom = SharedBottom(5, 7, 3)
     features = bottom(torch.randn(4, 5))

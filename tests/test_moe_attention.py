@@ -203,6 +203,39 @@ def test_given_routing_is_used_as_is_and_router_skipped() -> None:
     torch.testing.assert_close(y.double(), y64.detach(), atol=FP32_ATOL, rtol=FP32_RTOL)
 
 
+def test_padding_mask_routes_real_tokens_with_their_context_rows() -> None:
+    """key_padding_mask_BS, B=3 S=4 with lengths 4, 1, 3: the router sees only the R = 8 real tokens and
+    the matching rows of every ctx field (sequence ids feed a seq_switch balance loss here), each sequence
+    equals the loop reference over its own real tokens (padding keys masked, query slots in the B*S
+    layout), and padding positions output 0."""
+    torch.manual_seed(5)
+    B, S, D, H, E, K = 3, 4, 8, 2, 4, 2
+    lengths = [4, 1, 3]
+    router = TopKRouter(D, E, K, aux_loss_type="seq_switch", aux_loss_coef=0.01)
+    with torch.no_grad():
+        router.weight.normal_()
+    attn = MoEAttention(D, H, E, router)
+    x = torch.randn(B, S, D)
+    mask_BS = torch.arange(S)[None] >= torch.tensor(lengths)[:, None]
+    sequence_ids_T = torch.arange(B).repeat_interleave(S)
+    y, routing = attn(x, RoutingContext(sequence_ids_T=sequence_ids_T), key_padding_mask_BS=mask_BS)
+
+    real_T = ~mask_BS.reshape(-1)
+    expected = router(x.reshape(B * S, D)[real_T], RoutingContext(sequence_ids_T=sequence_ids_T[real_T]))
+    assert routing.experts_TK.equal(expected.experts_TK)
+    torch.testing.assert_close(routing.aux_loss, expected.aux_loss)
+    assert not y[mask_BS].any()
+    params64 = double_params(attn)
+    start = 0
+    for b, n in enumerate(lengths):
+        rows = slice(start, start + n)
+        y64 = naive_moe_attention(
+            x[b : b + 1, :n].double(), *params64, expected.experts_TK[rows], expected.weights_TK[rows].double(), H
+        )
+        torch.testing.assert_close(y[b, :n].double(), y64[0].detach(), atol=FP32_ATOL, rtol=FP32_RTOL)
+        start += n
+
+
 def test_aux_loss_travels_in_routing() -> None:
     torch.manual_seed(2)
     router = TopKRouter(8, 4, 2, aux_loss_coef=0.01, z_loss_coef=0.001)

@@ -597,6 +597,18 @@ def test_dwa_a_loss_that_reached_zero_has_no_trend():
     torch.testing.assert_close(weighting.ratios(), torch.tensor([1.0, 0.5], dtype=torch.float64))
 
 
+def test_dwa_epoch_mean_is_over_the_steps_a_task_was_present():
+    # window 2; task 1 is absent from the second step of epoch 1 (its loss there, 100, is not read):
+    # its epoch means are 4 (one step) then 2, so w_1 = 0.5 like task 0's (2 then 1), not 2 / (4 / 2).
+    weighting = build_weighting("dwa", 2, window=2)
+    both, first = torch.tensor([True, True]), torch.tensor([True, False])
+    for row, present in [([2.0, 4.0], both), ([2.0, 100.0], first), ([1.0, 2.0], both), ([1.0, 2.0], both)]:
+        weighting.observe(torch.tensor(row, dtype=torch.float64), present)
+    torch.testing.assert_close(weighting.ratios(), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    _, weights = weighting.combine(torch.ones(2, dtype=torch.float64), both)
+    torch.testing.assert_close(weights, torch.ones(2, dtype=torch.float64))
+
+
 # ---- UW ----------------------------------------------------------------------------------------
 
 
@@ -659,6 +671,19 @@ def test_gradnorm_first_step_balances_gradient_norms():
     loss.backward()
     # G = (2, 1), mean 1.5, r = 1: push w_0 down, w_1 up
     assert weighting.weights_T.grad.tolist() == pytest.approx([2.0, -1.0])
+
+
+def test_gradnorm_a_first_loss_of_zero_gives_ratio_one_not_nan():
+    # A task whose first loss is exactly 0 (fp32 cross-entropy past a large margin) has no usable L(0):
+    # Ltilde = 1 for it, as for a task never seen, instead of L / 0 = inf turning every ratio into NaN.
+    weighting = build_weighting("gradnorm", 2)
+    present = torch.tensor([True, True])
+    weighting.observe(torch.tensor([0.0, 1.0]), present)
+    np.testing.assert_allclose(weighting.loss_ratios(present, np.array([0.5, 0.5])), [1 / 0.75, 0.5 / 0.75])
+    loss, _ = weighting.combine(torch.ones(2, requires_grad=True), present, torch.eye(2, dtype=torch.float64),
+                                global_losses_T=torch.tensor([0.5, 0.5]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(weighting.weights_T.grad).all()
 
 
 # ---- every method: data parallelism, resume, and training a tiny shared model -------------------
