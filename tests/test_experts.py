@@ -191,6 +191,22 @@ def test_grouped_experts_parameter_shapes_and_bad_arguments():
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_grouped_experts_init_bounds_are_nn_linears_per_expert(activation):
+    """Each expert starts as nn.Linear would: w_in ~ U(+-1/sqrt(D)), w_out ~ U(+-1/sqrt(F)), with D != F (64 vs 16)
+    so that a bound taken from the wrong width shows (a dense MLP and an expert start alike)."""
+    torch.manual_seed(6)
+    d_model, ffn_hidden = 64, 16
+    experts = GroupedExperts(4, d_model, ffn_hidden, activation)
+    mlp = MLP(d_model, ffn_hidden, activation)
+    for name, w, dense, fan_in in (("w_in", experts.w_in, mlp.w_in.weight, d_model),
+                                   ("w_out", experts.w_out, mlp.w_out.weight, ffn_hidden)):
+        bound = fan_in**-0.5
+        # Thousands of uniform draws: the largest lies within 10% of the bound with certainty (0.9^4096).
+        assert 0.9 * bound < w.abs().max() <= bound, name
+        assert 0.9 * bound < dense.abs().max() <= bound, name
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_mlp_shape_and_values(activation):
     torch.manual_seed(5)
     mlp = MLP(13, 7, activation)

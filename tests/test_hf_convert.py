@@ -302,6 +302,53 @@ def test_native_file_round_trip_and_refusal(tmp_path):
         load_native(path)
 
 
+def test_native_file_with_a_misshaped_tensor_is_refused_with_its_shapes(tmp_path):
+    model, family = import_hf(_hf_model("mixtral"))
+    path = save_native(model, family, tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["model"]["layers.0.mlp.router.weight"] = torch.zeros(4, 40)  # 4 experts' rows in a 5-expert model
+    torch.save(payload, path)
+    with pytest.raises(HFCheckpointMismatchError) as err:
+        load_native(path)
+    assert err.value.mismatched == [("layers.0.mlp.router.weight", (4, 40), (5, 40))]
+    assert err.value.missing == [] and err.value.unexpected == []
+
+
+def test_native_file_loads_in_the_dtype_asked_for(tmp_path):
+    model, family = import_hf(_hf_model("mixtral"))
+    path = save_native(model, family, tmp_path / "m.pt")
+    loaded, _ = load_native(path, dtype=torch.bfloat16)
+    state = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == torch.bfloat16, key
+        assert torch.equal(value, state[key].to(torch.bfloat16)), key
+
+
+def test_a_key_in_two_shards_is_refused_by_name(tmp_path):
+    """Shards without an index (every *.safetensors is read): a tensor in two of them is an error, not last-one-wins."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file({"model.norm.weight": torch.ones(4), "lm_head.weight": torch.ones(2, 4)}, str(folder / "a.safetensors"))
+    save_file({"model.norm.weight": torch.zeros(4)}, str(folder / "b.safetensors"))
+    with pytest.raises(HFCheckpointMismatchError, match=r"model.norm.weight \(twice, again in b.safetensors\)"):
+        convert.read_safetensors(folder)
+
+
+def test_export_over_a_sharded_folder_leaves_no_stale_index(tmp_path):
+    """export_hf(overwrite=True) into a folder holding a sharded checkpoint: the old index would send readers to the
+    old shards; reading the folder back must give the exported model."""
+    old = _hf_model("mixtral")
+    folder = _saved(tmp_path, old, max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    model, _ = import_hf(_hf_model("mixtral", intermediate_size=20))  # other widths than the old shards
+    export_hf(model, "mixtral", folder, overwrite=True)
+    assert not (folder / "model.safetensors.index.json").exists()
+    back, _ = import_hf(folder)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 def test_configs_moe_engine_cannot_run_or_a_family_cannot_hold_are_refused():
     with pytest.raises(ConfigError, match="rope_type"):
         MoECausalLMConfig.from_hf(_hf_config("mixtral", rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}))

@@ -288,6 +288,22 @@ def test_token_routed_to_no_expert_and_experts_without_tokens(backend, expert_pa
     assert got["gate_up_proj"][2].abs().max() > 0
 
 
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["sentinel_weight0", "ep_sentinels_dropped"])
+def test_negative_ids_contribute_nothing_like_sentinels(backend, expert_parallel) -> None:
+    """Ids below 0 are outside [0, E) too: the result and every gradient equal eager's with the sentinel E in
+    their place (eager itself cannot index -1). Token 2 has only -1s."""
+    module = mixtral_experts(num_experts=6)
+    module._is_expert_parallel = expert_parallel
+    index_TK = torch.tensor([[0, 2], [4, -1], [-1, -1], [2, 0]])
+    weights_TK = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.5, 0.5], [0.2, 0.8]])
+    x_TD = torch.randn(4, 32, generator=torch.Generator().manual_seed(10))
+    ref = experts_outputs(module, "eager", x_TD, index_TK.masked_fill(index_TK < 0, 6), weights_TK)
+    got = experts_outputs(module, NAME, x_TD, index_TK, weights_TK)
+    for what in ref:
+        torch.testing.assert_close(got[what], ref[what], rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: {m}")
+    assert got["y"][2].abs().max() == 0 and got["weights"][1, 1] == 0
+
+
 @pytest.mark.parametrize("num_tokens", [1, 0], ids=["one_token", "no_tokens"])
 def test_one_token_and_no_tokens(num_tokens, backend) -> None:
     module = mixtral_experts(num_experts=4, ffn=30)
@@ -366,6 +382,34 @@ def test_ungated_gelu_experts_with_bias_and_without(backend) -> None:
         index_TK, weights_TK = random_routing(5, 4, seed=9)
         x_TD = torch.randn(5, 32, generator=torch.Generator().manual_seed(9))
         assert_experts_match_eager(module, x_TD, index_TK, weights_TK)
+
+
+class _UngatedExperts(torch.nn.Module):
+    """A bare experts module as the interface describes one (flags the decorator would set): no gate, no bias."""
+
+    has_gate, has_bias = False, False
+
+    def __init__(self, act_fn, num_experts=4, d_model=32, ffn=16, down_shape=None) -> None:
+        super().__init__()
+        self.up_proj = torch.nn.Parameter(torch.randn(num_experts, ffn, d_model))
+        self.down_proj = torch.nn.Parameter(torch.randn(*(down_shape or (num_experts, d_model, ffn))))
+        self.act_fn = act_fn
+
+
+@pytest.mark.parametrize("act_fn, fused", [
+    (torch.nn.GELU(), "gelu"),
+    (torch.nn.functional.gelu, "gelu"),
+    (torch.nn.GELU(approximate="tanh"), None),  # the Triton epilogue computes exact GELU only
+    (torch.nn.SiLU(), None),  # SiLU without a gate is no fused activation
+], ids=["nn_gelu", "f_gelu", "tanh_gelu", "ungated_silu"])
+def test_only_exact_gelu_is_fused_without_a_gate(act_fn, fused) -> None:
+    assert experts_layout(_UngatedExperts(act_fn)).fused_activation == fused
+
+
+@pytest.mark.parametrize("down_shape", [(3, 32, 16), (4, 24, 16)], ids=["other_E", "other_D"])
+def test_experts_weights_that_disagree_on_E_or_D_are_refused(down_shape) -> None:
+    with pytest.raises(ValueError, match="E and D must match"):
+        experts_layout(_UngatedExperts(torch.nn.GELU(), down_shape=down_shape))
 
 
 # ------------------------------------------------------------------- registration and errors

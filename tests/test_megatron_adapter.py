@@ -11,6 +11,7 @@ match it. megatron's attention needs CUDA, so the whole TransformerLayer runs in
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -397,6 +398,37 @@ def test_expert_bias_counts_training_tokens_only(groups) -> None:
     adapter.bfloat16()
     adapter(x.bfloat16())
     assert router.expert_bias.dtype == torch.float32
+
+
+def test_expert_bias_counts_only_the_choices_capacity_kept(groups) -> None:
+    """With a capacity the dropped choices (-1) count nowhere; every kept one counts at its expert, expert 0 too."""
+    config = _config(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_aux_loss_coeff=0.0,
+                     moe_expert_capacity_factor=0.5, moe_token_drop_policy="probs")
+    torch.manual_seed(2)
+    adapter = MegatronMoEAdapter(config, pg_collection=groups)
+    router = adapter.moe.router
+    x = torch.randn(8, 2, H, generator=torch.Generator().manual_seed(3))
+    adapter(x)
+    experts_TK = router(x.view(-1, H)).experts_TK
+    kept = experts_TK[experts_TK >= 0]
+    assert 0 < kept.numel() < experts_TK.numel() and (kept == 0).any()  # some dropped, some kept on expert 0
+    torch.testing.assert_close(router.local_tokens_per_expert, torch.bincount(kept, minlength=E).float())
+
+
+def test_expert_init_seeds_follow_global_expert_ids(groups) -> None:
+    """Expert e (global id) is drawn from seed + 1 + e: the experts of EP rank 1 of 2 are rows [E/2, E) of the
+    single-rank layer's. One process: a layer of E/2 experts whose rank and dispatcher say it is rank 1 (the 2-rank
+    run, test_expert_parallel_over_megatron_parallel_state, is marked slow)."""
+    full = MegatronMoEAdapter(_config(), pg_collection=groups)
+    shard = MegatronMoEAdapter(_config(), pg_collection=groups)
+    shard.ep_rank = 1
+    shard.moe.dispatcher = SimpleNamespace(num_local_experts=E // 2)  # all `_initialize` reads of it
+    shard.moe.experts = type(full.moe.experts)(E // 2, H, FFN)
+    full._initialize(seed=123)
+    shard._initialize(seed=123)
+    torch.testing.assert_close(shard.moe.router.weight, full.moe.router.weight, rtol=0, atol=0)
+    torch.testing.assert_close(shard.moe.experts.w_in, full.moe.experts.w_in[E // 2:], rtol=0, atol=0)
+    torch.testing.assert_close(shard.moe.experts.w_out, full.moe.experts.w_out[E // 2:], rtol=0, atol=0)
 
 
 def test_padding_mask_with_padding_is_refused(groups) -> None:

@@ -71,6 +71,37 @@ def test_host_attribution_partitions_the_step():
     assert step.op_us[("router", "moe::router (python)")] == pytest.approx(10 - 6 - 0.5 - 1)
 
 
+def test_backward_node_of_sequence_number_zero_takes_its_forward_category():
+    """Sequence numbers start at 0: the first autograd node of a step (the router's) is attributed like any other."""
+    bwd = "autograd::engine::evaluate_function: "
+    events = [
+        _range(STEP_RANGE, 0, 100),
+        _range("moe::router", 0, 10),
+        _op("aten::mm", 2, 6, **{"Sequence number": 0}),
+        _op(bwd + "MmBackward0", 20, 30, **{"Sequence number": 0}),
+    ]
+    (step,) = analyze_trace(events)
+    assert step.category_us["router"] == pytest.approx(10 + 30)
+
+
+def test_host_time_straddling_the_backward_end_is_split():
+    """The autograd engine's thread runs the backward (tid 2) while the step's own thread waits: that
+    thread's python time is `rest` up to the last backward node's end and `optimizer` after it."""
+    bwd = "autograd::engine::evaluate_function: "
+    events = [
+        _range(STEP_RANGE, 0, 100),
+        _op("aten::add", 0, 10, **{"Sequence number": 1}),
+        _op(bwd + "AddBackward0", 20, 40, tid=2, **{"Sequence number": 1}),  # ends at 60
+        _range("Optimizer.step#AdamW.step", 80, 10),
+    ]
+    (step,) = analyze_trace(events)
+    got = {k: v for k, v in step.category_us.items() if v}
+    # rest: the add (0..10) and python 10..60; optimizer: python 60..80 and 90..100, the step range 80..90.
+    assert got == pytest.approx({"rest": 60, "optimizer": 40})
+    assert step.op_us[("rest", "(python, outside ops)")] == pytest.approx(50)
+    assert step.op_us[("optimizer", "(python, outside ops)")] == pytest.approx(30)
+
+
 def test_device_attribution_splits_overlaps_and_counts_idle():
     events = [
         _range(STEP_RANGE, 0, 100),
@@ -112,11 +143,16 @@ def test_shape_flops(name, dims, flops):
     assert _shape_flops(_Event(_op(name, 0, 1, **{"Input Dims": dims}))) == flops
 
 
-def test_nested_matmuls_count_once():
+@pytest.mark.parametrize("between", [0, 1, 2], ids=["child", "grandchild", "great_grandchild"])
+def test_nested_matmuls_count_once(between):
+    """sdpa's inner bmm counts nowhere, directly under it or below ops without FLOPs of their own (as sdpa's math path
+    nests aten::_scaled_dot_product_attention_math and aten::matmul around it)."""
+    middle = [_op(f"aten::wrapper{i}", 1 + i, 20 - 2 * i) for i in range(between)]
     events = [
         _range(STEP_RANGE, 0, 100),
         _op("aten::scaled_dot_product_attention", 0, 50, **{"Input Dims": [[1, 1, 4, 8], [1, 1, 4, 8], [1, 1, 4, 8]]}),
-        _op("aten::bmm", 1, 10, **{"Input Dims": [[1, 4, 8], [1, 8, 4]]}),
+        *middle,
+        _op("aten::bmm", 5, 5, **{"Input Dims": [[1, 4, 8], [1, 8, 4]]}),
     ]
     (step,) = analyze_trace(events)
     assert step.shape_flops["attention"] == 4 * 4 * 4 * 8
