@@ -122,6 +122,37 @@ def test_sequence_loss_packed_sequences(config):
     torch.testing.assert_close(expected, sequence_load_balancing_loss_reference(probs_TE, experts_TK, sequence_ids_T))
 
 
+@pytest.mark.parametrize("config", [{"BLOCK_T": 16, "BLOCK_E": 32, "num_warps": 4}, {"BLOCK_T": 4, "BLOCK_E": 4, "num_warps": 4}],
+                         ids=["first", "small_blocks"])
+def test_sequence_ids_outside_the_range_touch_nothing(config):
+    """Tokens whose sequence id is outside [0, S) (-1 padding, or an id >= S) are skipped: the statistics
+    kernel writes nothing outside its (S, E) and (S,) buffers (here views into guarded ones, so a stray
+    atomic add shows), the loss is the reference's on the other tokens, and their gradient is 0.
+    Blocks of one out-of-range sequence, and blocks mixing it with valid ones."""
+    from moe_engine.kernels._triton import launch
+    from moe_engine.kernels.aux_losses import _balance_stats_kernel, _tile_grid, balance_loss_backward_triton
+
+    T, E, K, S, pad = 24, 6, 2, 2, 64
+    probs_TE, experts_TK = balance_inputs(T, E, K, "random", torch.float32)
+    seq_T = torch.tensor([2] * 4 + [0] * 5 + [-1] * 3 + [1] * 4 + [3] * 4 + [0, 2, 1, -1])
+    kept = (seq_T >= 0) & (seq_T < S)
+    guarded = [torch.zeros(2 * pad + S * E, dtype=torch.int32), torch.zeros(2 * pad + S * E),
+               torch.zeros(2 * pad + S, dtype=torch.int32)]
+    counts, prob_sums, tokens = (g[pad:-pad] for g in guarded)
+    launch(_balance_stats_kernel, _tile_grid(T, E), config, probs_TE, experts_TK, seq_T, counts, prob_sums, tokens,
+           T, E, S, K, probs_TE.stride(0), HAS_SEQ=True)
+    for g in guarded:
+        assert not g[:pad].any() and not g[-pad:].any()
+    assert tokens.tolist() == torch.bincount(seq_T[kept], minlength=S).tolist()
+    flat = (seq_T[:, None] * E + experts_TK)[kept]
+    assert counts.tolist() == torch.bincount(flat.reshape(-1), minlength=S * E).tolist()
+
+    loss, counts_SE, coef_S = balance_loss_triton(probs_TE, experts_TK, seq_T, S, config=config)
+    torch.testing.assert_close(loss, sequence_load_balancing_loss_reference(probs_TE[kept], experts_TK[kept], seq_T[kept], S))
+    grad_TE = balance_loss_backward_triton(torch.tensor(1.0), seq_T, counts_SE, coef_S, T, torch.float32)
+    assert not grad_TE[~kept].any() and grad_TE[kept].any()
+
+
 def test_balance_losses_by_hand(monkeypatch):
     # probs [3/4, 1/4] x3 and [1/4, 3/4] for token 2; choices 0, 0, 1, 0 -> f = [3/4, 1/4],
     # P = [5/8, 3/8]: Switch = 2 (3/4 5/8 + 1/4 3/8) = 1.125. Sequences {0, 1}, {2, 3}: 1.5 and 1.0 -> 1.25.
@@ -236,6 +267,66 @@ def test_cv_squared_by_hand(monkeypatch):
     torch.testing.assert_close(cv_squared_reference(torch.tensor([1.0, 3.0])), torch.tensor(0.25))
     # Balanced importance: 0.
     assert importance_cv_squared(torch.full((4, 5), 0.2)).item() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "fused, reference, needs",
+    [
+        (switch_load_balancing_loss, switch_load_balancing_loss_reference, "experts"),
+        (sequence_load_balancing_loss, sequence_load_balancing_loss_reference, "sequences"),
+        (router_z_loss, router_z_loss_reference, ""),
+        (importance_cv_squared, importance_cv_squared_reference, ""),
+    ],
+    ids=["switch", "sequence", "z_loss", "importance"],
+)
+def test_column_slices_of_a_wider_tensor(fused, reference, needs, monkeypatch):
+    """probs / logits / gates as a column slice of a wider tensor (unit column stride, row stride > E, so
+    the launchers keep the view): the kernels step rows by the tensor's stride, not by E. Value and
+    gradient, which lands in the slice's columns of the wide tensor only."""
+    monkeypatch.setenv("MOE_ENGINE_KERNELS", "triton")
+    T, E = 21, 5
+    wide = random_probs(T, E + 4, torch.float32, seed=7)
+    experts_TK = random_choices(T, E, 2, seed=7)
+    args = {"experts": (experts_TK,), "sequences": (experts_TK, torch.arange(T) % 3)}.get(needs, ())
+    results = []
+    for fn in (fused, reference):
+        leaf = wide.clone().requires_grad_()
+        x_TE = leaf[:, 1:1 + E]
+        assert x_TE.stride() == (E + 4, 1)
+        loss = fn(x_TE, *args)
+        results.append((loss.detach(), torch.autograd.grad(3.0 * loss, leaf)[0]))
+    (loss, grad), (expected_loss, expected_grad) = results
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_second_outputs_of_the_loss_ops_are_differentiable():
+    """moe_engine::router_z_loss returns (loss, lse_T) and moe_engine::importance_cv_squared (loss,
+    importance_E); a gradient through the second output (d lse / d x = softmax(x), d importance / d gates
+    = 1) adds to the loss's."""
+    generator = torch.Generator().manual_seed(8)
+    logits_TE = torch.randn(7, 10, generator=generator)
+    gates_TE = torch.rand(7, 10, generator=generator)
+    weights_T, weights_E = torch.linspace(-1.0, 2.0, 7), torch.linspace(0.5, -1.5, 10)
+    ops = torch.ops.moe_engine
+
+    x = logits_TE.clone().requires_grad_()
+    loss, lse_T = ops.router_z_loss(x)
+    (grad,) = torch.autograd.grad(2.0 * loss + (weights_T * lse_T).sum(), x)
+    x_ref = logits_TE.clone().requires_grad_()
+    lse_ref = torch.logsumexp(x_ref, dim=-1)
+    (expected,) = torch.autograd.grad(2.0 * lse_ref.square().mean() + (weights_T * lse_ref).sum(), x_ref)
+    torch.testing.assert_close(lse_T, lse_ref.detach())
+    torch.testing.assert_close(grad, expected)
+
+    g = gates_TE.clone().requires_grad_()
+    loss, importance_E = ops.importance_cv_squared(g)
+    (grad,) = torch.autograd.grad(2.0 * loss + (weights_E * importance_E).sum(), g)
+    g_ref = gates_TE.clone().requires_grad_()
+    importance_ref = g_ref.sum(0)
+    (expected,) = torch.autograd.grad(2.0 * cv_squared_reference(importance_ref) + (weights_E * importance_ref).sum(), g_ref)
+    torch.testing.assert_close(importance_E, importance_ref.detach())
+    torch.testing.assert_close(grad, expected)
 
 
 def test_reference_gradients_pass_gradcheck():

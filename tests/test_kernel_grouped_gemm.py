@@ -118,6 +118,24 @@ def test_grouped_mlp_skips_gradients_nobody_needs():
     torch.testing.assert_close(dw_out, expected)
 
 
+@pytest.mark.parametrize("trainable", [("w_in",), ("x", "w_in"), ("w_in", "w_out")], ids="+".join)
+def test_grouped_mlp_gradients_of_any_trainable_subset(trainable):
+    """Only some of x, w_in, w_out need a gradient (w_out frozen while the up-projection trains, say):
+    each gradient asked for is computed, and matches the loop's. With the gather (dx sums rows)."""
+    torch.manual_seed(7)
+    x, w_in, tokens_E, gather_N = make_inputs([2, 0, 3], 16, 16, torch.float32, True)
+    w_out = torch.randn(3, 16, 8) * 8**-0.5
+    named = {"x": x, "w_in": w_in, "w_out": w_out}
+    results = []
+    for fn in (grouped_mlp_triton, grouped_mlp_reference):
+        leaves = {k: v.clone().requires_grad_(k in trainable) for k, v in named.items()}
+        y = fn(leaves["x"], leaves["w_in"], leaves["w_out"], tokens_E, "swiglu", gather_N)
+        results.append(torch.autograd.grad(y.mul(torch.linspace(-1, 1, y.numel()).view_as(y)).sum(),
+                                           [leaves[k] for k in trainable]))
+    for what, a, b in zip(trainable, *results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
 def test_strided_counts_gather_and_scores_read_their_own_elements():
     """1-D index, count and score tensors that are views with stride != 1 (a column of a table):
     the launchers must not read them as flat arrays. Forward, dx and dW of the GEMM and the MLP,
@@ -217,6 +235,8 @@ def test_triton_impl_refuses_float64():
         (lambda x, w, t: grouped_gemm_triton(x, w.double(), t), "w is torch.float64"),
         (lambda x, w, t: grouped_mlp_triton(x, w, w, t, "relu"), "'relu'"),
         (lambda x, w, t: grouped_mlp_triton(x, w, w, t, "swiglu"), r"w_out \(2, 8, 16\).*\(2, 16, 4\)"),
+        # An odd w_in.shape[1] has no [gate | up] halves, though w_out fits its floor half.
+        (lambda x, w, t: grouped_mlp_triton(x, w[:, :7], torch.randn(2, 16, 3), t, "swiglu"), "and an even w_in.shape"),
     ],
 )
 def test_launchers_reject_bad_inputs(call, match):

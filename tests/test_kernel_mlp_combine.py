@@ -195,6 +195,20 @@ def test_fused_combine_saves_no_expert_outputs():
     assert activations(composed) - activations(fused) == N * D * 4
 
 
+def test_routing_weights_alone_still_keep_h():
+    """Frozen experts and input, trainable routing weights (or scores): their gradient reads act, so the
+    forward keeps the pre-activation h (N, H) instead of leaving the backward to recompute it."""
+    x, w_in, w_out, tokens_E, choice_N, weights_TK = make_inputs(6, 16, 8, 3, 2, "random", "swiglu", torch.float32, 7)
+    N, H = choice_N.numel(), w_in.shape[1]
+    weights = weights_TK.clone().requires_grad_()
+    score_N = weights_TK.reshape(-1)[choice_N].clone().requires_grad_()
+    combined = _saved_tensors(lambda: grouped_mlp_combine_triton(x, w_in, w_out, tokens_E, "swiglu", choice_N, weights))
+    scored = _saved_tensors(lambda: grouped_mlp_scored_triton(x.index_select(0, choice_N // 2), w_in, w_out, tokens_E,
+                                                              "swiglu", score_N))
+    for saved in (combined, scored):
+        assert (N, H) in [tuple(t.shape) for t in saved], [tuple(t.shape) for t in saved]
+
+
 def test_frozen_inputs_and_weights_without_grad():
     # Routing weights without a gradient (a detached router) and frozen expert weights both run and agree.
     x, w_in, w_out, tokens_E, choice_N, weights_TK = make_inputs(7, 16, 8, 3, 2, "random", "gelu", torch.float32, 2)

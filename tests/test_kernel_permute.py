@@ -264,6 +264,37 @@ def test_gather_backward_sums_in_row_order_in_fp32():
     assert gather_backward_triton(grad_ND, index_N, 2).tolist() == [[1.0], [1.0]]
 
 
+def test_row_strided_operands_are_read_through_their_own_row_stride():
+    """x_TD, y_ND, grad_y_TD and grad_x_ND as column slices of wider tensors (unit column stride, so the
+    launchers keep the view, row stride > D), and x_TD as one row broadcast to every token (row stride 0):
+    every kernel must step rows by the tensor's own stride, not by D or by the output's stride. Permute
+    and its backward, unpermute and both of its gradients, and gather_backward, against the references."""
+    torch.manual_seed(12)
+    num_tokens, top_k, num_experts, width = 9, 3, 5, 20
+    choice_N, weights_TK = _setup(num_tokens, top_k, num_experts, 0.2, None)
+    num_rows = choice_N.numel()
+    x_TD = torch.randn(num_tokens, width + 7)[:, 3:3 + width]
+    y_ND = torch.randn(num_rows, width + 5)[:, :width]
+    grad_TD = torch.randn(num_tokens, 2 * width)[:, width:]
+    grad_ND = torch.randn(num_rows, width + 3)[:, 1:1 + width]
+    assert all(t.stride() == (t.stride(0), 1) and t.stride(0) > width for t in (x_TD, y_ND, grad_TD, grad_ND))
+
+    broadcast_TD = torch.randn(1, width).expand(num_tokens, width)
+    assert torch.equal(permute_triton(broadcast_TD, choice_N, top_k), broadcast_TD[:1].expand(num_rows, width))
+    assert torch.equal(permute_triton(x_TD, choice_N, top_k), permute_reference(x_TD, choice_N, top_k))
+    torch.testing.assert_close(permute_backward_triton(grad_ND, choice_N, num_tokens, top_k),
+                               gather_backward_reference(grad_ND, choice_N // top_k, num_tokens))
+    torch.testing.assert_close(gather_backward_triton(grad_ND, choice_N // top_k, num_tokens),
+                               gather_backward_reference(grad_ND, choice_N // top_k, num_tokens))
+    torch.testing.assert_close(unpermute_triton(y_ND, choice_N, weights_TK, num_tokens),
+                               unpermute_reference(y_ND, choice_N, weights_TK, num_tokens))
+    y, w = y_ND.clone().requires_grad_(), weights_TK.clone().requires_grad_()
+    unpermute_reference(y, choice_N, w, num_tokens).backward(grad_TD)
+    grad_y_ND, grad_w_TK = unpermute_backward_triton(grad_TD, y_ND, choice_N, weights_TK)
+    torch.testing.assert_close(grad_y_ND, y.grad)
+    torch.testing.assert_close(grad_w_TK, w.grad)
+
+
 def test_gather_backward_rejects_bad_arguments():
     with pytest.raises(ValueError, match="index_N has 3 rows, grad_ND 4: expected equal"):
         gather_backward_triton(torch.randn(4, 2), torch.arange(3), 4)
@@ -369,6 +400,7 @@ def test_opcheck_custom_ops():
     cases = [
         (ops.expert_order, (experts_TK, 3, None)),
         (ops.expert_order, (experts_TK, 3, 10)),
+        (ops.expert_order, (experts_TK, 3, 13)),  # more rows than the 10 choices: clamped, fake included
         (ops.permute, (x_TD, choice_N, 2)),
         (ops.permute_backward, (torch.randn(num_rows, 4), choice_N, 5, 2)),
         (ops.unpermute, (y_ND, choice_N, w_TK, 5)),
