@@ -65,9 +65,12 @@ def test_report_names_device_versions_date_and_backend(quick) -> None:
 def test_every_layer_path_is_timed_and_agrees_or_says_why(quick) -> None:
     _, _, report = quick
     assert [r["shape"] for r in report["layer"]] == [s.name for s in QUICK_SHAPES]
-    for record in report["layer"]:
+    for shape, record in zip(QUICK_SHAPES, report["layer"]):
         assert {"T", "D", "F", "E", "K", "dtype", "routing", "flops_fwd", "flops_fwd_bwd", "load"} <= set(record)
+        assert [record[k] for k in ("T", "D", "F", "E", "K", "dtype")] == [shape.T, shape.D, shape.F, shape.E, shape.K,
+                                                                             shape.dtype]
         assert record["flops_fwd_bwd"] == 18 * record["T"] * record["K"] * record["D"] * record["F"]
+        ours = record["paths"]["ours"]
         assert list(record["paths"]) == list(PEERS)
         for name, entry in record["paths"].items():
             where = f"{record['shape']}/{name}: {entry}"
@@ -77,13 +80,18 @@ def test_every_layer_path_is_timed_and_agrees_or_says_why(quick) -> None:
                 continue
             assert entry["fwd_ms"] > 0 and entry["fwd_bwd_ms"] > 0, where
             assert entry["fwd_tflops"] > 0 and entry["fwd_bwd_tflops"] > 0, where
+            # TFLOP/s: each measurement's own FLOPs over its own median (ms) / 1e9.
+            assert entry["fwd_tflops"] == pytest.approx(record["flops_fwd"] / entry["fwd_ms"] / 1e9), where
+            assert entry["fwd_bwd_tflops"] == pytest.approx(record["flops_fwd_bwd"] / entry["fwd_bwd_ms"] / 1e9), where
             assert entry["peak_mem_bytes"] is None, where  # CPU: no peak memory counter
             agreement = entry["agreement"]
             assert agreement["ok"], where
             for output in ("y", "dx"):
                 assert agreement[output]["max_rel"] <= agreement[output]["tol"] == record["tolerance"], where
             if name != "ours":
-                assert record["ours_speedup"][name]["fwd_bwd"] > 0, where
+                # Peer time / ours: above 1 when ours is faster.
+                for key in ("fwd", "fwd_bwd"):
+                    assert record["ours_speedup"][name][key] == pytest.approx(entry[f"{key}_ms"] / ours[f"{key}_ms"]), where
 
 
 def test_expected_paths_run_on_cpu(quick) -> None:
@@ -106,13 +114,25 @@ def test_micro_benchmarks_report_bandwidth(quick) -> None:
         assert len(report[kind]) == len(QUICK_SHAPES)
         for record in report[kind]:
             assert set(record["ops"]) == ops
+            if kind == "router":
+                # Useful bytes: x and W read (in the dtype), fp32 weights and int64 experts written; the
+                # gating alone reads fp32 logits instead.
+                T, D, E, K = record["T"], record["D"], record["E"], record["K"]
+                elt = torch.finfo(getattr(torch, record["dtype"])).bits // 8
+                assert record["ops"]["router"]["bytes"] == (T * D + E * D) * elt + T * K * (4 + 8)
+                assert record["ops"]["topk_gating"]["bytes"] == T * E * 4 + T * K * (4 + 8)
             for op, op_record in record["ops"].items():
                 assert op_record["bytes"] > 0
+                ours = op_record["paths"]["ours"]
                 for name, entry in op_record["paths"].items():
                     where = f"{kind}/{record['shape']}/{op}/{name}: {entry}"
                     assert entry["status"] in ("ok", "skipped"), where
                     if entry["status"] == "ok":
                         assert entry["gbps"] > 0 and entry["agreement"]["ok"], where
+                        assert entry["gbps"] == pytest.approx(op_record["bytes"] / entry["fwd_ms"] / 1e6), where
+                        assert entry["copy_bw_fraction"] == pytest.approx(entry["gbps"] / report["copy_bandwidth_gbps"]), where
+                        if name != "ours" and ours["fwd_ms"]:
+                            assert op_record["ours_speedup"][name] == pytest.approx(entry["fwd_ms"] / ours["fwd_ms"]), where
 
 
 # ------------------------------------------------------------------- the agreement helper
@@ -240,6 +260,7 @@ def test_saved_activations_of_ours_are_h_and_routing_metadata_only(tmp_path) -> 
     assert main(["--shapes", "sonicmoe", "--out", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["shape"] == "sonicmoe" and row["ours_recompute_bytes"] < row["ours_bytes"] < row["grouped_mm_bytes"]
+    assert row["ours_over_grouped_mm"] == pytest.approx(row["ours_bytes"] / row["grouped_mm_bytes"])
     with pytest.raises(ValueError, match="path = 'loop'"):
         measure(shape, "loop")
 
