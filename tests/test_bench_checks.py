@@ -235,6 +235,28 @@ def test_weight_grads_compared_on_the_checked_experts_by_id() -> None:
                                                                                            "error": "no gradient"}
 
 
+def test_weight_grads_of_an_idle_expert_are_judged_at_its_own_scale() -> None:
+    """Expert 0 busy (gradients ~1e3), expert 2 idle (~1e-2): a 10% error in the idle expert's gradient is
+    1e-6 of the busy one's scale, and must still disagree; the entry names the expert that decided."""
+    gen = torch.Generator().manual_seed(1)
+    d_in = torch.randn(3, 6, 5, generator=gen) * torch.tensor([1e3, 1.0, 1e-2])[:, None, None]
+    d_out = torch.randn(3, 5, 3, generator=gen) * torch.tensor([1e3, 1.0, 1e-2])[:, None, None]
+    d_router = torch.randn(3, 5, generator=gen)
+    checked = [0, 1, 2]
+    reference = Reference(torch.zeros(1), torch.zeros(1), torch.ones(1, dtype=torch.bool), torch.ones(3), tuple(checked),
+                          {"router_weight_ED": d_router, "w_in_EHD": d_in, "w_out_EDF": d_out})
+    exact = weight_grad_agreement((d_router, d_in, d_out), reference, 2e-2)
+    assert all(exact[name]["ok"] for name in ("router_weight_ED", "w_in_EHD", "w_out_EDF"))
+    wrong = d_in.clone()
+    wrong[2] *= 1.1
+    result = weight_grad_agreement((d_router, wrong, d_out), reference, 2e-2)["w_in_EHD"]
+    assert not result["ok"] and result["worst_expert"] == 2
+    assert result["max_rel"] == pytest.approx(0.1)  # relative to expert 2's own largest gradient
+    assert compare(wrong[checked], d_in, 2e-2).ok  # at the stacked scale the error would pass
+    misshaped = weight_grad_agreement((d_router, d_in[:2], d_out), reference, 2e-2)["w_in_EHD"]
+    assert not misshaped["ok"] and misshaped["error"] == "shape (2, 6, 5)"
+
+
 @pytest.fixture(scope="module")
 def case():
     problem = make_problem(TINY, "balanced", CPU, seed=1)

@@ -53,18 +53,27 @@ WEIGHT_NAMES = ("router_weight_ED", "w_in_EHD", "w_out_EDF")
 
 def weight_grad_agreement(grads: tuple[torch.Tensor | None, ...], reference: Reference, tol: float) -> dict[str, Any]:
     """Each of a path's (router, w_in, w_out) gradients against the reference's: the router's whole,
-    the experts' on the reference's checked experts. Relative to the largest reference magnitude, as
-    for y; a missing gradient (the path never used that weight) disagrees."""
+    the experts' on each of the reference's checked experts. Relative to the largest reference
+    magnitude, as for y, but per expert: the least busy expert's gradient can be orders of magnitude
+    smaller than the busiest's, and an error in it would hide under the busiest's scale. An expert
+    weight's entry is its worst expert's agreement (`worst_expert` names it), ok only if every
+    checked expert agrees; a missing gradient (the path never used that weight) disagrees."""
     result: dict[str, Any] = {}
+    checked = list(reference.checked_experts)
     for name, grad in zip(WEIGHT_NAMES, grads):
         ref = reference.grads[name]
         if grad is None:
             result[name] = {"ok": False, "error": "no gradient"}
-            continue
-        if name != "router_weight_ED":
-            grad = grad[list(reference.checked_experts)]
-        result[name] = compare(grad, ref, tol).to_json()
-    result["checked_experts"] = list(reference.checked_experts)
+        elif name == "router_weight_ED":
+            result[name] = compare(grad, ref, tol).to_json()
+        elif grad.shape[1:] != ref.shape[1:] or grad.shape[0] <= max(checked):
+            result[name] = {**compare(grad, ref, tol).to_json(), "error": f"shape {tuple(grad.shape)}"}
+        else:
+            per_expert = [compare(grad[e], ref[i], tol) for i, e in enumerate(checked)]
+            worst = max(range(len(checked)), key=lambda i: (not per_expert[i].ok, per_expert[i].max_rel or 0.0))
+            result[name] = {**per_expert[worst].to_json(), "ok": all(a.ok for a in per_expert),
+                            "worst_expert": checked[worst]}
+    result["checked_experts"] = checked
     return result
 
 
