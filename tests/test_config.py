@@ -113,6 +113,7 @@ ERROR_CASES = {
     "unknown section, no suggestion": (["foo.bar=1"], ["foo", "unknown key", "allowed: model, moe, parallel, data"]),
     "string for int": (["model.d_model=abc"], ["model.d_model", "'abc'", "must be an integer"]),
     "float for int": (["model.d_model=16.5"], ["model.d_model", "16.5", "must be an integer"]),
+    "bool for int": (["moe.num_experts=true"], ["moe.num_experts", "True", "must be an integer"]),  # bool is an int subclass
     "int for bool": (["logging.csv=1"], ["logging.csv", "1", "must be true or false"]),
     "string for float": (["optim.lr=fast"], ["optim.lr", "'fast'", "must be a number"]),
     "bool for float": (["optim.lr=true"], ["optim.lr", "True", "must be a number"]),
@@ -298,6 +299,19 @@ def test_malformed_set_without_key_or_equals(item: str) -> None:
     with pytest.raises(ConfigError, match="expected KEY=VALUE") as info:
         load_config(None, [item])
     assert repr(item) in str(info.value)
+
+
+def test_overrides_leave_the_given_data_untouched() -> None:
+    """apply_overrides returns new data: the caller's nested sections (a YAML file's mapping, reused
+    for several runs) keep their values."""
+    from moe_engine.typed_config import apply_overrides
+
+    data = {"moe": {"num_experts": 4, "router": {"top_k": 2}}, "data": {"tasks": ["digit"]}}
+    updated = apply_overrides(data, ["moe.router.top_k=1", "moe.num_experts=8"], {"train.out_dir": "runs/x"})
+    assert updated == {"moe": {"num_experts": 8, "router": {"top_k": 1}}, "data": {"tasks": ["digit"]},
+                       "train": {"out_dir": "runs/x"}}
+    assert data == {"moe": {"num_experts": 4, "router": {"top_k": 2}}, "data": {"tasks": ["digit"]}}
+    assert updated["data"]["tasks"] is not data["data"]["tasks"]
 
 
 def test_set_through_a_scalar() -> None:

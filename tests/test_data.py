@@ -15,7 +15,7 @@ from moe_engine.mtl.digits import (
     place,
     split_source_indices,
 )
-from moe_engine.mtl.tasks import MultiTaskData, example_features
+from moe_engine.mtl.tasks import MultiTaskData, TaskSpec, example_features
 
 PAIRS = 400  # train examples per task in these tests; test splits get the minimum of 200
 
@@ -112,6 +112,27 @@ def test_source_split_is_disjoint_stratified_and_covering(sources) -> None:
     assert not np.array_equal(train, other_train)
 
 
+@pytest.mark.parametrize("eval_fraction, n_test", [(0.001, 3), (0.999, 3 * 4)])  # rounds to 0 / to all of a class
+def test_source_split_keeps_one_image_per_class_in_each_split(eval_fraction: float, n_test: int) -> None:
+    """The clamp: a fraction that rounds to no (or every) image of a class still leaves one in
+    test (or train), so every label stays drawable in both splits."""
+    targets = np.repeat(np.arange(3), 5)  # 3 classes of 5 images
+    train, test = split_source_indices(targets, eval_fraction, seed=0)
+    assert len(test) == n_test and len(train) == len(targets) - n_test
+    assert set(targets[train]) == set(targets[test]) == {0, 1, 2}
+
+
+def test_single_digits_take_every_offset(data: MultiTaskData, sources) -> None:
+    """"digit" and "parity" draw the offset uniformly from 0..4: each one occurs, the last included."""
+    images, _ = sources
+    offset_of = {place(images[i], o).tobytes(): o for i in range(len(images)) for o in range(5)}
+    c = columns(data.train)
+    single = (c["task"] == data.task_index("digit")) | (c["task"] == data.task_index("parity"))
+    offsets = [offset_of[canvas.tobytes()] for canvas in c["pixels"][single].numpy()]
+    assert sorted(set(offsets)) == [0, 1, 2, 3, 4]
+    assert min(offsets.count(o) for o in range(5)) > len(offsets) / 10  # roughly uniform: 1/5 each
+
+
 def test_place_and_overlay_helpers() -> None:
     left = np.arange(64, dtype=np.float32).reshape(8, 8) / 64
     right = np.full((8, 8), 0.5, dtype=np.float32)
@@ -182,6 +203,16 @@ def test_invalid_arguments_are_named() -> None:
         build_digits_tasks("digit")
 
 
+def test_task_specs_and_multi_task_data_are_validated(data: MultiTaskData) -> None:
+    with pytest.raises(ValueError, match="num_classes must be >= 2, got 1"):
+        TaskSpec("one", 1, 1.0, "a single class is no task")
+    with pytest.raises(ValueError, match="chance must lie in"):
+        TaskSpec("two", 2, 1.5, "chance above 1")
+    TaskSpec("two", 2, 1.0, "the bounds are allowed")
+    with pytest.raises(ValueError, match=r"task names must be unique, got \['digit', 'digit'\]"):
+        MultiTaskData(data.train, data.test, (data.tasks[0], data.tasks[0]))
+
+
 def test_task_index_rejects_unknown_name(data: MultiTaskData) -> None:
     with pytest.raises(ValueError, match=r"'middle'.*\['digit', 'parity', 'left', 'right'\]"):
         data.task_index("middle")
@@ -226,6 +257,20 @@ def test_load_names_the_first_row_whose_task_or_label_does_not_fit(data, tmp_pat
     specs[0]["num_classes"] = 3  # digit labels 3..9 no longer fit
     (tmp_path / "tasks.json").write_text(json.dumps(specs))
     with pytest.raises(ValueError, match=r"train: row \d+ has label \d for task 'digit'; allowed: 0..2"):
+        load_task_data(tmp_path)
+
+
+def test_load_refuses_a_label_equal_to_num_classes(data, tmp_path) -> None:
+    """Labels lie in [0, num_classes): a label equal to num_classes is the off-by-one to catch."""
+    import json
+
+    save_task_data(data, tmp_path)
+    specs = json.loads((tmp_path / "tasks.json").read_text())
+    specs[0]["num_classes"] = 9  # digit label 9 is now one past the last class
+    (tmp_path / "tasks.json").write_text(json.dumps(specs))
+    c = columns(data.train)
+    row = int(np.flatnonzero(((c["task"] == 0) & (c["label"] == 9)).numpy())[0])
+    with pytest.raises(ValueError, match=rf"train: row {row} has label 9 for task 'digit'; allowed: 0..8"):
         load_task_data(tmp_path)
 
 
@@ -308,6 +353,20 @@ def test_seeds_differ_and_mismatched_state_is_refused() -> None:
         ResumableBatches(toy(50), 5, seed=0).load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="51.*50"):
         ResumableBatches(toy(50), 51, seed=0)
+
+
+@pytest.mark.parametrize(
+    "epoch, position",
+    [(0, 5), (0, 15), (-1, 0), (0, 50), (0, 41)],  # mid-batch, mid-batch, negative epoch, past the last full batch
+)
+def test_invalid_resume_positions_are_refused(epoch: int, position: int) -> None:
+    """Resumable states sit on batch boundaries at most len - batch_size into an epoch; any
+    other position would shift every later batch, so it is refused."""
+    batches = ResumableBatches(toy(50), 10, seed=0)
+    with pytest.raises(ValueError, match=rf"invalid state epoch={epoch}, position={position} for 50 examples"):
+        batches.load_state_dict({"epoch": epoch, "position": position, "seed": 0, "batch_size": 10})
+    batches.load_state_dict({"epoch": 2, "position": 40, "seed": 0, "batch_size": 10})  # the last full batch
+    assert batches.state_dict()["position"] == 40 and len(next(batches)["label"]) == 10 and batches.epoch == 3
 
 
 def test_eval_batches_cover_split_once_in_order() -> None:

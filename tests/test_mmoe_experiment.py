@@ -153,6 +153,28 @@ def test_summary_and_table():
     assert format_table(summary, ["mmoe"], [0.5]).splitlines()[2].split() == ["0.5", "2.0000", "±", "1.0000"]
 
 
+def test_summary_keeps_each_tasks_mean_and_separates_models_and_correlations():
+    """mean_per_task averages each task's test MSE over the seeds, task by task (the two tasks'
+    errors differ); cells are per (model, p)."""
+    records = [
+        {"model": "mmoe", "p": 0.5, "seed": 0, "test_mse": [1.0, 4.0], "test_loss": 2.5},
+        {"model": "mmoe", "p": 0.5, "seed": 1, "test_mse": [3.0, 8.0], "test_loss": 5.5},
+        {"model": "omoe", "p": 0.5, "seed": 0, "test_mse": [5.0, 7.0], "test_loss": 6.0},
+        {"model": "mmoe", "p": 1.0, "seed": 0, "test_mse": [0.5, 1.5], "test_loss": 1.0},
+    ]
+    summary = summarize(records)
+    assert summary["mmoe"][0.5]["mean_per_task"] == pytest.approx([2.0, 6.0])
+    assert summary["mmoe"][0.5]["mean"] == pytest.approx(4.0) and summary["mmoe"][0.5]["runs"] == 2
+    assert summary["omoe"][0.5]["mean_per_task"] == pytest.approx([5.0, 7.0]) and summary["omoe"][0.5]["std"] == 0.0
+    assert summary["mmoe"][1.0]["mean_per_task"] == pytest.approx([0.5, 1.5])
+
+
+@pytest.mark.parametrize("top_k", [None, 1, 8])
+def test_top_k_from_one_to_num_experts_is_accepted(top_k):
+    """top_k = num_experts (every expert, sparse gates renormalised over all of them) is allowed."""
+    assert ExperimentConfig(top_k=top_k, num_experts=8).top_k == top_k
+
+
 def test_main_reads_the_config_and_prints_the_table(tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in (TINY | dict(models=["omoe", "shared_bottom"])).items()))

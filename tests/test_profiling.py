@@ -322,6 +322,39 @@ def test_profile_counts_every_routed_token(profiled):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_profile_reports_the_bytes_permute_and_combine_move_per_step(profiled):
+    """bytes_per_step is one step's share of what the observer counted over the profiled steps:
+    (3N + T) * D and (3N + 2T) * D fp32 elements, N = T * K kept choices (dropless)."""
+    out, _, _ = profiled
+    report = json.loads((out / "profile.json").read_text())
+    rows = {r["category"]: r for r in report["table"]["rows"]}
+    T, K, D = 16 * 25, 2, 32  # batch 16 of 24 patches + the task token; top-2; model.d_model
+    assert report["steps"] == 2
+    assert rows["permute"]["bytes_per_step"] == (3 * T * K + T) * D * 4
+    assert rows["combine"]["bytes_per_step"] == (3 * T * K + 2 * T) * D * 4
+
+
+def test_unprofiled_step_time_leaves_out_the_first_warm_up_step(tmp_path, monkeypatch):
+    """The first warm-up step pays for allocations and compilation: the step time without the
+    profiler is the mean of the later warm-up steps (scripted here), and the profiled steps'
+    times are reported as measured."""
+    import moe_engine.profiling as profiling
+    from moe_engine.config import load_config
+
+    real_step = profiling._timed_step
+    scripted = iter([9.0, 0.25, 0.75, 0.6])  # 3 warm-up steps, then the profiled one
+
+    def timed_step(trainer, scope=None):
+        return next(scripted), real_step(trainer, scope)[1]
+
+    monkeypatch.setattr(profiling, "_timed_step", timed_step)
+    cfg = load_config(None, [*SMALL, f"train.out_dir={tmp_path / 'run'}"])
+    result = profiling.profile_training(cfg, steps=1, warmup=3, out_dir=tmp_path, log=lambda line: None)
+    assert result.unprofiled_step_s == pytest.approx(0.5)
+    assert result.step_seconds == [0.6] and result.table["wall_step_s"] == pytest.approx(0.6)
+    assert json.loads((tmp_path / "profile.json").read_text())["unprofiled_step_s"] == pytest.approx(0.5)
+
+
 def test_profile_prints_the_table_and_progress(profiled):
     _, printed, progress = profiled
     for label in ("router", "permute (dispatch)", "grouped GEMMs (expert MLPs)", "combine / unpermute", "attention",

@@ -247,6 +247,32 @@ def test_no_aux_terms_when_disabled():
     assert routing.aux_loss.item() == 0.0
 
 
+@pytest.mark.parametrize("aux_loss_type", ["switch", "seq_switch"])
+def test_a_zero_aux_loss_coef_disables_the_balance_loss(aux_loss_type):
+    """aux_loss_coef = 0 switches the balance loss off like aux_loss_type = "none": no term is
+    computed or logged, and seq_switch then needs no sequence ids."""
+    router = make_router(4, 3, 2, aux_loss_type=aux_loss_type, aux_loss_coef=0.0, z_loss_coef=0.0)
+    routing = router(torch.randn(5, 4))
+    assert dict(routing.aux_terms) == {}
+    assert routing.aux_loss.item() == 0.0
+
+
+@pytest.mark.parametrize("rate, has_bias", [(0.0, False), (1e-3, True)])
+def test_from_config_keeps_an_expert_bias_only_with_a_positive_rate(rate, has_bias):
+    """A router built from a config with expert_bias_rate = 0 has no bias buffer (nothing in its
+    state dict, update_expert_bias refused); a positive rate gives a zero bias."""
+    from moe_engine.config import RouterConfig
+
+    router = TopKRouter.from_config(4, 3, RouterConfig(top_k=2, expert_bias_rate=rate))
+    assert ("expert_bias" in router.state_dict()) == has_bias
+    if has_bias:
+        assert torch.equal(router.expert_bias, torch.zeros(3))
+    else:
+        assert router.expert_bias is None
+        with pytest.raises(ValueError, match="expert_bias=False"):
+            router.update_expert_bias(torch.ones(3), 0.1)
+
+
 @pytest.mark.parametrize("ctx", [None, RoutingContext(task_ids_T=torch.zeros(6, dtype=torch.int64))])
 def test_seq_switch_needs_sequence_ids(ctx):
     router = make_router(4, 3, 2, aux_loss_type="seq_switch")
