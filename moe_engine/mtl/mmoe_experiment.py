@@ -76,8 +76,6 @@ class ExperimentConfig:
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
                 _fail(name, value, "expected a non-empty list")
-            if len(set(value)) != len(value):
-                _fail(name, value, "expected no repeated entries")
             object.__setattr__(self, name, tuple(value))
         for p in self.correlations:
             if not _is_number(p) or not -1.0 <= p <= 1.0:
@@ -88,6 +86,11 @@ class ExperimentConfig:
         for seed in self.seeds:
             if not _is_int(seed) or seed < 0:
                 _fail("seeds", list(self.seeds), f"entry {seed!r} is not an integer >= 0")
+        # After the entry checks: a nested list as an entry is unhashable and must be named, not raise.
+        for name in ("correlations", "models", "seeds"):
+            value = getattr(self, name)
+            if len(set(value)) != len(value):
+                _fail(name, list(value), "expected no repeated entries")
         for name in ("steps", "batch_size", "num_train", "num_test", "num_experts", "expert_hidden", "tower_hidden"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "expected an integer >= 1")
