@@ -313,16 +313,21 @@ def test_batches_are_deterministic_and_resume(pretrained, tmp_path):
         assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_a_tokenizer_next_to_the_model_is_used(pretrained, tmp_path):
+def _word_tokenizer(words: list[str]):
+    """A word-level Hugging Face tokenizer: [PAD] 0, [EOS] 1, [UNK] 2, then `words`."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = ["[PAD]", "[EOS]", "[UNK]", "abc", "d", *(str(i) for i in range(1, 15))]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    vocab = ["[PAD]", "[EOS]", "[UNK]", *words]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(
+    return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]"
     )
+
+
+def test_a_tokenizer_next_to_the_model_is_used(pretrained, tmp_path):
+    tokenizer = _word_tokenizer(["abc", "d", *(str(i) for i in range(1, 15))])
     folder = tmp_path / "hf"
     pretrained["hf"].save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -334,6 +339,63 @@ def test_a_tokenizer_next_to_the_model_is_used(pretrained, tmp_path):
     assert CausalLMWorkload(_cfg(tmp_path / "run", folder, pretrained["data"], tokenizer="bytes")).data.tokenizer.eos_id == 1
     with pytest.raises(FileNotFoundError, match="data.tokenizer = .*not a folder with Hugging Face tokenizer files"):
         build_tokenizer(str(tmp_path / "run"), [])
+
+
+def test_the_models_tokenizer_comes_before_the_datas(tmp_path):
+    """Without data.tokenizer the first folder of the search (the model's, then data.path) that
+    holds tokenizer files gives the tokenizer; one without any is skipped."""
+    model_dir, data_dir, empty = tmp_path / "model", tmp_path / "data", tmp_path / "empty"
+    _word_tokenizer(["a"]).save_pretrained(model_dir)
+    _word_tokenizer(["a", "b", "c"]).save_pretrained(data_dir)
+    empty.mkdir()
+    assert build_tokenizer(None, [model_dir, data_dir]).num_ids == 4
+    assert build_tokenizer(None, [empty, None, data_dir]).num_ids == 6
+    assert build_tokenizer(None, [empty, None]).name == "bytes (UTF-8)"
+
+
+def test_a_split_in_two_formats_is_refused(tmp_path):
+    import datasets
+
+    data = _write_corpus(tmp_path / "data")
+    datasets.Dataset.from_dict({"text": ["other"], "task": ["abc"]}).to_parquet(str(data / "train.parquet"))
+    with pytest.raises(ValueError, match=r"the train split is ambiguous, several files exist: .*train.jsonl.*train.parquet"):
+        load_text_data(data, TASKS, ByteTokenizer.as_text_tokenizer(), seq_len=SEQ)
+
+
+def test_a_vocabulary_of_exactly_the_tokenizers_ids_fits(pretrained, tmp_path):
+    """The byte tokenizer's 258 ids fit a vocabulary of 258 (the refusal is for fewer)."""
+    folder = tmp_path / "v258"
+    _hf_model(vocab_size=ByteTokenizer.NUM_IDS).save_pretrained(folder)
+    workload = CausalLMWorkload(_cfg(tmp_path / "run", folder, pretrained["data"]))
+    assert workload.model_config.vocab_size == workload.data.tokenizer.num_ids == 258
+
+
+def test_evaluation_is_the_token_mean_loss_and_routing_of_the_test_split(pretrained, tmp_path):
+    """evaluate() against transformers on the padded test rows: each task's loss is the mean over
+    its predicted tokens (rows weighted by their tokens), perplexity its exp, and each task's
+    routed choices are K per real token of its rows in every MoE layer."""
+    from contextlib import nullcontext
+
+    workload = CausalLMWorkload(_cfg(tmp_path, pretrained["native"], pretrained["data"], packing=False))
+    model = workload.build_model(None)
+    workload.load_initial_weights(model, pretrained["native"], None)
+    metrics, counts_LXE = workload.evaluate(model.eval(), SINGLE, torch.device("cpu"), nullcontext, 4)
+    test = workload.data.test[:]
+    assert (test["length"] < SEQ).any() and len(set(test["length"][test["task"] == 1].tolist())) > 1
+    real_BS = torch.arange(SEQ)[None] < test["length"][:, None]
+    hf = pretrained["hf"]
+    for t, name in enumerate(TASKS):
+        rows = test["task"] == t
+        ids, mask = test["input_ids"][rows], real_BS[rows]
+        with torch.no_grad():
+            row_means = [hf(i[None], attention_mask=m[None].long(), labels=i.masked_fill(~m, -100)[None]).loss
+                         for i, m in zip(ids, mask)]
+        predicted = test["length"][rows] - 1
+        want = float(sum(loss * n for loss, n in zip(row_means, predicted)) / predicted.sum())
+        assert metrics[f"loss_{name}"] == pytest.approx(want, rel=1e-5)
+        assert metrics[f"perplexity_{name}"] == pytest.approx(torch.tensor(want).exp().item(), rel=1e-5)
+        assert counts_LXE.shape == (2, 2, 4)
+        assert counts_LXE[:, t].sum(-1).tolist() == [2 * int(test["length"][rows].sum())] * 2
 
 
 def test_refusals_name_the_value(pretrained, tmp_path):

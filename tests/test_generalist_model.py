@@ -470,8 +470,6 @@ class BadTokenizer(nn.Module):
 
     def forward(self, images):
         return torch.zeros(len(images), 3, self.width + 1), None
-    with pytest.raises(ValueError, match="concat_routings: got no routings"):
-        concat_routings([])
 
 
 def test_concat_routings_averages_losses_by_rows_and_sums_capacities() -> None:
@@ -487,6 +485,8 @@ def test_concat_routings_averages_losses_by_rows_and_sums_capacities() -> None:
     assert concat_routings([routing(1, None, 0.0)]).capacity is None
     with pytest.raises(ValueError, match="mix dropless"):
         concat_routings([routing(1, None, 0.0), routing(1, 3, 0.0)])
+    with pytest.raises(ValueError, match="concat_routings: got no routings"):
+        concat_routings([])
 
 
 def test_auxiliary_losses_average_over_encoder_calls() -> None:

@@ -51,6 +51,40 @@ def test_generalist_trains_and_reports_every_task_metric(pretrained) -> None:
     assert (out_dir / "checkpoints" / "step_00000004.pt").is_file()
 
 
+def test_evaluation_metrics_are_each_test_splits_own(pretrained) -> None:
+    """evaluate() walks each test split in batches of 64 (200 rows: a short last batch); its metric
+    and loss per task are the means over the split's examples of one forward over the whole split."""
+    import torch.nn.functional as F
+
+    _, trainer = pretrained
+    metrics, _ = trainer.evaluate()
+    model, data = trainer.model.eval(), trainer.workload.data
+    for task in data.tasks:
+        split = data.test[task.name][:]
+        assert len(data.test[task.name]) % 64 != 0
+        with torch.no_grad():
+            scores = model({task.name: split}).scores[task.name]
+        labels = split[task.label_column]
+        if task.kind == "regression":
+            metric = loss = (scores - labels).square().mean()
+        else:
+            metric = (scores.argmax(-1) == labels).float().mean()
+            loss = F.cross_entropy(scores, labels)
+        assert metrics[f"{task.metric}_{task.name}"] == pytest.approx(metric.item(), rel=1e-4, abs=1e-6), task.name
+        assert metrics[f"loss_{task.name}"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-6), task.name
+
+
+def test_freezing_the_backbone_leaves_every_per_task_parameter_training(pretrained) -> None:
+    """Task prompts and the regression heads (weights and biases) are task parameters: they always train."""
+    from moe_engine.finetune import freeze_groups
+
+    _, trainer = pretrained
+    model = trainer.workload.build_model(None)
+    freeze_groups(model, trainer.workload, ["backbone"])
+    assert all(p.requires_grad for p in (model.task_prompt, model.regression_weight, model.regression_bias))
+    assert not model.logit_scale.requires_grad and not model.norm.weight.requires_grad
+
+
 def _as_older_file(path: Path, trainer: Trainer) -> None:
     """Rewrite a checkpoint as files saved before logit_scale became (1,) were: a 0-dim parameter
     with 0-dim Adam moments."""
