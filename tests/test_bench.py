@@ -393,44 +393,6 @@ def test_router_paths_time_the_gating_alone_and_compare_by_expert() -> None:
     assert entry["status"] == "ok" and entry["agreement"]["ok"] and entry["timed_runs"] == {"fwd": 2, "fwd_bwd": 2}
 
 
-def test_cuda_timer_takes_at_least_min_reps_runs_and_never_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The CUDA timer's logic, with CUDA events played by the CPU clock: a 20 ms call within a 30 ms
-    # budget still gets min_reps timed runs (do_bench would time one), and the first (compiling) call
-    # is not among them.
-    import time
-
-    import moe_engine.bench.common as common
-
-    class ClockEvent:
-        def __init__(self, enable_timing: bool = False) -> None:
-            self.t = None
-
-        def record(self) -> None:
-            self.t = time.perf_counter()
-
-        def elapsed_time(self, end: "ClockEvent") -> float:
-            return (end.t - self.t) * 1e3
-
-    monkeypatch.setattr(torch.cuda, "Event", ClockEvent)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(common, "L2_FLUSH_BYTES", 1024)
-    calls = []
-
-    def fn() -> None:
-        calls.append(1)
-        time.sleep(0.2 if len(calls) == 1 else 0.02)
-
-    timing = common._measure_cuda(fn, CPU, TimingSettings(warmup_ms=0.0, rep_ms=30.0, min_reps=4))
-    assert timing.reps == 4
-    assert 15 < timing.median_ms < 150 and timing.p80_ms < 150  # the 200 ms first call is not timed
-    assert len(calls) == 1 + 1 + 4  # untimed first, 1 to size the rest, no warm-up budget, 4 timed
-    # A fast call fills the budget instead, up to max_reps.
-    calls.clear()
-    fast = common._measure_cuda(lambda: calls.append(1), CPU, TimingSettings(warmup_ms=0.0, rep_ms=30.0, min_reps=4,
-                                                                               max_reps=50))
-    assert fast.reps == 50
-
-
 def test_a_plot_cut_short_keeps_the_previous_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A time limit can kill the run while the PNG is written: the previous plot must survive whole.
     from matplotlib.figure import Figure

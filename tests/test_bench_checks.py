@@ -158,20 +158,29 @@ def test_cpu_timer_never_times_the_warm_up_call() -> None:
     assert timing.p80_ms < 50
 
 
-def test_cuda_timer_flushes_l2_before_each_timed_run_outside_the_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+class ClockEvent:
+    """torch.cuda.Event played by the CPU clock (the CUDA timer's logic, tested without a GPU)."""
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.t = None
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: "ClockEvent") -> float:
+        return (end.t - self.t) * 1e3
+
+
+@pytest.fixture
+def cuda_events_on_the_cpu_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "Event", ClockEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+
+def test_cuda_timer_flushes_l2_before_each_timed_run_outside_the_timing(monkeypatch: pytest.MonkeyPatch,
+                                                                         cuda_events_on_the_cpu_clock: None) -> None:
     """CUDA events played by the CPU clock, an L2 flush that takes 30 ms: every timed run (and the sizing
     one) starts with a flush, and no timed run includes it."""
-
-    class ClockEvent:
-        def __init__(self, enable_timing: bool = False) -> None:
-            self.t = None
-
-        def record(self) -> None:
-            self.t = time.perf_counter()
-
-        def elapsed_time(self, end: "ClockEvent") -> float:
-            return (end.t - self.t) * 1e3
-
     flushes = []
 
     class SlowFlush:
@@ -179,12 +188,32 @@ def test_cuda_timer_flushes_l2_before_each_timed_run_outside_the_timing(monkeypa
             flushes.append(1)
             time.sleep(0.03)
 
-    monkeypatch.setattr(torch.cuda, "Event", ClockEvent)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(common.torch, "empty", lambda *args, **kwargs: SlowFlush())
     timing = common._measure_cuda(lambda: None, CPU, TimingSettings(warmup_ms=0.0, rep_ms=1.0, min_reps=3, max_reps=3))
     assert timing.reps == 3 and len(flushes) == 1 + 3
     assert timing.p80_ms < 15
+
+
+def test_cuda_timer_takes_at_least_min_reps_runs_and_never_the_first(monkeypatch: pytest.MonkeyPatch,
+                                                                      cuda_events_on_the_cpu_clock: None) -> None:
+    """A 20 ms call within a 30 ms budget still gets min_reps timed runs (do_bench would time one), and
+    the first (compiling) call is not among them."""
+    monkeypatch.setattr(common, "L2_FLUSH_BYTES", 1024)
+    calls = []
+
+    def fn() -> None:
+        calls.append(1)
+        time.sleep(0.2 if len(calls) == 1 else 0.02)
+
+    timing = common._measure_cuda(fn, CPU, TimingSettings(warmup_ms=0.0, rep_ms=30.0, min_reps=4))
+    assert timing.reps == 4
+    assert 15 < timing.median_ms < 150 and timing.p80_ms < 150  # the 200 ms first call is not timed
+    assert len(calls) == 1 + 1 + 4  # untimed first, 1 to size the rest, no warm-up budget, 4 timed
+    # A fast call fills the budget instead, up to max_reps.
+    calls.clear()
+    fast = common._measure_cuda(lambda: calls.append(1), CPU, TimingSettings(warmup_ms=0.0, rep_ms=30.0, min_reps=4,
+                                                                               max_reps=50))
+    assert fast.reps == 50
 
 
 # ------------------------------------------------------------------- agreement checks

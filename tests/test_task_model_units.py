@@ -1,5 +1,5 @@
 """Unit tests that pin behaviour of the routing monitor, the task MoE block and the multi-task model
-which the training-run tests exercise only as a whole (found by mutation testing): what a
+which the training-run tests exercise only as a whole: what a
 non-main rank restores, refused checkpoints, padding rows of the MoE FFN, the attention branch's
 dropout, and the tokens, attributes and sequence ids the model hands its blocks."""
 
