@@ -119,3 +119,18 @@ def test_config_field() -> None:
     assert load_config(None, ["model.activation_checkpointing=true"]).model.activation_checkpointing
     with pytest.raises(ConfigError, match="model.activation_checkpointing = 3: must be true or false"):
         load_config(None, ["model.activation_checkpointing=3"])
+
+
+def test_run_block_recomputes_the_whole_block() -> None:
+    """The recomputation runs to the block's end (early stop off): work after the last saved tensor,
+    e.g. an expert-parallel exchange every rank must issue, is repeated too."""
+    steps = []
+
+    def block(x):
+        y = x * x  # saves x
+        steps.append("end")  # after the last op whose saved tensor the backward needs
+        return y.sum()
+
+    x = torch.ones(3, requires_grad=True)
+    run_block(block, x, checkpointed=True).backward()
+    assert steps == ["end", "end"] and torch.equal(x.grad, torch.full((3,), 2.0))

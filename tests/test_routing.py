@@ -566,3 +566,28 @@ def test_aux_terms_are_detached_for_telemetry() -> None:
         out = router(torch.randn(16, 8), ctx)
         assert out.aux_loss.requires_grad and out.aux_terms
         assert not any(v.requires_grad for v in out.aux_terms.values()), aux_loss_type
+
+
+@pytest.mark.parametrize("policy", ["position", "score"])
+def test_ties_over_capacity_keep_the_earliest_tokens_among_many(policy: str) -> None:
+    # 40 first choices of expert 0, all of equal weight, capacity 5: both policies keep tokens 0..4
+    # (stable sorts; an unstable argsort reorders ties from about 17 elements on CPU).
+    experts_TK = torch.tensor([[0, 1]] * 40)
+    weights_TK = torch.full((40, 2), 0.5)
+    experts, _ = drop_over_capacity(experts_TK, weights_TK, 2, 5, policy)
+    assert (experts[:, 0] >= 0).nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
+    assert (experts[:, 1] >= 0).nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("x_dtype, weight_dtype", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_gate_logits_weight_gradient_when_the_tokens_need_none(x_dtype, weight_dtype):
+    # The router of a first layer sees tokens that need no gradient; its weight still needs one.
+    from moe_engine.routing.gate import gate_logits
+
+    torch.manual_seed(11)
+    x = torch.randn(7, 16, dtype=x_dtype)
+    w = (torch.randn(3, 16) * 0.2).to(weight_dtype).requires_grad_()
+    grad = torch.randn(7, 3)
+    (got,) = torch.autograd.grad(gate_logits(x, w), (w,), grad)
+    assert got.dtype == weight_dtype
+    torch.testing.assert_close(got.float(), grad.t() @ x.float(), atol=1e-2, rtol=1e-2)
