@@ -396,6 +396,21 @@ def test_load_errors_name_the_problem(small, tmp_path):
         save_generalist_data(small, tmp_path, file_format="csv")
 
 
+def test_load_refuses_one_task_name_given_as_a_string(small, tmp_path):
+    """tasks="digit" would be read as the names 'd', 'i', 'g', ...: refused by type, naming the string."""
+    (tmp_path / "tasks.json").write_text(json.dumps([task.to_dict() for task in small.tasks]))
+    with pytest.raises(TypeError, match="not the string 'digit'"):
+        load_generalist_data(tmp_path, tasks="digit")
+
+
+def test_load_refuses_a_tasks_file_naming_a_task_twice(small, tmp_path):
+    """Two entries named 'digit' would collapse into one task silently (the last one winning)."""
+    digit = small.task("digit").to_dict()
+    (tmp_path / "tasks.json").write_text(json.dumps([digit, small.task("sum").to_dict(), dict(digit, description="again")]))
+    with pytest.raises(ValueError, match=r"repeats task names: \['digit', 'sum', 'digit'\]"):
+        load_generalist_data(tmp_path)
+
+
 # ------------------------------------------------------------------------- mixing weights
 
 

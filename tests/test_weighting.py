@@ -805,6 +805,42 @@ def test_task_gradients_and_gram():
     torch.testing.assert_close(gram_matrix(grads), grads @ grads.T)
 
 
+@pytest.mark.parametrize("name", [m for m in METHODS if build_weighting(m, 2).needs_gram])
+def test_gram_is_symmetrised_before_the_solver(name):
+    """An fp32 G @ G.T need not be exactly symmetric: a (T, T) = (3, 3) Gram plus an antisymmetric
+    perturbation gives the weights of the Gram itself."""
+    grads = random_grads(3, 5, seed=7)
+    gram = grads @ grads.T
+    skew = np.array([[0.0, 0.4, -0.3], [-0.4, 0.0, 0.2], [0.3, -0.2, 0.0]])
+    weighting, reference = build_weighting(name, 3), build_weighting(name, 3)
+    losses = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    _, weights = weighting.combine(losses, ALL_PRESENT3, torch.from_numpy(gram + skew))
+    _, expected = reference.combine(losses, ALL_PRESENT3, torch.from_numpy(gram))
+    torch.testing.assert_close(weights, expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if build_weighting(m, 2).needs_gram])
+def test_non_finite_gram_entries_of_absent_tasks_are_ignored(name):
+    """Only the present tasks' block of the Gram must be finite: NaN in an absent task's row and
+    column (T = 3, task 2 absent) still gives finite weights, 0 for the absent task."""
+    grads = random_grads(3, 5, seed=3)
+    gram = grads @ grads.T
+    gram[2, :] = gram[:, 2] = np.nan
+    weighting = build_weighting(name, 3)
+    losses = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    loss, weights = weighting.combine(losses, torch.tensor([True, True, False]), torch.from_numpy(gram))
+    assert torch.isfinite(weights).all() and weights[2] == 0 and torch.isfinite(loss)
+
+
+def test_task_gradients_of_absent_tasks_are_zero_even_when_their_loss_reaches_the_params():
+    """(T, P) = (3, 3): task 2 is absent, so its row is zero although its loss depends on w."""
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    v = torch.tensor([3.0], requires_grad=True)
+    losses = torch.stack([(w**2).sum(), (w[0] * v).sum(), (w * v).sum()])
+    grads = task_gradients(losses, torch.tensor([True, True, False]), [w, v])
+    assert grads.tolist() == [[2.0, 4.0, 0.0], [3.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
+
+
 # ---- Delta_p -----------------------------------------------------------------------------------
 
 
