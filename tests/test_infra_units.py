@@ -134,11 +134,15 @@ def test_rank_imbalance_of_several_replicas_and_layers_is_per_layer_over_every_r
 
 
 def test_load_imbalance_of_layers_without_routed_tokens_is_finite():
-    """A step whose layer routed no token (all counts 0, (R, L, E) = (2, 2, 4)) logs finite ratios, not 0 / 0."""
+    """A layer that routed no token (all its counts 0) is balanced, 1.0, not 0 / 0 and not 0: (R, L, E) =
+    (2, 2, 4), layer 0 empty, layer 1 all on expert 0 of replica 0 (expert ratio 4, rank ratio 4 over
+    the 2 * 2 ranks): the averages are (1 + 4) / 2."""
     from moe_engine.parallel.telemetry import load_imbalance
 
-    stats = load_imbalance(torch.zeros(2, 2, 4), ep_size=2)
-    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()), stats
+    assert load_imbalance(torch.zeros(2, 2, 4), ep_size=2) == {"expert_imbalance": 1.0, "rank_imbalance": 1.0}
+    counts = torch.zeros(2, 2, 4)
+    counts[0, 1, 0] = 8
+    assert load_imbalance(counts, ep_size=2) == {"expert_imbalance": 2.5, "rank_imbalance": 2.5}
 
 
 def test_traffic_meter_times_cpu_exchanges_and_resets_on_read():

@@ -67,5 +67,10 @@ def load_imbalance(tokens_per_expert_RLE: torch.Tensor, ep_size: int) -> dict[st
         counts = counts.unsqueeze(0)
     replicas, layers, num_experts = counts.shape
     per_rank_LX = counts.view(replicas, layers, ep_size, num_experts // ep_size).sum(-1).permute(1, 0, 2)
-    ratio = lambda x: (x.max(-1).values / x.mean(-1).clamp_min(1e-9)).mean().item()  # noqa: E731
+    def ratio(x: torch.Tensor) -> float:
+        # A layer that routed no token this step is balanced (every rank computes the same 0 rows):
+        # 1.0, not 0 / 0 and not 0, which would pull the average over layers below 1.
+        mean = x.mean(-1)
+        return torch.where(mean > 0, x.max(-1).values / mean.clamp_min(1e-9), 1.0).mean().item()
+
     return {"expert_imbalance": ratio(counts.sum(0)), "rank_imbalance": ratio(per_rank_LX.reshape(layers, -1))}
