@@ -30,6 +30,7 @@ import moe_engine.train as train_module
 from moe_engine import cli
 from moe_engine.checkpoint import CheckpointMismatchError, load_checkpoint
 from moe_engine.config import Config, ConfigError, load_config
+from moe_engine.metrics import MetricsLogger
 from moe_engine.parallel.runtime import DistributedRun
 from moe_engine.train import (
     NonFiniteLossError,
@@ -588,6 +589,45 @@ def test_csv_columns_and_logged_steps(make_cfg: MakeConfig) -> None:
         assert all(0.0 <= float(row[f"accuracy_{t}"]) <= 1.0 for t in ("parity", "left"))
 
 
+def test_run_until_a_step_past_max_steps_stops_at_max_steps(make_cfg: MakeConfig) -> None:
+    """`until_step` only stops a run early: train.max_steps stays the end of the schedule and of the run."""
+    trainer = Trainer(make_cfg("run", "train.max_steps=2"))
+    result = trainer.run(until_step=5)
+    assert result.step == trainer.step == 2
+    assert steps_of(trainer.out_dir / "train.csv") == [1, 2]
+
+
+def test_run_stopped_between_evaluations_reports_the_model_it_stopped_with(make_cfg: MakeConfig) -> None:
+    """run(until_step=3) with evaluations every 2 steps: the result is a fresh evaluation at step 3,
+    not the one of step 2 (the model has trained a step since)."""
+    trainer = Trainer(make_cfg("run", "train.max_steps=4", "train.eval_every=2", "optim.lr=1e-2"))
+    result = trainer.run(until_step=3)
+    assert result.step == 3 and steps_of(trainer.out_dir / "eval.csv") == [2]
+    metrics, counts_LXE = trainer.evaluate()
+    assert result.eval_metrics == metrics
+    assert torch.equal(result.tokens_per_task_expert_LXE, counts_LXE)
+
+
+def test_a_task_absent_from_a_step_logs_a_blank_loss(make_cfg: MakeConfig) -> None:
+    """Batches of 2 examples over 4 tasks: every step misses at least two tasks, whose loss columns
+    stay blank (no loss measured), not 0.0 (a perfect loss)."""
+    trainer = Trainer(make_cfg("run", "data.batch_size=2", "train.max_steps=3", "train.eval_every=100"))
+    trainer.run()
+    rows = read_rows(trainer.out_dir / "train.csv")
+    assert len(rows) == 3
+    for row in rows:
+        losses = [row[f"loss_{task}"] for task in trainer.task_names]
+        assert 1 <= sum(v != "" for v in losses) <= 2
+        assert all(float(v) > 0 for v in losses if v != "")
+
+
+def test_expert_counts_skip_dropped_choices() -> None:
+    """The logged expert load counts kept choices only: a choice dropped by capacity (-1) is no
+    token of expert 0 (nor an index error)."""
+    routing = SimpleNamespace(experts_TK=torch.tensor([[0, -1], [2, -1], [-1, -1], [2, 3]]), num_experts=5)
+    assert train_module._expert_counts(routing).tolist() == [1.0, 0.0, 2.0, 1.0, 0.0]
+
+
 def _scalars(event_dir: Path) -> dict[str, list[int]]:
     """Tag -> steps of every scalar TensorBoard reads from `event_dir` (orphans after a purge dropped)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -612,6 +652,36 @@ def test_no_tensorboard_when_disabled(make_cfg: MakeConfig) -> None:
     trainer = Trainer(make_cfg("run", "train.max_steps=2"))
     trainer.run()
     assert not (trainer.out_dir / "tensorboard").exists()
+
+
+def test_metrics_logger_blanks_missing_values_and_refuses_new_columns(tmp_path: Path) -> None:
+    """A CSV's columns are fixed by its first row: a later row may leave a column blank (None or
+    absent), but a metric that is not a column raises instead of being silently dropped."""
+    logger = MetricsLogger(tmp_path, csv_files=True, tensorboard=False, resume_step=None)
+    logger.log("train", 1, {"loss": 0.5, "loss_digit": 0.25})
+    logger.log("train", 2, {"loss": 0.75, "loss_digit": None})
+    logger.log("train", 3, {"loss": 1.0})
+    with pytest.raises(ValueError, match=r"\['grad_norm'\] are not columns"):
+        logger.log("train", 4, {"loss": 1.0, "grad_norm": 2.0})
+    logger.close()
+    assert read_rows(tmp_path / "train.csv") == [
+        {"step": "1", "loss": "0.5", "loss_digit": "0.25"},
+        {"step": "2", "loss": "0.75", "loss_digit": ""},
+        {"step": "3", "loss": "1.0", "loss_digit": ""},
+    ]
+
+
+def test_metrics_logger_keeps_nan_and_none_out_of_tensorboard(tmp_path: Path) -> None:
+    """NaN and None (a task absent from a step, a statistic without data) are no TensorBoard
+    points: a NaN point would break the chart's scale; the CSV keeps the NaN as written."""
+    logger = MetricsLogger(tmp_path, csv_files=True, tensorboard=True, resume_step=None)
+    logger.log("train", 1, {"loss": 0.5, "loss_digit": math.nan, "loss_left": None})
+    logger.log("train", 2, {"loss": 0.25, "loss_digit": 1.5, "loss_left": 2.0})
+    logger.close()
+    scalars = _scalars(tmp_path / "tensorboard")
+    assert scalars["train/loss"] == [1, 2]
+    assert scalars["train/loss_digit"] == [2] and scalars["train/loss_left"] == [2]
+    assert [r["loss_digit"] for r in read_rows(tmp_path / "train.csv")] == ["nan", "1.5"]
 
 
 def test_resume_drops_rows_written_past_the_last_checkpoint(make_cfg: MakeConfig) -> None:
