@@ -82,7 +82,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _lookup(config: dict[str, Any], dotted: str) -> Any:
+def config_value(config: dict[str, Any], dotted: str) -> Any:
+    """config["a"]["b"] for dotted = "a.b" in a saved config's dict; "<missing>" where a part is absent."""
     node: Any = config
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -95,7 +96,7 @@ def config_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     """'field: checkpoint has X, config has Y' for each structural field that differs."""
     problems = []
     for name in STRUCTURAL_FIELDS:
-        had, has = _lookup(saved, name), _lookup(current, name)
+        had, has = config_value(saved, name), config_value(current, name)
         if had == "<missing>":
             had = _OLDER_DEFAULTS.get(name, had)
         if had != has:

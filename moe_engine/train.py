@@ -26,6 +26,7 @@ from moe_engine.checkpoint import (
     CheckpointMismatchError,
     checkpoint_task_order,
     config_mismatches,
+    config_value,
     expert_shard_file,
     load_checkpoint,
     read_expert_shard,
@@ -420,8 +421,8 @@ class Trainer:
             raise CheckpointMismatchError(f"the checkpoint's data position does not fit this config: {err}") from err
         self._load_rng_state(state)
         self.monitor.load_state_dict(state.get("routing"))
-        saved_options = state.get("config", {}).get("mtl", {}).get("weighting_options")
-        self._load_weighting_state(state.get("weighting"), saved_options)
+        saved_options = config_value(state.get("config", {}), "mtl.weighting_options")
+        self._load_weighting_state(state.get("weighting"), None if saved_options == "<missing>" else saved_options)
         self.step = state["step"]
 
     def _rng_states(self) -> list[dict[str, Any]]:

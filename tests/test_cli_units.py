@@ -73,21 +73,6 @@ def test_baselines_of_some_of_the_tasks_give_delta_p_over_those(tmp_path: Path) 
     assert delta["delta_p"] == pytest.approx(60.0)
 
 
-@pytest.fixture
-def seen_configs(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
-    """The configs the CLI builds Trainers from; the stand-in Trainer then refuses (exit 2), so nothing trains."""
-    import moe_engine.train
-
-    seen: list[Config] = []
-
-    def trainer(cfg: Config, **_: object) -> None:
-        seen.append(cfg)
-        raise ValueError("stand-in")
-
-    monkeypatch.setattr(moe_engine.train, "Trainer", trainer)
-    return seen
-
-
 def test_baselines_train_each_task_without_the_mixing_weights(seen_configs: list[Config], tmp_path: Path) -> None:
     """A single-task run has nothing to mix: fixed mixing weights (one per task of the joint run) are
     dropped from each task's config instead of failing its validation."""

@@ -398,24 +398,6 @@ def test_cli_malformed_yaml_in_a_set_value_is_one_line(value: str, capsys: pytes
     assert "not valid YAML" in err and err.count("\n") == 1
 
 
-class _Refused(ValueError):
-    """What the stand-in Trainer raises once it has recorded its config."""
-
-
-@pytest.fixture
-def seen_configs(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
-    """The configs the CLI builds Trainers from; the stand-in Trainer then refuses (exit 2), so nothing trains."""
-    import moe_engine.train
-
-    seen: list[Config] = []
-
-    def trainer(cfg: Config, **_: object) -> None:
-        seen.append(cfg)
-        raise _Refused("stand-in")
-
-    monkeypatch.setattr(moe_engine.train, "Trainer", trainer)
-    return seen
-
 
 @pytest.mark.parametrize("path", ["2024", "runs/a #1", "x: y"])
 def test_cli_paths_are_taken_literally_not_as_yaml(path: str, seen_configs: list[Config]) -> None:

@@ -71,6 +71,6 @@ def load_imbalance(tokens_per_expert_RLE: torch.Tensor, ep_size: int) -> dict[st
         # A layer that routed no token this step is balanced (every rank computes the same 0 rows):
         # 1.0, not 0 / 0 and not 0, which would pull the average over layers below 1.
         mean = x.mean(-1)
-        return torch.where(mean > 0, x.max(-1).values / mean.clamp_min(1e-9), 1.0).mean().item()
+        return torch.where(mean > 0, x.max(-1).values / mean, 1.0).mean().item()
 
     return {"expert_imbalance": ratio(counts.sum(0)), "rank_imbalance": ratio(per_rank_LX.reshape(layers, -1))}
